@@ -1,0 +1,107 @@
+"""The typed configuration of one run. Unknown keys fail loudly; the effective config is saved with the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+
+from depthfast.errors import DepthfastError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+OBJECTIVES = ("cls", "mlm", "clm")
+CONTROLS = ("none", "equal-step")
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run and its depth-profile measurement.
+
+    model: HF hub id or local directory. objective: cls (sequence classification, fresh head),
+    mlm (masked LM, encoders), clm (causal LM, decoders). control: none or equal-step.
+    dataset: "builtin:pydoc" (Python's documentation, offline), a hub name or a local file.
+    """
+
+    model: str = DEFAULT_MODEL
+    objective: str = "cls"
+    control: str = "none"
+    dataset: str = "builtin:pydoc"
+    text_column: str = "text"
+    label_column: str = "label"
+    steps: int = 60
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 6
+    batch_size: int = 16
+    max_length: int = 128
+    seed: int = 0
+    probe_size: int = 192
+    min_probe_size: int = 16
+    probe_batch_size: int = 32
+    pooling: str = "token"
+    estimator: str = "exact"
+    mlm_probability: float = 0.15
+    equal_step_target: str = "mean"
+    device: str = "auto"
+    out: str = "runs/default"
+
+    def validate(self) -> "RunConfig":
+        from depthfast.cka import ESTIMATORS, POOLINGS
+
+        checks = [
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}; got {self.objective!r}"),
+            (self.control in CONTROLS, f"control must be one of {CONTROLS}; got {self.control!r}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
+            (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
+            (self.steps >= 1, f"steps must be ≥ 1; got {self.steps}"),
+            (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (self.batch_size >= 1, f"batch size must be ≥ 1; got {self.batch_size}"),
+            (self.max_length >= 8, f"max length must be ≥ 8 tokens; got {self.max_length}"),
+            (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
+            (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
+            (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
+            (self.equal_step_target == "mean" or _is_positive_float(self.equal_step_target),
+             f"equal-step target must be 'mean' or a positive number; got {self.equal_step_target!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DepthfastError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise DepthfastError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
+        values = {}
+        for name, value in data.items():
+            kind = type(getattr(cls(), name))
+            try:
+                values[name] = kind(value) if not isinstance(value, kind) else value
+            except (TypeError, ValueError):
+                raise DepthfastError(f"config key {name!r} needs a {kind.__name__}; got {value!r}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "RunConfig":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise DepthfastError(f"config file {path!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise DepthfastError(f"config file {path!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise DepthfastError(f"config file {path!r} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def _is_positive_float(value: str) -> bool:
+    try:
+        return float(value) > 0
+    except ValueError:
+        return False

@@ -1,0 +1,159 @@
+"""Fine-tuning data and the held-out probe set.
+
+The built-in task needs no download: Python's own documentation (``pydoc_data.topics``, shipped
+with CPython) cut into paragraphs, labelled by topic. Any other data goes through
+``datasets.load_dataset``: a hub name, or a local .txt / .json / .jsonl / .csv / .parquet file.
+
+The probe set — the inputs on which the pretrained and the fine-tuned model are compared — is held
+out: no probe text is ever trained on (texts that also occur in the training split are dropped
+from the probe).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from depthfast.errors import DepthfastError
+
+BUILTIN = "builtin:pydoc"
+MIN_PARAGRAPH_CHARS = 80
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Task:
+    """Texts (and labels for classification) split into a training set and a held-out probe set."""
+
+    source: str
+    train_texts: list[str]
+    probe_texts: list[str]
+    train_labels: list[int] | None = None
+    probe_labels: list[int] | None = None
+    label_names: list[str] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names or [])
+
+
+def pydoc_paragraphs(num_topics: int) -> tuple[list[str], list[str]]:
+    """(paragraphs, topic of each) from the ``num_topics`` topics with the most paragraphs."""
+    from pydoc_data.topics import topics
+
+    per_topic = {
+        name: [p.strip() for p in text.split("\n\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS]
+        for name, text in topics.items()
+    }
+    chosen = sorted(per_topic, key=lambda name: (-len(per_topic[name]), name))[:num_topics]
+    texts, labels = [], []
+    for name in chosen:
+        texts += per_topic[name]
+        labels += [name] * len(per_topic[name])
+    return texts, labels
+
+
+def _load_records(dataset: str, text_column: str, label_column: str | None) -> tuple[dict[str, list], str]:
+    """Rows of a local file or hub dataset as {split: [(text, label or None)]}."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a hard requirement
+        raise DepthfastError("the 'datasets' package is needed to load --dataset") from exc
+
+    ext = os.path.splitext(dataset)[1].lower()
+    if os.path.exists(dataset):
+        if ext not in LOCAL_BUILDERS:
+            raise DepthfastError(f"dataset file {dataset!r}: unknown format; use one of {sorted(LOCAL_BUILDERS)}")
+        args, kwargs = (LOCAL_BUILDERS[ext],), {"data_files": dataset}
+    elif ext in LOCAL_BUILDERS or os.sep in dataset and dataset.startswith((".", "/")):
+        raise DepthfastError(f"dataset file {dataset!r} does not exist")
+    else:
+        args, kwargs = (dataset,), {}
+    try:
+        loaded = datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # datasets raises many types: missing, offline, bad format
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DepthfastError(f"cannot load dataset {dataset!r}: {first_line}") from None
+    splits = {}
+    for split_name, split in loaded.items():
+        missing = [c for c in (text_column, label_column) if c and c not in split.column_names]
+        if missing:
+            raise DepthfastError(
+                f"dataset {dataset!r} split {split_name!r} has no column {missing[0]!r}; columns: {split.column_names}"
+            )
+        labels = split[label_column] if label_column else [None] * len(split)
+        splits[split_name] = list(zip(split[text_column], labels))
+    return splits, dataset
+
+
+def load_task(
+    dataset: str,
+    objective: str,
+    *,
+    probe_size: int,
+    min_probe_size: int,
+    seed: int,
+    text_column: str = "text",
+    label_column: str = "label",
+    num_topics: int = 8,
+) -> Task:
+    """Load texts for ``objective`` ("cls" needs labels) and hold out ``probe_size`` probe texts.
+
+    A dataset with a "test" or "validation" split takes the probe from it; otherwise the probe is
+    a seeded random hold-out (stratified by label for classification).
+    """
+    needs_labels = objective == "cls"
+    if dataset == BUILTIN:
+        texts, raw_labels = pydoc_paragraphs(num_topics)
+        splits = {"train": list(zip(texts, raw_labels))}
+    else:
+        splits, _ = _load_records(dataset, text_column, label_column if needs_labels else None)
+    rows_train = [r for r in splits.get("train", []) if isinstance(r[0], str) and r[0].strip()]
+    probe_split = next((s for s in ("test", "validation") if s in splits), None)
+    rng = random.Random(seed)
+    if probe_split is not None and rows_train:
+        rows_probe = [r for r in splits[probe_split] if isinstance(r[0], str) and r[0].strip()]
+        rng.shuffle(rows_probe)
+        rows_probe = rows_probe[:probe_size]
+    else:
+        rows = [r for split in splits.values() for r in split if isinstance(r[0], str) and r[0].strip()]
+        rows_train, rows_probe = _hold_out(rows, probe_size, rng, stratify=needs_labels)
+    train_texts = {text for text, _ in rows_train}
+    rows_probe = [r for r in rows_probe if r[0] not in train_texts]
+    if len(rows_probe) < min_probe_size:
+        raise DepthfastError(
+            f"probe set too small: {len(rows_probe)} held-out texts from {dataset!r}, need at least {min_probe_size}"
+        )
+    if not rows_train:
+        raise DepthfastError(f"dataset {dataset!r} leaves no training texts after holding out the probe set")
+    task = Task(dataset, [t for t, _ in rows_train], [t for t, _ in rows_probe])
+    if needs_labels:
+        names = sorted({str(label) for _, label in rows_train + rows_probe})
+        if len(names) < 2:
+            raise DepthfastError(f"classification needs at least 2 distinct labels; {dataset!r} has {len(names)}")
+        index = {name: i for i, name in enumerate(names)}
+        task.label_names = names
+        task.train_labels = [index[str(label)] for _, label in rows_train]
+        task.probe_labels = [index[str(label)] for _, label in rows_probe]
+    return task
+
+
+def _hold_out(rows: list, probe_size: int, rng: random.Random, stratify: bool) -> tuple[list, list]:
+    rows = list(rows)
+    rng.shuffle(rows)
+    if not stratify:
+        return rows[probe_size:], rows[:probe_size]
+    # Stratified: each label contributes to the probe in proportion to its frequency.
+    counts = Counter(str(label) for _, label in rows)
+    quota = {label: round(probe_size * c / len(rows)) for label, c in counts.items()}
+    train, probe = [], []
+    for row in rows:
+        label = str(row[1])
+        if quota[label] > 0:
+            probe.append(row)
+            quota[label] -= 1
+        else:
+            train.append(row)
+    return train, probe

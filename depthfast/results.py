@@ -1,0 +1,171 @@
+"""Writing a run's results: every file atomically (write a temporary file, then rename over)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value):
+    """Floats that are not finite become null: JSON has no NaN, and a NaN must never pass as a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str, data) -> None:
+    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n").encode())
+
+
+def atomic_write_csv(path: str, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def plot_profile(path: str, depths: list[float], changes: list[float], weight_changes: list[float],
+                 title: str, slope: float | None) -> None:
+    """profile.png: representational change (and weight change) against normalized depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(depths, changes, "o-", color="tab:blue", label="1 − CKA (probe set)")
+    ax.set_xlabel("normalized depth ℓ / L")
+    ax.set_ylabel("representational change 1 − CKA", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.plot(depths, weight_changes, "s--", color="tab:orange", alpha=0.8, label="‖W_T − W_0‖ / ‖W_0‖")
+    twin.set_ylabel("weight change ‖W_T − W_0‖ / ‖W_0‖", color="tab:orange")
+    twin.set_ylim(bottom=0)
+    slope_text = f"locality gradient {slope:+.4g}" if slope is not None else "locality gradient n/a"
+    ax.set_title(f"{title}\n{slope_text}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
+                  slope: float | None, wall_seconds: float, torch_version: str) -> dict:
+    """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
+
+    Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
+    """
+    import depthfast
+
+    names, depths = layers.layer_names, layers.normalized_depths
+    rows = [
+        {"layer": name, "depth": depth, "cka": cka, "change": change, "weight_change": group_changes.get(name)}
+        for name, depth, cka, change in zip(names, depths, measured.cka, changes)
+    ]
+    steps = len(log.loss)
+    mean_ratio = {
+        name: sum(r[g] for r in log.ratios_before) / steps for g, name in enumerate(log.group_names)
+    } if steps else {}
+    results = {
+        "depthfast_version": depthfast.__version__,
+        "torch_version": torch_version,
+        "model": cfg.model,
+        "model_type": layers.model_type,
+        "architecture": layers.architecture,
+        "block_type": layers.block_type,
+        "num_blocks": layers.num_blocks,
+        "objective": cfg.objective,
+        "control": cfg.control,
+        "estimator": cfg.estimator,
+        "pooling": cfg.pooling,
+        "layers": rows,
+        "locality_gradient": slope,
+        "group_weight_change": group_changes,
+        "mean_update_ratio": mean_ratio,
+        "probe": {
+            "texts": len(task.probe_texts),
+            "samples": measured.num_samples,
+            "loss_base": measured.loss_base,
+            "loss_tuned": measured.loss_tuned,
+            "accuracy_base": measured.accuracy_base,
+            "accuracy_tuned": measured.accuracy_tuned,
+        },
+        "train": {
+            "steps": steps,
+            "texts": len(task.train_texts),
+            "first_loss": log.loss[0] if steps else None,
+            "final_loss": log.loss[-1] if steps else None,
+            "tokens": log.tokens,
+            "seconds": log.seconds,
+            "tokens_per_second": log.tokens / log.seconds if log.seconds > 0 else None,
+        },
+        "wall_seconds": wall_seconds,
+    }
+    out = cfg.out
+    atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
+                     [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
+    atomic_write_csv(
+        os.path.join(out, "train_log.csv"),
+        ["step", "loss", "lr"] + [f"ratio_before:{n}" for n in log.group_names]
+        + [f"ratio_after:{n}" for n in log.group_names],
+        [[i + 1, log.loss[i], log.lr[i]] + log.ratios_before[i] + log.ratios_after[i] for i in range(steps)],
+    )
+    plot_profile(os.path.join(out, "profile.png"), depths, changes,
+                 [r["weight_change"] or 0.0 for r in rows],
+                 f"{cfg.model} · {cfg.objective} · control {cfg.control} · {steps} steps", slope)
+    atomic_write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+def print_table(results: dict, file=None) -> None:
+    """The profile as a terminal table, then the locality gradient and the task's probe scores."""
+    import sys
+
+    file = file or sys.stdout
+    print(f"\n{results['model']}  ({results['model_type']}, {results['block_type']} blocks)  "
+          f"objective {results['objective']}  control {results['control']}", file=file)
+    header = f"{'layer':<12}{'depth':>7}{'1 − CKA':>12}{'‖ΔW‖/‖W₀‖':>13}"
+    print(header, file=file)
+    print("─" * len(header), file=file)
+    for row in results["layers"]:
+        weight = f"{row['weight_change']:.3e}" if row["weight_change"] is not None else "—"
+        print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
+    slope = results["locality_gradient"]
+    print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
+          f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)
+    probe, train = results["probe"], results["train"]
+    line = f"probe: {probe['texts']} texts, {probe['samples']} samples; loss {probe['loss_base']:.3f} → {probe['loss_tuned']:.3f}"
+    if probe["accuracy_base"] is not None:
+        line += f"; accuracy {probe['accuracy_base']:.3f} → {probe['accuracy_tuned']:.3f}"
+    print(line, file=file)
+    print(f"train: {train['steps']} steps, {train['tokens']} tokens, {train['seconds']:.1f} s; "
+          f"wall {results['wall_seconds']:.1f} s", file=file)

@@ -1,0 +1,131 @@
+"""``python -m depthfast.run``: fine-tune a pretrained model and measure its depth profile.
+
+With no arguments it runs offline on the shipped all-MiniLM-L6-v2, classifying paragraphs of
+Python's documentation by topic, and writes runs/default/. Every flag mirrors a field of
+``depthfast.config.RunConfig``; ``--config FILE.json`` sets several at once (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import random
+import sys
+import time
+
+from depthfast.config import CONTROLS, OBJECTIVES, RunConfig
+from depthfast.errors import DepthfastError
+
+HELP = {
+    "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
+    "objective": "cls: sequence classification (fresh head); mlm: masked LM (encoders); clm: causal LM (decoders)",
+    "control": "none: plain AdamW; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
+    "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
+    "out": "results directory (written atomically)",
+}
+CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"),
+           "estimator": ("exact", "unbiased")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m depthfast.run", description=__doc__.splitlines()[0].strip("`: "))
+    parser.add_argument("--config", help="JSON file of RunConfig fields (unknown keys are an error)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for f in dataclasses.fields(RunConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+                            choices=CHOICES.get(f.name), help=HELP.get(f.name, f"default: {f.default}"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    base = RunConfig.from_json_file(args.config) if args.config else RunConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+                 if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **overrides).validate()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DepthfastError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DepthfastError("device 'cuda' requested but no GPU is available")
+    return device
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """Fine-tune, measure, write ``cfg.out``; returns the results dictionary (also results.json)."""
+    import torch
+
+    from depthfast.batches import probe_batches
+    from depthfast.data import load_task
+    from depthfast.layers import discover_layers, prepare_for_measurement
+    from depthfast.measure import locality_gradient, measure_probe, weight_changes
+    from depthfast.models import check_objective, load_config, load_model, load_tokenizer
+    from depthfast.results import print_table, write_results
+    from depthfast.train import finetune
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    check_objective(load_config(cfg.model), cfg.objective)  # fail before any data is read
+    tokenizer = load_tokenizer(cfg.model, cfg.objective)
+    task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
+                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column)
+    seed_everything(cfg.seed)
+    model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)
+    prepare_for_measurement(model)
+    model.to(device)
+    base = copy.deepcopy(model).eval()  # θ₀, fresh head included, so step 0 compares identical models
+    layers, base_layers = discover_layers(model), discover_layers(base)
+    base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
+
+    log = finetune(model, layers, task, tokenizer, cfg, device, progress)
+    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
+                          cfg.max_length, cfg.mlm_probability, cfg.seed)
+    measured = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, progress)
+    groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
+    depths = layers.normalized_depths
+    changes = [1.0 - c for c in measured.cka]
+    slope = locality_gradient(depths[1:], changes[1:])
+    results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope,
+                            wall_seconds=time.perf_counter() - started, torch_version=torch.__version__)
+    print_table(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = config_from_args(args)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # depthfast states itself what matters (fresh heads, etc.)
+        run(cfg, progress=not args.quiet)
+    except DepthfastError as exc:
+        print(f"depthfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthfast: interrupted; results from earlier runs are untouched", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
