@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from depthfast.errors import DepthfastError
+from depthfast.hub import go_offline_if_unreachable, hub_reachable
 
 BUILTIN = "builtin:pydoc"
 MIN_PARAGRAPH_CHARS = 80
@@ -40,13 +41,17 @@ class Task:
 
 
 def pydoc_paragraphs(num_topics: int) -> tuple[list[str], list[str]]:
-    """(paragraphs, topic of each) from the ``num_topics`` topics with the most paragraphs."""
+    """(paragraphs, topic of each) from the ``num_topics`` topics with the most paragraphs of their own."""
     from pydoc_data.topics import topics
 
     per_topic = {
         name: [p.strip() for p in text.split("\n\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS]
         for name, text in topics.items()
     }
+    # Some topics repeat others' paragraphs (attribute-access lies inside specialnames): a paragraph
+    # under two topics has no single label, so it is left out.
+    topics_of = Counter(p for name in per_topic for p in set(per_topic[name]))
+    per_topic = {name: list(dict.fromkeys(p for p in ps if topics_of[p] == 1)) for name, ps in per_topic.items()}
     chosen = sorted(per_topic, key=lambda name: (-len(per_topic[name]), name))[:num_topics]
     texts, labels = [], []
     for name in chosen:
@@ -67,14 +72,17 @@ def _load_records(dataset: str, text_column: str, label_column: str | None) -> t
         if ext not in LOCAL_BUILDERS:
             raise DepthfastError(f"dataset file {dataset!r}: unknown format; use one of {sorted(LOCAL_BUILDERS)}")
         args, kwargs = (LOCAL_BUILDERS[ext],), {"data_files": dataset}
-    elif ext in LOCAL_BUILDERS or os.sep in dataset and dataset.startswith((".", "/")):
+    elif ext in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
         raise DepthfastError(f"dataset file {dataset!r} does not exist")
     else:
         args, kwargs = (dataset,), {}
+        go_offline_if_unreachable()
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types: missing, offline, bad format
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not hub_reachable():
+            first_line += " (the hub is unreachable: only locally cached datasets load)"
         raise DepthfastError(f"cannot load dataset {dataset!r}: {first_line}") from None
     splits = {}
     for split_name, split in loaded.items():
@@ -119,7 +127,9 @@ def load_task(
         rows_probe = rows_probe[:probe_size]
     else:
         rows = [r for split in splits.values() for r in split if isinstance(r[0], str) and r[0].strip()]
-        rows_train, rows_probe = _hold_out(rows, probe_size, rng, stratify=needs_labels)
+        rows = list({text: (text, label) for text, label in reversed(rows)}.values())[::-1]  # first of duplicates
+        # Never more than half the data: the rest must still train the model.
+        rows_train, rows_probe = _hold_out(rows, min(probe_size, len(rows) // 2), rng, stratify=needs_labels)
     train_texts = {text for text, _ in rows_train}
     rows_probe = [r for r in rows_probe if r[0] not in train_texts]
     if len(rows_probe) < min_probe_size:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from depthfast.errors import DepthfastError
+from depthfast.hub import hub_reachable
 from depthfast.layers import family_of
 
 # hub id → (package, function returning the local directory of the same weights)
@@ -39,6 +40,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _load_kwargs(path: str) -> dict:
+    """Offline, a hub id is looked up in the local cache only: one clear error instead of minutes of retries."""
+    return {} if os.path.isdir(path) or hub_reachable() else {"local_files_only": True}
+
+
+def _where(path: str) -> str:
+    if os.path.isdir(path):
+        return "local directory"
+    if hub_reachable():
+        return "hub id (misspelt, private or gated?)"
+    return "hub id: not in the local cache and the hub is unreachable (offline?)"
+
+
 def _short(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -49,16 +63,24 @@ def load_config(name_or_path: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **_load_kwargs(path))
     except (OSError, ValueError, KeyError) as exc:
-        where = "local directory" if os.path.isdir(path) else "hub id (offline, misspelt, or gated?)"
-        raise DepthfastError(f"cannot load model {name_or_path!r} as a {where}: {_short(exc)}") from None
+        if not os.path.isdir(path) and not hub_reachable():
+            raise DepthfastError(f"cannot load model {name_or_path!r}: {_where(path)}") from None
+        raise DepthfastError(f"cannot load model {name_or_path!r} as a {_where(path)}: {_short(exc)}") from None
 
 
 @dataclass
 class ClassifierOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
+
+
+def final_width(config) -> int:
+    """Width of last_hidden_state: OPT-350m-style models project it down to word_embed_proj_dim."""
+    if config.model_type == "opt":
+        return config.word_embed_proj_dim
+    return config.hidden_size
 
 
 class SequenceClassifier(nn.Module):
@@ -75,7 +97,7 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         self.config = backbone.config
         self.pooling = pooling
-        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+        self.classifier = nn.Linear(final_width(backbone.config), num_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
@@ -109,7 +131,7 @@ def load_tokenizer(name_or_path: str, objective: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_load_kwargs(path))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DepthfastError(f"cannot load the tokenizer of {name_or_path!r}: {_short(exc)}") from None
     if tokenizer.pad_token is None:
@@ -133,7 +155,7 @@ def load_model(name_or_path: str, objective: str, num_labels: int = 0) -> nn.Mod
     loader = {"cls": transformers.AutoModel, "mlm": transformers.AutoModelForMaskedLM,
               "clm": transformers.AutoModelForCausalLM}[objective]
     try:
-        model = loader.from_pretrained(path, dtype=torch.float32)
+        model = loader.from_pretrained(path, dtype=torch.float32, **_load_kwargs(path))
     except (OSError, ValueError) as exc:
         raise DepthfastError(f"cannot load weights of {name_or_path!r} for {objective}: {_short(exc)}") from None
     if objective == "cls":

@@ -1,0 +1,174 @@
+"""The runner end to end on tiny models saved to disk and loaded back by path, and its bad inputs."""
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny_models
+from depthfast.config import RunConfig
+from depthfast.errors import DepthfastError
+from depthfast.run import main
+
+FAST = ["--steps", "3", "--batch-size", "8", "--max-length", "32", "--probe-size", "24", "--probe-batch-size", "12",
+        "--warmup-steps", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family → directory of a tiny saved checkpoint (save_pretrained), created on first use."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tiny_models.save(family, str(root / family))
+        return made[family]
+
+    return get
+
+
+def read_results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("family,objective", [
+    ("bert", "cls"), ("bert", "mlm"), ("gpt2", "clm"), ("opt", "cls"), ("gpt_neox", "clm"),
+    ("codegen", "cls"), ("mamba", "clm"), ("rwkv", "cls"),
+])
+def test_end_to_end_on_saved_tiny_model(checkpoints, tmp_path, family, objective):
+    out = str(tmp_path / "run")
+    assert main(["--model", checkpoints(family), "--objective", objective, "--out", out, *FAST]) == 0
+    results = read_results(out)
+    assert {"config.json", "results.json", "profile.csv", "profile.png", "train_log.csv"} <= set(os.listdir(out))
+    assert results["num_blocks"] == tiny_models.LAYERS
+    assert [r["layer"] for r in results["layers"]] == ["embeddings", "block.1", "block.2", "block.3"]
+    for row in results["layers"]:
+        assert 0.0 <= row["cka"] <= 1.0 + 1e-9 and row["change"] == pytest.approx(1.0 - row["cka"])
+        assert row["weight_change"] > 0  # three AdamW steps move every group
+    assert isinstance(results["locality_gradient"], float)
+    with open(os.path.join(out, "config.json")) as f:
+        saved = RunConfig.from_dict(json.load(f))
+    assert saved.model == checkpoints(family) and saved.objective == objective and saved.steps == 3
+    with open(os.path.join(out, "profile.csv")) as f:
+        assert len(list(csv.reader(f))) == tiny_models.LAYERS + 2  # header + embeddings + blocks
+    with open(os.path.join(out, "profile.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path):
+    out = str(tmp_path / "eq")
+    assert main(["--model", checkpoints("gpt2"), "--objective", "clm", "--control", "equal-step", "--out", out,
+                 *FAST]) == 0
+    with open(os.path.join(out, "train_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for row in rows:
+        after = [float(v) for k, v in row.items() if k.startswith("ratio_after:")]
+        before = [float(v) for k, v in row.items() if k.startswith("ratio_before:")]
+        assert max(before) / min(before) > 1.01  # the optimizer alone moves groups unequally …
+        # … the control makes them equal, up to fp32 storage: rounding each weight (≤ 2⁻²⁴|w|) perturbs a
+        # step of relative size r ≈ 1e-3 by ≲ 6e-5 per element, less over a group (the float64 bound is in
+        # test_optim); 1e-4 is well below the 1e-2 spread the optimizer alone gives.
+        assert max(after) / min(after) - 1 < 1e-4
+
+
+def test_same_seed_same_profile(checkpoints, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--out", out, *FAST]) == 0
+        runs.append([r["cka"] for r in read_results(out)["layers"]])
+    assert runs[0] == runs[1]
+
+
+def test_identical_models_have_no_change():
+    """θ_T = θ₀ gives CKA = 1 on every layer (the measurement's zero)."""
+    from depthfast.batches import probe_batches
+    from depthfast.layers import discover_layers
+    from depthfast.measure import measure_probe
+
+    model, tokenizer = tiny_models.build("gpt2")
+    twin = copy.deepcopy(model)
+    texts = ["def f(x):\n    return x + 1", "Lists are mutable sequences.", "The with statement.", "x = [1, 2]"]
+    batches = probe_batches("clm", tokenizer, texts, None, 2, 32, 0.15, seed=0)
+    result = measure_probe(model, twin, discover_layers(model), discover_layers(twin), batches,
+                           torch.device("cpu"), "token", "exact", progress=False)
+    assert result.cka == pytest.approx([1.0] * (tiny_models.LAYERS + 1), abs=1e-12)
+    assert result.loss_base == result.loss_tuned
+
+
+def test_local_dataset_files(checkpoints, tmp_path):
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[:2]
+    jsonl = tmp_path / "cls.jsonl"
+    with open(jsonl, "w") as f:
+        for label in names:
+            for paragraph in topics[label].split("\n\n"):
+                if len(paragraph.strip()) > 40:
+                    f.write(json.dumps({"text": paragraph.strip(), "topic": label}) + "\n")
+    out = str(tmp_path / "cls")
+    assert main(["--model", checkpoints("bert"), "--dataset", str(jsonl), "--label-column", "topic",
+                 "--out", out, *FAST]) == 0
+    assert read_results(out)["probe"]["accuracy_base"] is not None
+    txt = tmp_path / "lm.txt"
+    txt.write_text("\n".join(p.replace("\n", " ") for p in topics["compound"].split("\n\n") if p.strip()))
+    assert main(["--model", checkpoints("mamba"), "--objective", "clm", "--dataset", str(txt),
+                 "--out", str(tmp_path / "lm"), *FAST]) == 0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "depthfast.run", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "./no/such/model"], "is not a directory"),
+    (["--model", "EleutherAI/pythia-6.9b"], "cannot load model 'EleutherAI/pythia-6.9b'"),
+    (["--objective", "clm"], "objective 'clm' needs a causal decoder"),
+    (["--dataset", "./missing.jsonl"], "does not exist"),
+    (["--dataset", "TINY", "--objective", "mlm"], "probe set too small"),
+    (["--lr", "1e30", "--steps", "3"], "loss is"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}\n')
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("\n".join(f"line number {i} of a dataset far too small to probe" for i in range(20)))
+    args = [str(tiny) if a == "TINY" else a for a in args]
+    proc = run_cli(*args, "--out", str(out), "--quiet", "--max-length", "32")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("depthfast: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+    assert (out / "results.json").read_text() == '{"earlier": true}\n'  # nothing already written is lost
+    assert sorted(os.listdir(out)) == ["results.json"]
+
+
+def test_mlm_on_decoder_is_refused(checkpoints, tmp_path, capsys):
+    assert main(["--model", checkpoints("gpt2"), "--objective", "mlm", "--out", str(tmp_path), *FAST]) == 2
+    assert "objective 'mlm' needs a bidirectional encoder; 'gpt2' is decoder-only" in capsys.readouterr().err
+
+
+def test_config_file_unknown_key_fails_loudly(tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"steps": 2, "learning_rate": 1e-3}))
+    assert main(["--config", str(path)]) == 2
+    assert "unknown config key(s): learning_rate" in capsys.readouterr().err
+
+
+def test_config_round_trip_and_validation():
+    cfg = RunConfig(steps=7, control="equal-step")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(DepthfastError, match="objective must be one of"):
+        RunConfig(objective="seq2seq").validate()
+    with pytest.raises(DepthfastError, match="needs a int"):
+        RunConfig.from_dict({"steps": "many"})
