@@ -44,6 +44,13 @@ class RunConfig:
     equal_step_target: str = "mean"
     device: str = "auto"
     out: str = "runs/default"
+    checkpoint_every: int = 50
+    keep_checkpoints: bool = False
+    measure_at: str = ""
+
+    def measure_steps(self) -> set[int]:
+        """Steps (after k optimizer steps; 0 = before training) at which the trajectory is measured."""
+        return {int(s) for s in self.measure_at.replace(" ", "").split(",") if s}
 
     def validate(self) -> "RunConfig":
         from depthfast.cka import ESTIMATORS, POOLINGS
@@ -60,6 +67,9 @@ class RunConfig:
             (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
             (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
             (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
+            (self.checkpoint_every >= 0, f"checkpoint every must be ≥ 0 (0 = never); got {self.checkpoint_every}"),
+            (_is_step_list(self.measure_at, self.steps),
+             f"measure at must be comma-separated steps in 0..{self.steps}; got {self.measure_at!r}"),
             (self.equal_step_target == "mean" or _is_positive_float(self.equal_step_target),
              f"equal-step target must be 'mean' or a positive number; got {self.equal_step_target!r}"),
         ]
@@ -80,6 +90,8 @@ class RunConfig:
         values = {}
         for name, value in data.items():
             kind = type(getattr(cls(), name))
+            if kind is bool and not isinstance(value, bool):
+                raise DepthfastError(f"config key {name!r} needs true or false; got {value!r}")
             try:
                 values[name] = kind(value) if not isinstance(value, kind) else value
             except (TypeError, ValueError):
@@ -103,5 +115,12 @@ class RunConfig:
 def _is_positive_float(value: str) -> bool:
     try:
         return float(value) > 0
+    except ValueError:
+        return False
+
+
+def _is_step_list(text: str, steps: int) -> bool:
+    try:
+        return all(0 <= int(s) <= steps for s in text.replace(" ", "").split(",") if s)
     except ValueError:
         return False

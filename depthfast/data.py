@@ -157,7 +157,11 @@ def _hold_out(rows: list, probe_size: int, rng: random.Random, stratify: bool) -
         return rows[probe_size:], rows[:probe_size]
     # Stratified: each label contributes to the probe in proportion to its frequency.
     counts = Counter(str(label) for _, label in rows)
-    quota = {label: round(probe_size * c / len(rows)) for label, c in counts.items()}
+    exact = {label: probe_size * c / len(rows) for label, c in counts.items()}
+    quota = {label: int(q) for label, q in exact.items()}
+    # Largest remainders first, so the quotas add up to exactly probe_size.
+    for label in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[: probe_size - sum(quota.values())]:
+        quota[label] += 1
     train, probe = [], []
     for row in rows:
         label = str(row[1])

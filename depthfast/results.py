@@ -77,6 +77,11 @@ def plot_profile(path: str, depths: list[float], changes: list[float], weight_ch
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> list[dict]:
+    """One row per measured layer: name, normalized depth, CKA and change = 1 − CKA."""
+    return [{"layer": n, "depth": d, "cka": c, "change": 1.0 - c} for n, d, c in zip(names, depths, cka)]
+
+
 def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
                   slope: float | None, wall_seconds: float, torch_version: str) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
@@ -85,11 +90,10 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     """
     import depthfast
 
-    names, depths = layers.layer_names, layers.normalized_depths
-    rows = [
-        {"layer": name, "depth": depth, "cka": cka, "change": change, "weight_change": group_changes.get(name)}
-        for name, depth, cka, change in zip(names, depths, measured.cka, changes)
-    ]
+    depths = layers.normalized_depths
+    rows = profile_rows(layers.layer_names, depths, measured.cka)
+    for row in rows:
+        row["weight_change"] = group_changes.get(row["layer"])
     steps = len(log.loss)
     mean_ratio = {
         name: sum(r[g] for r in log.ratios_before) / steps for g, name in enumerate(log.group_names)
@@ -127,6 +131,8 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
             "seconds": log.seconds,
             "tokens_per_second": log.tokens / log.seconds if log.seconds > 0 else None,
         },
+        "trajectory": log.trajectory,
+        "resumed_from_step": log.resumed_from,
         "wall_seconds": wall_seconds,
     }
     out = cfg.out

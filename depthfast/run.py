@@ -24,6 +24,9 @@ HELP = {
     "control": "none: plain AdamW; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
     "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
     "out": "results directory (written atomically)",
+    "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
+    "keep_checkpoints": "keep the last checkpoint after a successful run",
+    "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
 }
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"),
            "estimator": ("exact", "unbiased")}
@@ -33,8 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m depthfast.run", description=__doc__.splitlines()[0].strip("`: "))
     parser.add_argument("--config", help="JSON file of RunConfig fields (unknown keys are an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out if there is one (else start fresh)")
     for f in dataclasses.fields(RunConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                                help=HELP.get(f.name, f"default: {f.default}"))
+            continue
+        parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
                             choices=CHOICES.get(f.name), help=HELP.get(f.name, f"default: {f.default}"))
     return parser
 
@@ -69,16 +79,20 @@ def resolve_device(name: str):
     return device
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Fine-tune, measure, write ``cfg.out``; returns the results dictionary (also results.json)."""
+def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Fine-tune, measure, write ``cfg.out``; returns the results dictionary (also results.json).
+
+    With ``resume``, training continues from the checkpoint in ``cfg.out`` when there is one.
+    """
     import torch
 
     from depthfast.batches import probe_batches
+    from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import locality_gradient, measure_probe, weight_changes
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
-    from depthfast.results import print_table, write_results
+    from depthfast.results import print_table, profile_rows, write_results
     from depthfast.train import finetune
 
     started = time.perf_counter()
@@ -94,19 +108,37 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     base = copy.deepcopy(model).eval()  # θ₀, fresh head included, so step 0 compares identical models
     layers, base_layers = discover_layers(model), discover_layers(base)
     base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
-
-    log = finetune(model, layers, task, tokenizer, cfg, device, progress)
+    fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(base)}"
     probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
                           cfg.max_length, cfg.mlm_probability, cfg.seed)
-    measured = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, progress)
-    groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
     depths = layers.normalized_depths
+
+    def measure(step: int, show: bool = False) -> dict:
+        result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, show)
+        changes = [1.0 - c for c in result.cka]
+        return {"step": step, "layers": profile_rows(layers.layer_names, depths, result.cka),
+                "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned,
+                "_result": result}
+
+    log = finetune(model, layers, task, tokenizer, cfg, device, progress, out=cfg.out, resume=resume,
+                   fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
+    final = measure(cfg.steps, show=progress)
+    measured = final.pop("_result")
+    groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
     changes = [1.0 - c for c in measured.cka]
     slope = locality_gradient(depths[1:], changes[1:])
+    if cfg.measure_steps():
+        log.trajectory.append(final)
     results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope,
                             wall_seconds=time.perf_counter() - started, torch_version=torch.__version__)
+    if not cfg.keep_checkpoints:
+        remove_checkpoints(cfg.out)
     print_table(results)
     return results
+
+
+def _public(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # depthfast states itself what matters (fresh heads, etc.)
-        run(cfg, progress=not args.quiet)
+        run(cfg, progress=not args.quiet, resume=args.resume)
     except DepthfastError as exc:
         print(f"depthfast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("depthfast: interrupted; results from earlier runs are untouched", file=sys.stderr)
+        print("depthfast: interrupted; earlier results are untouched, and --resume continues from the last "
+              "checkpoint in --out", file=sys.stderr)
         return 130
     return 0
 

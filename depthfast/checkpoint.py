@@ -1,0 +1,122 @@
+"""Checkpoints a killed run resumes from, bit for bit.
+
+Layout inside the run directory:
+    checkpoint-<step>/model.safetensors   the fine-tuned weights (θ_step)
+    checkpoint-<step>/state.pt            optimizer, scheduler, RNG states, training log, step, fingerprint
+    checkpoint.json                       {"step": k, "dir": "checkpoint-<k>", "fingerprint": …}
+
+A checkpoint directory is complete before checkpoint.json points at it (the pointer is replaced
+atomically), and older checkpoints are removed only after that. θ₀ is not saved: it is the
+pretrained model, reloaded from its path with the same seed (the fresh head included), and its
+fingerprint is checked on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from depthfast.errors import DepthfastError
+from depthfast.results import atomic_write_json
+
+POINTER = "checkpoint.json"
+
+
+def config_fingerprint(config: dict) -> str:
+    """Hash of the fields that decide the training trajectory (not where results go or what is logged)."""
+    ignored = {"out", "device", "checkpoint_every", "keep_checkpoints", "measure_at", "tensorboard"}
+    relevant = {k: v for k, v in sorted(config.items()) if k not in ignored}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Checksum of every parameter (float64 sum and sum of squares, computed where the weights are),
+    to check that θ₀ reloads identically on resume without copying the weights to the host."""
+    sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in sorted(model.state_dict().items())]
+    values = torch.stack(sums).cpu().numpy() if sums else np.zeros(0)
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: str, step: int, model: torch.nn.Module, optimizer, scheduler, log_state: dict,
+                    fingerprint: str) -> None:
+    from safetensors.torch import save_model
+
+    name = f"checkpoint-{step}"
+    final = os.path.join(out, name)
+    staging = os.path.join(out, f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    save_model(model, os.path.join(staging, "model.safetensors"))  # handles tied weights
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "log": log_state, "fingerprint": fingerprint},
+               os.path.join(staging, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    previous = read_pointer(out)
+    atomic_write_json(os.path.join(out, POINTER), {"step": step, "dir": name, "fingerprint": fingerprint})
+    if previous and previous["dir"] != name:
+        shutil.rmtree(os.path.join(out, previous["dir"]), ignore_errors=True)
+
+
+def read_pointer(out: str) -> dict | None:
+    path = os.path.join(out, POINTER)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DepthfastError(f"checkpoint pointer {path} is unreadable: {exc}") from None
+
+
+def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fingerprint: str) -> tuple[int, dict]:
+    """Restore weights, optimizer, scheduler and RNG; returns (step, training-log state)."""
+    from safetensors.torch import load_model
+
+    pointer = read_pointer(out)
+    if pointer is None:
+        raise DepthfastError(f"no checkpoint to resume from in {out}")
+    if pointer["fingerprint"] != fingerprint:
+        raise DepthfastError(
+            f"checkpoint in {out} comes from another config (fingerprint {pointer['fingerprint']}, "
+            f"this run {fingerprint}); use another --out or the same settings"
+        )
+    directory = os.path.join(out, pointer["dir"])
+    try:
+        load_model(model, os.path.join(directory, "model.safetensors"))
+        state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        raise DepthfastError(f"checkpoint {directory} is damaged: {str(exc).splitlines()[0]}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"], state["log"]
+
+
+def remove_checkpoints(out: str) -> None:
+    pointer = read_pointer(out)
+    if pointer:
+        shutil.rmtree(os.path.join(out, pointer["dir"]), ignore_errors=True)
+        os.unlink(os.path.join(out, POINTER))
