@@ -2,7 +2,8 @@
 
 Layout inside the run directory:
     checkpoint-<step>/model.safetensors   the fine-tuned weights (θ_step)
-    checkpoint-<step>/state.pt            optimizer, scheduler, RNG states, training log, step, fingerprint
+    checkpoint-<step>/state.pt            optimizer, scheduler, training log, step, fingerprint
+    checkpoint-<step>/rng-rank<r>.pt      the RNG states of process r
     checkpoint.json                       {"step": k, "dir": "checkpoint-<k>", "fingerprint": …}
 
 A checkpoint directory is complete before checkpoint.json points at it (the pointer is replaced
@@ -60,24 +61,34 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: str, step: int, model: torch.nn.Module, optimizer, scheduler, log_state: dict,
-                    fingerprint: str) -> None:
+                    fingerprint: str, rank: int = 0, is_main: bool = True, barrier=lambda: None) -> None:
+    """Write checkpoint-<step>/ completely, then point checkpoint.json at it, then drop the previous one.
+
+    Under several processes every rank calls this: the main one writes weights and optimizer state
+    (replicated under DDP), each rank its own RNG state (dropout draws differ per rank).
+    """
     from safetensors.torch import save_model
 
     name = f"checkpoint-{step}"
     final = os.path.join(out, name)
     staging = os.path.join(out, f".{name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    save_model(model, os.path.join(staging, "model.safetensors"))  # handles tied weights
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "log": log_state, "fingerprint": fingerprint},
-               os.path.join(staging, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    previous = read_pointer(out)
-    atomic_write_json(os.path.join(out, POINTER), {"step": step, "dir": name, "fingerprint": fingerprint})
-    if previous and previous["dir"] != name:
-        shutil.rmtree(os.path.join(out, previous["dir"]), ignore_errors=True)
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        save_model(model, os.path.join(staging, "model.safetensors"))  # handles tied weights
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "log": log_state, "fingerprint": fingerprint}, os.path.join(staging, "state.pt"))
+    barrier()
+    torch.save(rng_state(), os.path.join(staging, f"rng-rank{rank}.pt"))
+    barrier()
+    if is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        previous = read_pointer(out)
+        atomic_write_json(os.path.join(out, POINTER), {"step": step, "dir": name, "fingerprint": fingerprint})
+        if previous and previous["dir"] != name:
+            shutil.rmtree(os.path.join(out, previous["dir"]), ignore_errors=True)
+    barrier()
 
 
 def read_pointer(out: str) -> dict | None:
@@ -91,8 +102,9 @@ def read_pointer(out: str) -> dict | None:
         raise DepthfastError(f"checkpoint pointer {path} is unreadable: {exc}") from None
 
 
-def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fingerprint: str) -> tuple[int, dict]:
-    """Restore weights, optimizer, scheduler and RNG; returns (step, training-log state)."""
+def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fingerprint: str,
+                    rank: int = 0) -> tuple[int, dict]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns (step, training-log state)."""
     from safetensors.torch import load_model
 
     pointer = read_pointer(out)
@@ -104,14 +116,18 @@ def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fing
             f"this run {fingerprint}); use another --out or the same settings"
         )
     directory = os.path.join(out, pointer["dir"])
+    rng_file = os.path.join(directory, f"rng-rank{rank}.pt")
+    if not os.path.exists(rng_file):
+        raise DepthfastError(f"checkpoint {directory} was written by fewer processes; resume with the same number")
     try:
         load_model(model, os.path.join(directory, "model.safetensors"))
         state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+        rng = torch.load(rng_file, weights_only=False)
     except (OSError, RuntimeError) as exc:
         raise DepthfastError(f"checkpoint {directory} is damaged: {str(exc).splitlines()[0]}") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(rng)
     return state["step"], state["log"]
 
 

@@ -11,6 +11,7 @@ from depthfast.errors import DepthfastError
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OBJECTIVES = ("cls", "mlm", "clm")
 CONTROLS = ("none", "equal-step")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class RunConfig:
     mlm_probability: float = 0.15
     equal_step_target: str = "mean"
     device: str = "auto"
+    precision: str = "fp32"
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    tensorboard: bool = False
     out: str = "runs/default"
     checkpoint_every: int = 50
     keep_checkpoints: bool = False
@@ -67,6 +72,8 @@ class RunConfig:
             (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
             (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
             (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
+            (self.grad_accum >= 1, f"grad accum must be ≥ 1; got {self.grad_accum}"),
             (self.checkpoint_every >= 0, f"checkpoint every must be ≥ 0 (0 = never); got {self.checkpoint_every}"),
             (_is_step_list(self.measure_at, self.steps),
              f"measure at must be comma-separated steps in 0..{self.steps}; got {self.measure_at!r}"),

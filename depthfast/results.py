@@ -83,7 +83,7 @@ def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> lis
 
 
 def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
-                  slope: float | None, wall_seconds: float, torch_version: str) -> dict:
+                  slope: float | None, wall_seconds: float, torch_version: str, num_processes: int = 1) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
 
     Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
@@ -133,6 +133,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         },
         "trajectory": log.trajectory,
         "resumed_from_step": log.resumed_from,
+        "num_processes": num_processes,
         "wall_seconds": wall_seconds,
     }
     out = cfg.out

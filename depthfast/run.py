@@ -95,22 +95,31 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.results import print_table, profile_rows, write_results
     from depthfast.train import finetune
 
+    from depthfast.train import make_accelerator
+
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)  # a clear error for a bad or missing device before any work
+    accelerator = make_accelerator(cfg)
+    device, main = accelerator.device, accelerator.is_main_process
     check_objective(load_config(cfg.model), cfg.objective)  # fail before any data is read
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
     task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
                      seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column)
     seed_everything(cfg.seed)
-    model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)
+    model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)  # identical on every process
+    if accelerator.process_index:
+        torch.manual_seed(cfg.seed + 1_000 * accelerator.process_index)  # own dropout draws per process
     prepare_for_measurement(model)
     model.to(device)
-    base = copy.deepcopy(model).eval()  # θ₀, fresh head included, so step 0 compares identical models
-    layers, base_layers = discover_layers(model), discover_layers(base)
-    base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
-    fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(base)}"
-    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
-                          cfg.max_length, cfg.mlm_probability, cfg.seed)
+    layers = discover_layers(model)
+    fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
+    base = base_layers = base_groups = probe = None
+    if main:  # θ₀ (fresh head included, so step 0 compares identical models); only the main process measures
+        base = copy.deepcopy(model).eval()
+        base_layers = discover_layers(base)
+        base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
+        probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
+                              cfg.max_length, cfg.mlm_probability, cfg.seed)
     depths = layers.normalized_depths
 
     def measure(step: int, show: bool = False) -> dict:
@@ -120,20 +129,25 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                 "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned,
                 "_result": result}
 
-    log = finetune(model, layers, task, tokenizer, cfg, device, progress, out=cfg.out, resume=resume,
+    log = finetune(model, layers, task, tokenizer, cfg, accelerator, progress, out=cfg.out, resume=resume,
                    fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
-    final = measure(cfg.steps, show=progress)
-    measured = final.pop("_result")
-    groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
-    changes = [1.0 - c for c in measured.cka]
-    slope = locality_gradient(depths[1:], changes[1:])
-    if cfg.measure_steps():
-        log.trajectory.append(final)
-    results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope,
-                            wall_seconds=time.perf_counter() - started, torch_version=torch.__version__)
-    if not cfg.keep_checkpoints:
-        remove_checkpoints(cfg.out)
-    print_table(results)
+    results = None
+    if main:
+        final = measure(cfg.steps, show=progress)
+        measured = final.pop("_result")
+        tuned_groups = [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()]
+        groups_change = weight_changes(base_groups, tuned_groups)
+        changes = [1.0 - c for c in measured.cka]
+        slope = locality_gradient(depths[1:], changes[1:])
+        if cfg.measure_steps():
+            log.trajectory.append(final)
+        results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope,
+                                wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
+                                num_processes=accelerator.num_processes)
+        if not cfg.keep_checkpoints:
+            remove_checkpoints(cfg.out)
+        print_table(results)
+    accelerator.wait_for_everyone()
     return results
 
 

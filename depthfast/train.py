@@ -9,6 +9,7 @@ measure the profile trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -50,7 +51,7 @@ def warmup_linear(warmup_steps: int, total_steps: int):
 
 
 def build_optimizer(named_groups, cfg: RunConfig):
-    """AdamW (no decay on biases and norms), its schedule, and the EqualStep wrapper over the groups."""
+    """AdamW (no decay on biases and norms) over the groups' parameters, and its schedule."""
     decay, no_decay = [], []
     for _, params in named_groups:
         for p in params:
@@ -60,43 +61,89 @@ def build_optimizer(named_groups, cfg: RunConfig):
         lr=cfg.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(cfg.warmup_steps, cfg.steps))
-    target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
-    control = EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control)
-    return optimizer, scheduler, control
+    return optimizer, scheduler
 
 
 def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def make_accelerator(cfg: RunConfig):
+    """One Accelerator per process: single device, or DDP when launched with torchrun / accelerate launch."""
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+
+
+def shard(batch: dict, rank: int, world: int, micro: int, num_micro: int) -> dict:
+    """This process's micro-batch ``micro`` of a global batch: rows split first by rank, then by micro-step.
+
+    Every piece has the same number of sequences, so averaging per-piece mean losses over pieces (DDP
+    averages over ranks; accumulation over micro-steps) gives the global mean for cls and a
+    token-weighted approximation of it for LM objectives.
+    """
+    rows = next(iter(batch.values())).shape[0]
+    per_rank = rows // world
+    per_micro = per_rank // num_micro
+    begin = rank * per_rank + micro * per_micro
+    return {k: v[begin:begin + per_micro] for k, v in batch.items()}
+
+
 def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer, cfg: RunConfig,
-             device: torch.device, progress: bool = True, out: str | None = None, resume: bool = False,
+             accelerator, progress: bool = True, out: str | None = None, resume: bool = False,
              fingerprint: str = "", measure: Callable[[int], dict] | None = None) -> TrainLog:
-    """Train ``model`` for cfg.steps steps; returns the log (also checkpointed under ``out``)."""
+    """Train ``model`` for cfg.steps optimizer steps; returns the log (also checkpointed under ``out``).
+
+    Each step consumes one global batch of cfg.batch_size sequences, split over the processes and
+    over cfg.grad_accum micro-steps; the equal-step control acts once per optimizer step.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise DepthfastError(f"batch size {cfg.batch_size} must be divisible by processes × grad accum "
+                             f"= {world} × {cfg.grad_accum}")
     named_groups = layers.param_groups()
-    optimizer, scheduler, control = build_optimizer(named_groups, cfg)
+    optimizer, scheduler = build_optimizer(named_groups, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model_p, optimizer_p = accelerator.prepare(model, optimizer)
+    target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
+    control = EqualStep(optimizer_p, [params for _, params in named_groups], target=target, control=cfg.control)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):
-        start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint)
+        start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank)
         log = TrainLog(**state)
         log.resumed_from = start_step
     measure_steps = cfg.measure_steps()
+    main = accelerator.is_main_process
+    def measure_now(step: int) -> None:  # the main process measures while the others wait
+        entry = measure(step) if main else None
+        accelerator.wait_for_everyone()
+        if entry is not None:
+            log.trajectory.append(entry)
+
     if measure and start_step == 0 and 0 in measure_steps:
-        log.trajectory.append(measure(0))
+        measure_now(0)
     batches = training_batches(cfg.objective, tokenizer, task.train_texts, task.train_labels, cfg.batch_size,
                                cfg.max_length, cfg.mlm_probability, cfg.seed, start_step=start_step)
-    model.train()
+    model_p.train()
     started, seconds_before = time.perf_counter(), log.seconds
-    bar = tqdm(range(start_step, cfg.steps), desc=f"fine-tune ({cfg.control})", disable=not progress, unit="step",
-               initial=start_step, total=cfg.steps)
+    bar = tqdm(range(start_step, cfg.steps), desc=f"fine-tune ({cfg.control})", disable=not (progress and main),
+               unit="step", initial=start_step, total=cfg.steps)
     for step in bar:
-        batch = move(next(batches), device)
-        loss = model(**batch).loss
-        value = float(loss.detach())
+        batch = next(batches)
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            piece = move(shard(batch, rank, world, micro, cfg.grad_accum), accelerator.device)
+            last = micro == cfg.grad_accum - 1
+            with accelerator.no_sync(model_p) if not last else contextlib.nullcontext():
+                loss = model_p(**piece).loss / cfg.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach().double()
+        value = float(accelerator.reduce(step_loss, reduction="mean"))
         if not math.isfinite(value):
             raise DepthfastError(f"loss is {value} at step {step + 1}; lower --lr (now {cfg.lr:g}) or check the data")
-        loss.backward()
         log.lr.append(scheduler.get_last_lr()[0])
         control.step()
         control.zero_grad(set_to_none=True)
@@ -109,8 +156,17 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
         bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{log.tokens / max(log.seconds, 1e-9):.0f}")
         done = step + 1
         if measure and done in measure_steps and done < cfg.steps:
-            log.trajectory.append(measure(done))
-            model.train()
+            measure_now(done)
+            model_p.train()
         if out and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint)
+            save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint,
+                            rank=rank, is_main=main, barrier=accelerator.wait_for_everyone)
     return log
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute block activations in the backward pass (HF models, or the backbone of our classifier)."""
+    target = getattr(model, "backbone", model)
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise DepthfastError(f"{type(target).__name__} does not support gradient checkpointing")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,74 @@
+"""``depthfast``: one command with subcommands.
+
+    depthfast run [RUN FLAGS]        one run (forwards to ``python -m depthfast.run``)
+    depthfast sweep GRID.yaml        expand a grid of runs and run them (resumable), or --dry-run, --slurm
+    depthfast report RUNS_DIR        aggregate every run under RUNS_DIR: table, figures, report.md
+
+Also ``python -m depthfast.cli …``. Bad input ends with one line ``depthfast: error: …`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from depthfast.errors import DepthfastError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthfast", description="Depth profile of fine-tuning: runs, sweeps, reports.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,sweep,report}")
+    sub.required = True
+    sub.add_parser("run", help="one run; every flag of `python -m depthfast.run` (see `depthfast run --help`)",
+                   add_help=False)
+
+    sw = sub.add_parser("sweep", help="run a grid of configs (YAML: out, base, grid); resumable")
+    sw.add_argument("grid", help="grid YAML file: out: DIR, base: {RunConfig fields}, grid: {field: [values]}")
+    sw.add_argument("--out", help="sweep directory (overrides 'out:' in the grid file)")
+    sw.add_argument("--workers", type=int, default=None,
+                    help="parallel runs: default one per visible GPU, or 1 on a CPU machine")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
+    sw.add_argument("--slurm", action="store_true",
+                    help="write OUT/jobs.txt and OUT/sweep.sbatch (a SLURM array) instead of running")
+    sw.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
+                    help="an #SBATCH option for --slurm, e.g. --slurm-option=--partition=gpu (repeatable)")
+
+    rp = sub.add_parser("report", help="aggregate the runs under RUNS_DIR into a table, figures and report.md")
+    rp.add_argument("runs_dir", help="a sweep directory (or any directory holding run directories)")
+    rp.add_argument("--out", help="report directory (default RUNS_DIR/report)")
+    rp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for correlations (default 2000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after `run` belongs to depthfast.run's own parser
+        from depthfast.run import main as run_main
+
+        return run_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "sweep":
+            from depthfast.sweep import sweep
+
+            if args.workers is not None and args.workers < 1:
+                raise DepthfastError(f"--workers must be ≥ 1; got {args.workers}")
+            return sweep(args.grid, out=args.out, workers=args.workers, dry_run=args.dry_run, slurm=args.slurm,
+                         slurm_options=args.slurm_option)
+        if args.command == "report":
+            from depthfast.report import report
+
+            return report(args.runs_dir, out=args.out, resamples=args.resamples)
+    except DepthfastError as exc:
+        print(f"depthfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthfast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Several processes (DDP over gloo, launched by torchrun) and gradient accumulation give the
+single-process result.
+
+The tiny GPT-NeoX has no dropout, and classification averages per-sequence losses over equal
+shards, so the runs differ only by the order of floating-point reductions: CKA agrees to 1e-6
+absolute (changes here are 1e-6 … 1e-3), weight change and losses to 1e-4 relative.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tiny_models
+from depthfast.run import main
+
+ARGS = ["--objective", "cls", "--steps", "4", "--batch-size", "8", "--max-length", "32", "--probe-size", "24",
+        "--probe-batch-size", "12", "--warmup-steps", "1", "--quiet", "--control", "equal-step", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    return tiny_models.save("gpt_neox", str(tmp_path_factory.mktemp("dist") / "neox"))
+
+
+def results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def assert_same_run(a, b):
+    assert [r["cka"] for r in a["layers"]] == pytest.approx([r["cka"] for r in b["layers"]], abs=1e-6)
+    assert a["group_weight_change"] == pytest.approx(b["group_weight_change"], rel=1e-4)
+    assert a["train"]["final_loss"] == pytest.approx(b["train"]["final_loss"], rel=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_two_processes_equal_one(neox, tmp_path):
+    single, double = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(["--model", neox, "--out", single, *ARGS]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "depthfast.run", "--model", neox,
+                           "--out", double, *ARGS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = results(double)
+    assert two["num_processes"] == 2
+    assert_same_run(two, results(single))
+
+
+def test_gradient_accumulation_equals_one_big_batch(neox, tmp_path):
+    whole, accumulated = str(tmp_path / "whole"), str(tmp_path / "accum")
+    assert main(["--model", neox, "--out", whole, *ARGS]) == 0
+    assert main(["--model", neox, "--out", accumulated, "--grad-accum", "4", *ARGS]) == 0
+    assert_same_run(results(accumulated), results(whole))
+
+
+def test_batch_not_divisible_is_a_clear_error(neox, tmp_path, capsys):
+    assert main(["--model", neox, "--out", str(tmp_path / "x"), *ARGS, "--grad-accum", "3"]) == 2
+    assert "must be divisible by processes × grad accum = 1 × 3" in capsys.readouterr().err
