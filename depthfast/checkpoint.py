@@ -31,7 +31,8 @@ POINTER = "checkpoint.json"
 
 def config_fingerprint(config: dict) -> str:
     """Hash of the fields that decide the training trajectory (not where results go or what is logged)."""
-    ignored = {"out", "device", "checkpoint_every", "keep_checkpoints", "measure_at", "tensorboard"}
+    ignored = {"out", "device", "checkpoint_every", "keep_checkpoints", "measure_at", "tensorboard",
+               "no_memory_check"}
     relevant = {k: v for k, v in sorted(config.items()) if k not in ignored}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -48,6 +48,7 @@ class RunConfig:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     tensorboard: bool = False
+    no_memory_check: bool = False
     out: str = "runs/default"
     checkpoint_every: int = 50
     keep_checkpoints: bool = False

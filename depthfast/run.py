@@ -26,6 +26,8 @@ HELP = {
     "out": "results directory (written atomically)",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
     "keep_checkpoints": "keep the last checkpoint after a successful run",
+    "no_memory_check": "start even when the memory estimate exceeds the device's memory",
+    "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
 }
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"),
@@ -91,6 +93,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.data import load_task
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import locality_gradient, measure_probe, weight_changes
+    from depthfast.memory import check_fits, estimate_run_memory
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
     from depthfast.train import finetune
@@ -112,6 +115,11 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     prepare_for_measurement(model)
     model.to(device)
     layers = discover_layers(model)
+    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes)
+    if main and progress:
+        print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
+    if not cfg.no_memory_check:
+        check_fits(estimate, device)
     fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
     base = base_layers = base_groups = probe = None
     if main:  # θ₀ (fresh head included, so step 0 compares identical models); only the main process measures

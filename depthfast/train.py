@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -127,6 +128,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
         measure_now(0)
     batches = training_batches(cfg.objective, tokenizer, task.train_texts, task.train_labels, cfg.batch_size,
                                cfg.max_length, cfg.mlm_probability, cfg.seed, start_step=start_step)
+    writer = open_tensorboard(out) if cfg.tensorboard and main and out else None
     model_p.train()
     started, seconds_before = time.perf_counter(), log.seconds
     bar = tqdm(range(start_step, cfg.steps), desc=f"fine-tune ({cfg.control})", disable=not (progress and main),
@@ -155,13 +157,28 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
         log.seconds = seconds_before + time.perf_counter() - started
         bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{log.tokens / max(log.seconds, 1e-9):.0f}")
         done = step + 1
+        if writer is not None:
+            writer.add_scalar("loss", value, done)
+            writer.add_scalar("lr", log.lr[-1], done)
+            for name, before, after in zip(log.group_names, log.ratios_before[-1], log.ratios_after[-1]):
+                writer.add_scalars(f"update_ratio/{name}", {"before": before, "after": after}, done)
         if measure and done in measure_steps and done < cfg.steps:
             measure_now(done)
             model_p.train()
         if out and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint,
                             rank=rank, is_main=main, barrier=accelerator.wait_for_everyone)
+    if writer is not None:
+        writer.close()
     return log
+
+
+def open_tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DepthfastError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=os.path.join(out, "tensorboard"))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -169,4 +186,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     target = getattr(model, "backbone", model)
     if not getattr(target, "supports_gradient_checkpointing", False):
         raise DepthfastError(f"{type(target).__name__} does not support gradient checkpointing")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # the reentrant variant drops hooks' and autocast's state
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers ≥ 5.2x renamed it
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

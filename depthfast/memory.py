@@ -1,0 +1,97 @@
+"""Estimate the memory of a run before it starts, and refuse one that cannot fit.
+
+Per process (DDP replicates the model), in bytes, with P the trainable parameters, b their element
+size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the sequence length:
+
+    weights            Σ numel · element size over all parameters
+    gradients          P · b
+    optimizer          2 P · b                        AdamW's exp_avg and exp_avg_sq
+    control snapshot   P · b                          the reference EqualStep copies the weights each step
+    θ₀ copy            = weights                      the pretrained model, kept to measure against (main process)
+    activations        L · t · (18 h + 2.5 a s) · e   saved for backward (Korthikanti et al. 2022's count for a
+                                                      transformer block, e = 2 under bf16 autocast, else 4);
+                       with gradient checkpointing: L · t · h · e + one block's full set
+    logits             3 · t · V · 4                  LM heads: fp32 logits, softmax, gradient
+    measurement        (L+1) · 3 d² · 8 + 2 (L+1) · t_probe · h · 4   float64 CKA statistics + captured activations
+
+It is an estimate (allocator fragmentation and framework workspaces come on top); the check refuses
+only when the estimate alone exceeds the device's memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from depthfast.errors import DepthfastError
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.parts)
+        lines = [f"{name:<{width}}  {size / GiB:9.3f} GiB" for name, size in self.parts.items()]
+        lines.append(f"{'total':<{width}}  {self.total / GiB:9.3f} GiB")
+        return "\n".join(lines)
+
+
+def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_processes: int = 1,
+                        fused_control: bool = False) -> MemoryEstimate:
+    config = model.config
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    b = trainable[0].element_size() if trainable else 4
+    num_trainable = sum(p.numel() for p in trainable)
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    seq = cfg.max_length
+    tokens = cfg.batch_size // max(1, num_processes * cfg.grad_accum) * seq
+    e = 2 if cfg.precision == "bf16" else 4
+    per_block = tokens * (18 * hidden + 2.5 * heads * seq) * e
+    activations = num_blocks * tokens * hidden * e + per_block if cfg.gradient_checkpointing else num_blocks * per_block
+    vocab = getattr(config, "vocab_size", 0) if cfg.objective in ("mlm", "clm") else 0
+    probe_tokens = cfg.probe_batch_size * seq
+    weights = sum(p.numel() * p.element_size() for p in params)
+    parts = {
+        "weights": weights,
+        "gradients": num_trainable * b,
+        "optimizer (AdamW)": 2 * num_trainable * b,
+        "control snapshot": 0 if fused_control else num_trainable * b,
+        "θ₀ copy": weights,
+        "activations": int(activations),
+        "logits": 3 * tokens * vocab * 4,
+        "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
+    }
+    return MemoryEstimate(parts)
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of a GPU, or the memory available to this process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info["MemTotal"])
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(estimate: MemoryEstimate, device: torch.device) -> None:
+    available = device_memory(device)
+    if estimate.total > available:
+        raise DepthfastError(
+            f"estimated memory {estimate.total / GiB:.1f} GiB exceeds the {available / GiB:.1f} GiB of {device}: "
+            "use --gradient-checkpointing, --precision bf16, a smaller --batch-size or --max-length, more "
+            "processes, or --no-memory-check to try anyway"
+        )

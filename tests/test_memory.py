@@ -1,0 +1,46 @@
+"""The memory estimate: its static parts are exact, and an impossible run is refused up front."""
+
+import pytest
+import torch
+
+import tiny_models
+from depthfast.config import RunConfig
+from depthfast.errors import DepthfastError
+from depthfast.layers import discover_layers
+from depthfast.memory import MemoryEstimate, check_fits, estimate_run_memory
+from depthfast.registry import lookup
+
+
+def test_static_parts_match_real_tensors_after_a_step():
+    model, tokenizer = tiny_models.build("gpt2")
+    cfg = RunConfig(objective="clm", batch_size=4, max_length=16)
+    estimate = estimate_run_memory(model, cfg, discover_layers(model).num_blocks)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch = tokenizer(["a b c d e f g h"] * 4, return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    unique = {id(p): p for p in model.parameters()}.values()
+    assert estimate.parts["weights"] == sum(p.numel() * p.element_size() for p in unique)
+    assert estimate.parts["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in unique)
+    states = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert estimate.parts["optimizer (AdamW)"] == sum(t.numel() * t.element_size() for t in states)
+
+
+def test_checkpointing_and_bf16_shrink_activations():
+    spec = lookup("EleutherAI/pythia-1.4b")
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(spec.config())
+    full = estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=2048), 24)
+    lean = estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=2048, precision="bf16",
+                                                gradient_checkpointing=True), 24)
+    assert lean.parts["activations"] < full.parts["activations"] / 20
+    assert full.parts["weights"] == pytest.approx(1.41e9 * 4, rel=0.01)  # 1.41 B fp32 parameters
+
+
+def test_a_run_that_cannot_fit_is_refused():
+    huge = MemoryEstimate({"weights": 1 << 60})
+    with pytest.raises(DepthfastError, match="exceeds the .* GiB of cpu"):
+        check_fits(huge, torch.device("cpu"))
+    check_fits(MemoryEstimate({"weights": 1 << 20}), torch.device("cpu"))
