@@ -32,7 +32,7 @@ POINTER = "checkpoint.json"
 def config_fingerprint(config: dict) -> str:
     """Hash of the fields that decide the training trajectory (not where results go or what is logged)."""
     ignored = {"out", "device", "checkpoint_every", "keep_checkpoints", "measure_at", "tensorboard",
-               "no_memory_check"}
+               "no_memory_check", "no_objective_distance"}
     relevant = {k: v for k, v in sorted(config.items()) if k not in ignored}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -62,22 +62,38 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: str, step: int, model: torch.nn.Module, optimizer, scheduler, log_state: dict,
-                    fingerprint: str, rank: int = 0, is_main: bool = True, barrier=lambda: None) -> None:
+                    fingerprint: str, rank: int = 0, is_main: bool = True, barrier=lambda: None,
+                    sharded: bool = False) -> None:
     """Write checkpoint-<step>/ completely, then point checkpoint.json at it, then drop the previous one.
 
     Under several processes every rank calls this: the main one writes weights and optimizer state
-    (replicated under DDP), each rank its own RNG state (dropout draws differ per rank).
+    (replicated under DDP; gathered into full state dicts, collectively, under FSDP2), each rank its
+    own RNG state (dropout draws differ per rank).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     name = f"checkpoint-{step}"
     final = os.path.join(out, name)
     staging = os.path.join(out, f".{name}.partial")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from depthfast.distributed import full_state_dict
+
+        weights = full_state_dict(model)
+        optimizer_state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        weights, optimizer_state = None, optimizer.state_dict()
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        save_model(model, os.path.join(staging, "model.safetensors"))  # handles tied weights
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        if weights is None:
+            save_model(model, os.path.join(staging, "model.safetensors"))  # handles tied weights
+        else:  # tied weights appear under both names; safetensors wants no shared storage
+            save_file({k: v.clone().contiguous() for k, v in weights.items()},
+                      os.path.join(staging, "model.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "log": log_state, "fingerprint": fingerprint}, os.path.join(staging, "state.pt"))
     barrier()
     torch.save(rng_state(), os.path.join(staging, f"rng-rank{rank}.pt"))
@@ -104,7 +120,7 @@ def read_pointer(out: str) -> dict | None:
 
 
 def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fingerprint: str,
-                    rank: int = 0) -> tuple[int, dict]:
+                    rank: int = 0, sharded: bool = False) -> tuple[int, dict]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns (step, training-log state)."""
     from safetensors.torch import load_model
 
@@ -121,12 +137,21 @@ def load_checkpoint(out: str, model: torch.nn.Module, optimizer, scheduler, fing
     if not os.path.exists(rng_file):
         raise DepthfastError(f"checkpoint {directory} was written by fewer processes; resume with the same number")
     try:
-        load_model(model, os.path.join(directory, "model.safetensors"))
         state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
         rng = torch.load(rng_file, weights_only=False)
+        if sharded:
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, load_file(os.path.join(directory, "model.safetensors")), options=options)
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
+        else:
+            load_model(model, os.path.join(directory, "model.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
     except (OSError, RuntimeError) as exc:
         raise DepthfastError(f"checkpoint {directory} is damaged: {str(exc).splitlines()[0]}") from None
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rng)
     return state["step"], state["log"]

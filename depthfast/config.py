@@ -12,6 +12,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OBJECTIVES = ("cls", "mlm", "clm")
 CONTROLS = ("none", "equal-step")
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -45,10 +46,12 @@ class RunConfig:
     equal_step_target: str = "mean"
     device: str = "auto"
     precision: str = "fp32"
+    parallel: str = "ddp"
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     tensorboard: bool = False
     no_memory_check: bool = False
+    no_objective_distance: bool = False
     out: str = "runs/default"
     checkpoint_every: int = 50
     keep_checkpoints: bool = False
@@ -74,6 +77,7 @@ class RunConfig:
             (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
             (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
+            (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}; got {self.parallel!r}"),
             (self.grad_accum >= 1, f"grad accum must be ≥ 1; got {self.grad_accum}"),
             (self.checkpoint_every >= 0, f"checkpoint every must be ≥ 0 (0 = never); got {self.checkpoint_every}"),
             (_is_step_list(self.measure_at, self.steps),

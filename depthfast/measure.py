@@ -2,7 +2,8 @@
 
     change_ℓ         = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_T))        on the held-out probe set
     weight_change_g  = ‖W_g(θ_T) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per parameter group
-    locality gradient = OLS slope of change_ℓ on normalized depth ℓ/L over the blocks ℓ = 1..L
+
+Profile-shape numbers (locality gradient, steepness, width, …) are in depthfast.metrics.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from depthfast.cka import StreamingCKA
+from depthfast.cka import StreamingCKA, pool_activations
+from depthfast.distributed import is_sharded, local, sum_over_shards
 from depthfast.layers import BlockCapture, ModelLayers
+from depthfast.metrics import per_text_hsic_batch
 
 
 @dataclass
@@ -25,6 +28,9 @@ class ProbeResult:
     loss_tuned: float
     accuracy_base: float | None
     accuracy_tuned: float | None
+    per_text_hsic: torch.Tensor | None = None  # (texts, L+1, 3): HSIC₁ (K,L), (K,K), (L,L) of each text's tokens
+    base_features: torch.Tensor | None = None  # (texts, d): θ₀'s last block, mean over real tokens (cls only)
+    labels: torch.Tensor | None = None  # (texts,) (cls only)
 
 
 @torch.no_grad()
@@ -38,11 +44,18 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
     losses = {"base": [], "tuned": []}
     correct = {"base": 0, "tuned": 0}
     counted = 0
+    hsic, features, labels = [], [], []
     with BlockCapture(base_layers) as base_capture, BlockCapture(tuned_layers) as tuned_capture:
         for batch in tqdm(batches, desc="probe", disable=not progress, unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
             out_base, out_tuned = base(**batch), tuned(**batch)
-            cka.update(base_capture.activations, tuned_capture.activations, batch["attention_mask"])
+            mask = batch["attention_mask"]
+            cka.update(base_capture.activations, tuned_capture.activations, mask)
+            # Per-text statistics, for the bootstrap over probe texts (depthfast.metrics)
+            hsic.append(per_text_hsic_batch(base_capture.activations, tuned_capture.activations, mask).cpu())
+            if batch["labels"].dim() == 1:
+                features.append(pool_activations(base_capture.activations[-1], mask, "mean").cpu())
+                labels.append(batch["labels"].cpu())
             weight = float(_loss_weight(batch))
             losses["base"].append((float(out_base.loss), weight))
             losses["tuned"].append((float(out_tuned.loss), weight))
@@ -58,6 +71,9 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
         loss_tuned=mean(losses["tuned"]),
         accuracy_base=correct["base"] / counted if counted else None,
         accuracy_tuned=correct["tuned"] / counted if counted else None,
+        per_text_hsic=torch.cat(hsic) if hsic else None,
+        base_features=torch.cat(features) if features else None,
+        labels=torch.cat(labels) if labels else None,
     )
 
 
@@ -69,22 +85,22 @@ def _loss_weight(batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
                    tuned_groups: list[tuple[str, list[torch.Tensor]]]) -> dict[str, float]:
-    """‖W_T − W_0‖_F / ‖W_0‖_F per group, sums of squares in float64 (0 for an all-zero W_0 group)."""
-    changes = {}
-    for (name, base), (_, tuned) in zip(base_groups, tuned_groups):
-        delta = sum(float(((t.double() - b.double()) ** 2).sum()) for b, t in zip(base, tuned))
-        norm = sum(float((b.double() ** 2).sum()) for b in base)
-        changes[name] = math.sqrt(delta / norm) if norm > 0 else 0.0
-    return changes
+    """‖W_T − W_0‖_F / ‖W_0‖_F per group, sums of squares in float64 (0 for an all-zero W_0 group).
+
+    Sharded (FSDP2) parameters: local sums, then one all-reduce of the (groups, 2) partial sums.
+    """
+    sums = torch.zeros(len(base_groups), 2, dtype=torch.float64)
+    sharded = False
+    for g, ((_, base), (_, tuned)) in enumerate(zip(base_groups, tuned_groups)):
+        for b, t in zip(base, tuned):
+            sharded |= is_sharded(t)
+            b, t = local(b).double(), local(t).double()
+            sums[g, 0] += float(((t - b) ** 2).sum())
+            sums[g, 1] += float((b ** 2).sum())
+    sums = sum_over_shards(sums.to(_device_of(tuned_groups)), sharded).cpu()
+    return {name: math.sqrt(float(d) / float(n)) if n > 0 else 0.0
+            for (name, _), (d, n) in zip(base_groups, sums.tolist())}
 
 
-def locality_gradient(depths: list[float], changes: list[float]) -> float | None:
-    """OLS slope of change on normalized depth; None with fewer than two points."""
-    if len(depths) < 2:
-        return None
-    n = len(depths)
-    mean_x, mean_y = sum(depths) / n, sum(changes) / n
-    sxx = sum((x - mean_x) ** 2 for x in depths)
-    if sxx == 0:
-        return None
-    return sum((x - mean_x) * (y - mean_y) for x, y in zip(depths, changes)) / sxx
+def _device_of(groups) -> torch.device:
+    return next((local(t).device for _, ts in groups for t in ts), torch.device("cpu"))

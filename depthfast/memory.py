@@ -46,7 +46,9 @@ class MemoryEstimate:
 
 
 def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_processes: int = 1,
-                        fused_control: bool = False) -> MemoryEstimate:
+                        fused_control: bool = False, sharded: bool = False) -> MemoryEstimate:
+    """Per-process estimate; under FSDP2 (``sharded``) weights, gradients, optimizer states, the
+    control's snapshot and the θ₀ copy are divided over the processes."""
     config = model.config
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -72,6 +74,9 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
         "logits": 3 * tokens * vocab * 4,
         "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
     }
+    if sharded:
+        for name in ("weights", "gradients", "optimizer (AdamW)", "control snapshot", "θ₀ copy"):
+            parts[name] //= num_processes
     return MemoryEstimate(parts)
 
 

@@ -6,7 +6,7 @@ Every function is pure (plain lists / tensors in, floats or None out) so it can 
 Profile shape, over the blocks ℓ = 1 … L (the caller leaves the embedding row out, as the
 locality gradient does), with depths d_ℓ = ℓ/L and changes c_ℓ = 1 − CKA_ℓ:
 
-    locality gradient   β = Σ(d − d̄)(c − c̄) / Σ(d − d̄)²            (depthfast.measure.locality_gradient)
+    locality gradient   β = Σ(d − d̄)(c − c̄) / Σ(d − d̄)²            (locality_gradient)
     bootstrap CI of β   over probe texts, from per-text HSIC₁ triples  (bootstrap_slope_ci)
     steepness           ln((c̄_top + ε) / (c̄_bottom + ε)),  ε = 0.01 · max_ℓ c⁺_ℓ   (steepness)
     width               fraction of blocks with c⁺_ℓ ≥ ½ max c⁺; depth centroid and spread (width)
@@ -25,12 +25,23 @@ from typing import Callable, Sequence
 
 import torch
 
-from depthfast.measure import locality_gradient
 
 # Relative floor of the steepness ratio: 1 % of the profile's largest change (see ``steepness``).
 STEEPNESS_FLOOR = 0.01
 # Keys that run.py stores under results["metrics"] for the objective distance (read by the report).
 OBJECTIVE_DISTANCE_KEYS = ("initial_loss_normalized", "gradient_alignment_distance", "kernel_target_alignment")
+
+
+def locality_gradient(depths: list[float], changes: list[float]) -> float | None:
+    """OLS slope of change on normalized depth; None with fewer than two points."""
+    if len(depths) < 2:
+        return None
+    n = len(depths)
+    mean_x, mean_y = sum(depths) / n, sum(changes) / n
+    sxx = sum((x - mean_x) ** 2 for x in depths)
+    if sxx == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(depths, changes)) / sxx
 
 
 def _finite(value) -> float | None:

@@ -83,7 +83,7 @@ def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> lis
 
 
 def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
-                  slope: float | None, wall_seconds: float, torch_version: str, num_processes: int = 1) -> dict:
+                  slope: float | None, metrics: dict, wall_seconds: float, torch_version: str, num_processes: int = 1) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
 
     Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
@@ -112,6 +112,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         "pooling": cfg.pooling,
         "layers": rows,
         "locality_gradient": slope,
+        "metrics": metrics,
         "group_weight_change": group_changes,
         "mean_update_ratio": mean_ratio,
         "probe": {
@@ -153,6 +154,10 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     return results
 
 
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def print_table(results: dict, file=None) -> None:
     """The profile as a terminal table, then the locality gradient and the task's probe scores."""
     import sys
@@ -169,6 +174,17 @@ def print_table(results: dict, file=None) -> None:
     slope = results["locality_gradient"]
     print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
           f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)
+    m = results.get("metrics") or {}
+    if m.get("slope_ci_low") is not None:
+        print(f"  per-text bootstrap ({m['slope_ci_texts']} texts): slope {m['slope_per_text']:+.4e}, "
+              f"{m['slope_ci_confidence']:.0%} CI [{m['slope_ci_low']:+.4e}, {m['slope_ci_high']:+.4e}]", file=file)
+    shape = [f"{label} {fmt(m.get(key))}" for label, key in (
+        ("steepness", "steepness"), ("width", "width_fraction"), ("centroid depth", "depth_centroid"))]
+    print("shape: " + ", ".join(shape), file=file)
+    distance = [f"{label} {fmt(m.get(key))}" for label, key in (
+        ("loss/chance", "initial_loss_normalized"), ("1 − cos(∇pretrain, ∇finetune)", "gradient_alignment_distance"),
+        ("kernel-target alignment", "kernel_target_alignment"))]
+    print("objective distance at θ₀: " + ", ".join(distance), file=file)
     probe, train = results["probe"], results["train"]
     line = f"probe: {probe['texts']} texts, {probe['samples']} samples; loss {probe['loss_base']:.3f} → {probe['loss_tuned']:.3f}"
     if probe["accuracy_base"] is not None:

@@ -26,11 +26,14 @@ HELP = {
     "out": "results directory (written atomically)",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
     "keep_checkpoints": "keep the last checkpoint after a successful run",
+    "parallel": "with several processes: ddp (replicated model) or fsdp (FSDP2, parameters sharded by block)",
+    "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
 }
-CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"),
+CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"), "parallel": ("ddp", "fsdp"),
+           "precision": ("fp32", "bf16"),
            "estimator": ("exact", "unbiased")}
 
 
@@ -91,14 +94,15 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.batches import probe_batches
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
+    from depthfast.distributed import reshard, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
-    from depthfast.measure import locality_gradient, measure_probe, weight_changes
+    from depthfast.measure import measure_probe, weight_changes
+    from depthfast.metrics import locality_gradient
     from depthfast.memory import check_fits, estimate_run_memory
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
-    from depthfast.train import finetune
-
-    from depthfast.train import make_accelerator
+    from depthfast.distance import gradient_alignment_at_init
+    from depthfast.train import finetune, make_accelerator
 
     started = time.perf_counter()
     resolve_device(cfg.device)  # a clear error for a bad or missing device before any work
@@ -115,16 +119,24 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     prepare_for_measurement(model)
     model.to(device)
     layers = discover_layers(model)
-    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes)
+    alignment = None
+    if main and not cfg.no_objective_distance:  # before any step, on the unsharded model
+        alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
+    sharded = cfg.parallel == "fsdp" and accelerator.num_processes > 1
+    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes, sharded=sharded)
     if main and progress:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
         check_fits(estimate, device)
     fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
     base = base_layers = base_groups = probe = None
-    if main:  # θ₀ (fresh head included, so step 0 compares identical models); only the main process measures
+    if main or sharded:  # θ₀ (fresh head included, so step 0 compares identical models) on the measuring
+        # process(es): the main one, or under FSDP2 all of them, each holding a shard of both models
         base = copy.deepcopy(model).eval()
         base_layers = discover_layers(base)
+        if sharded:
+            shard_model(base, base_layers.blocks)
+            shard_model(model, layers.blocks)
         base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
         probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
                               cfg.max_length, cfg.mlm_probability, cfg.seed)
@@ -132,6 +144,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
     def measure(step: int, show: bool = False) -> dict:
         result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, show)
+        reshard(base, model)
         changes = [1.0 - c for c in result.cka]
         return {"step": step, "layers": profile_rows(layers.layer_names, depths, result.cka),
                 "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned,
@@ -140,16 +153,20 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     log = finetune(model, layers, task, tokenizer, cfg, accelerator, progress, out=cfg.out, resume=resume,
                    fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
     results = None
+    final = measure(cfg.steps, show=progress and main) if main or sharded else None
+    if sharded:  # the weight change of sharded groups is an all-reduce: every process takes part
+        groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
     if main:
-        final = measure(cfg.steps, show=progress)
         measured = final.pop("_result")
-        tuned_groups = [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()]
-        groups_change = weight_changes(base_groups, tuned_groups)
+        if not sharded:
+            groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
+                                                         for n, ps in layers.param_groups()])
         changes = [1.0 - c for c in measured.cka]
         slope = locality_gradient(depths[1:], changes[1:])
         if cfg.measure_steps():
             log.trajectory.append(final)
-        results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope,
+        metrics = run_metrics(cfg, task, model, measured, depths, changes, alignment)
+        results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
                                 num_processes=accelerator.num_processes)
         if not cfg.keep_checkpoints:
@@ -157,6 +174,21 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         print_table(results)
     accelerator.wait_for_everyone()
     return results
+
+
+def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
+    """Profile shape (blocks only, like the locality gradient) and the objective distances at θ₀."""
+    from depthfast.metrics import chance_normalized_loss, kernel_target_alignment, profile_metrics
+
+    per_text = measured.per_text_hsic[:, 1:] if measured.per_text_hsic is not None else None
+    metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed)
+    chance = task.num_labels if cfg.objective == "cls" else model.config.vocab_size
+    metrics["initial_loss_normalized"] = chance_normalized_loss(measured.loss_base, chance)
+    metrics["gradient_alignment_distance"] = alignment
+    metrics["kernel_target_alignment"] = (
+        kernel_target_alignment(measured.base_features, measured.labels, task.num_labels)
+        if measured.base_features is not None else None)
+    return metrics
 
 
 def _public(entry: dict) -> dict:

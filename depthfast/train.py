@@ -24,6 +24,7 @@ from depthfast.batches import training_batches
 from depthfast.checkpoint import load_checkpoint, read_pointer, save_checkpoint
 from depthfast.config import RunConfig
 from depthfast.data import Task
+from depthfast.distributed import is_sharded
 from depthfast.errors import DepthfastError
 from depthfast.layers import ModelLayers
 from depthfast.optim import EqualStep
@@ -107,19 +108,23 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     optimizer, scheduler = build_optimizer(named_groups, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model_p, optimizer_p = accelerator.prepare(model, optimizer)
+    sharded = any(is_sharded(p) for p in model.parameters())  # FSDP2, sharded by run()
+    # DDP (or a single device) through accelerate; FSDP2 models are already sharded, and torch's
+    # fully_shard is used directly because accelerate's FSDP path needs an accelerator.
+    model_p, optimizer_p = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
     target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
     control = EqualStep(optimizer_p, [params for _, params in named_groups], target=target, control=cfg.control)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):
-        start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank)
+        start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank,
+                                            sharded=sharded)
         log = TrainLog(**state)
         log.resumed_from = start_step
     measure_steps = cfg.measure_steps()
     main = accelerator.is_main_process
-    def measure_now(step: int) -> None:  # the main process measures while the others wait
-        entry = measure(step) if main else None
+    def measure_now(step: int) -> None:  # the main process measures while the others wait …
+        entry = measure(step) if main or sharded else None  # … unless the models are sharded: all forward
         accelerator.wait_for_everyone()
         if entry is not None:
             log.trajectory.append(entry)
@@ -139,8 +144,11 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
         for micro in range(cfg.grad_accum):
             piece = move(shard(batch, rank, world, micro, cfg.grad_accum), accelerator.device)
             last = micro == cfg.grad_accum - 1
-            with accelerator.no_sync(model_p) if not last else contextlib.nullcontext():
-                loss = model_p(**piece).loss / cfg.grad_accum
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            with accelerator.no_sync(model_p) if not (last or sharded) else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss = model_p(**piece).loss / cfg.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach().double()
         value = float(accelerator.reduce(step_loss, reduction="mean"))
@@ -167,7 +175,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
             model_p.train()
         if out and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint,
-                            rank=rank, is_main=main, barrier=accelerator.wait_for_everyone)
+                            rank=rank, is_main=main, barrier=accelerator.wait_for_everyone, sharded=sharded)
     if writer is not None:
         writer.close()
     return log

@@ -37,19 +37,51 @@ def assert_same_run(a, b):
     assert a["train"]["final_loss"] == pytest.approx(b["train"]["final_loss"], rel=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_two_processes_equal_one(neox, tmp_path):
-    single, double = str(tmp_path / "one"), str(tmp_path / "two")
-    assert main(["--model", neox, "--out", single, *ARGS]) == 0
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "depthfast.run", "--model", neox,
-                           "--out", double, *ARGS], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def torchrun(*args):
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "depthfast.run", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = results(double)
+
+
+@pytest.fixture(scope="module")
+def single_process(neox, tmp_path_factory):
+    """The reference: the same run in one process, per control."""
+    made = {}
+
+    def get(control):
+        if control not in made:
+            out = str(tmp_path_factory.mktemp("single") / control)
+            assert main(["--model", neox, "--out", out, *ARGS, "--control", control]) == 0
+            made[control] = results(out)
+        return made[control]
+
+    return get
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+@pytest.mark.parametrize("parallel,control", [("ddp", "equal-step"), ("fsdp", "none"), ("fsdp", "equal-step")])
+def test_two_processes_equal_one(neox, tmp_path, single_process, parallel, control):
+    out = str(tmp_path / "two")
+    torchrun("--model", neox, "--out", out, *ARGS, "--parallel", parallel, "--control", control)
+    two = results(out)
     assert two["num_processes"] == 2
-    assert_same_run(two, results(single))
+    assert_same_run(two, single_process(control))
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_sharded_checkpoint_resumes(neox, tmp_path, single_process):
+    """FSDP2 gathers full state dicts into the checkpoint; resuming from it ends where the whole run did."""
+    out = str(tmp_path / "fsdp")
+    common = ["--model", neox, "--out", out, *ARGS, "--parallel", "fsdp", "--checkpoint-every", "2"]
+    torchrun(*common, "--keep-checkpoints")  # leaves the step-2 checkpoint behind
+    os.remove(os.path.join(out, "results.json"))
+    torchrun(*common, "--resume")
+    resumed = results(out)
+    assert resumed["resumed_from_step"] == 2
+    assert_same_run(resumed, single_process("equal-step"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(neox, tmp_path):

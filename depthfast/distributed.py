@@ -1,0 +1,61 @@
+"""Sharded parameters (FSDP2): sharding a model by blocks, norms over shards, full state dicts.
+
+Trap this module exists for: under FSDP2 a parameter is a DTensor holding one shard per process,
+and ``float((p ** 2).sum())`` on it quietly returns the *local* shard's sum, not the global one.
+Every norm over parameters therefore goes through ``sum_over_shards``: local sums, then one
+all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, dtensor_type())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def sum_over_shards(values: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """All-reduce (sum) a vector of per-process partial sums when the parameters are sharded."""
+    if sharded:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+    return values
+
+
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+    """FSDP2: each block is its own unit (gathered for its forward and backward only), then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded state dict on the CPU (collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(*models: torch.nn.Module) -> None:
+    """Return FSDP2 models to their sharded state. After a forward without backward the root module
+    stays unsharded, and its ``parameters()`` would then be full plain tensors, not shards."""
+    for model in models:
+        if hasattr(model, "reshard"):
+            model.reshard()
