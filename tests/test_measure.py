@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from depthfast.measure import locality_gradient, weight_changes
+from depthfast.measure import weight_changes
+from depthfast.metrics import locality_gradient
 from depthfast.results import atomic_write_json
 
 
