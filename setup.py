@@ -22,9 +22,10 @@ def extension_modules():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp_sources:
         return []
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: BuildExtension adds the standard the installed torch needs (C++17 up to ~2.9, C++20 later).
+    cxx_flags = ["-O3"]
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17"]
+        nvcc_flags = ["-O3", "-lineinfo"]  # no fast-math: CKA numerics are the product
         return [
             CUDAExtension(
                 "depthfast._C",
@@ -62,6 +63,6 @@ setup(
     },
     ext_modules=extension_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["depthfast-run=depthfast.run:main"]},
+    entry_points={"console_scripts": ["depthfast=depthfast.cli:main"]},
     zip_safe=False,
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C is imported)
+
 try:
     from depthfast import _C  # type: ignore[attr-defined]
 except ImportError as exc:  # not built (e.g. a source checkout without `pip install`)

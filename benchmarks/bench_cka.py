@@ -1,0 +1,224 @@
+"""Benchmark the CKA engine against plain-torch contenders, all in one process.
+
+Exact (feature-space) statistics of L layers × n tokens × d, base X and tuned Y:
+  torch_bmm            stacked bmm XᵀX, YᵀY, YᵀX (fp32 out) + column sums, no shift (FIELD-NOTES anchor;
+                       loses the spread under massive activations)
+  torch_bmm_shifted    the same after subtracting a per-channel shift (equal-accuracy baseline)
+  store_then_compute   keep every activation, then float64 ``linear_cka`` per layer (memory reported)
+  reference_fp64       depthfast.cka.StreamingCKA(backend="reference")
+  engine               depthfast._C.exact_update (symmetric upper blocks, fused shift/mask/sums)
+Unbiased minibatch HSIC₁ of the three pairs per layer:
+  gram_materialized    K = XXᵀ, L = YYᵀ as (L, n, n) tensors, then the HSIC₁ formula
+  engine_unbiased      depthfast._C.unbiased_update (no n × n Grams; feature or sample space by shape)
+
+Reported: ms per update, ratio to the first contender of the section, TFLOP/s of the useful work
+(2·n·(d² + d² + d²) for exact: the full three products; 2·n²·(d1 + d2) + n² for the Grams),
+and |CKA − float64 CKA| (max over layers) on inputs with offsets of 1e4 on a few channels.
+
+    python benchmarks/bench_cka.py                 # CPU: small shapes, < 1 min
+    python benchmarks/bench_cka.py --device cuda   # 24×8192×2048 and 32×4096×4096, bf16
+
+On a GPU machine: `pip install --no-build-isolation --no-deps -e .` (builds csrc/*.cu when torch has
+CUDA), `python -m pytest -q tests/test_cka.py -k cuda`, then this script with --device cuda.
+GPU targets (issue 4): engine ≥ 1.3× torch_bmm_shifted at equal accuracy; engine_unbiased ≥ 3×
+gram_materialized; CKA within 1e-5 of float64 for fp32 inputs (bf16: tests/test_cka.py tol_16bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from depthfast import _ext, cka
+
+
+def timer(device: str, fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def make_acts(layers, n, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(layers, n, d, generator=g)
+    x[:, :, : max(1, d // 64)] += 1e4  # massive activations
+    y = 0.8 * x + 0.6 * torch.randn(layers, n, d, generator=g)
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def cka_from_stats(sxx, syy, syx, sx, sy, n):
+    """float64 CKA per layer from (uncentered or shifted) stacked statistics."""
+    sxx, syy, syx, sx, sy = (t.double() for t in (sxx, syy, syx, sx, sy))
+    cxx = sxx - sx.unsqueeze(2) * sx.unsqueeze(1) / n
+    cyy = syy - sy.unsqueeze(2) * sy.unsqueeze(1) / n
+    cyx = syx - sy.unsqueeze(2) * sx.unsqueeze(1) / n
+    f = lambda t: torch.linalg.norm(t.flatten(1), dim=1)  # noqa: E731
+    return (f(cyx) ** 2 / (f(cxx) * f(cyy))).cpu()
+
+
+def row(name, ms, base_ms, flops, err, extra=""):
+    tf = flops / (ms * 1e-3) / 1e12
+    print(f"  {name:<20} {ms:10.2f} ms   ×{base_ms / ms:6.2f}   {tf:8.3f} TFLOP/s   err {err:9.2e}  {extra}")
+
+
+def bench_exact(layers, n, d, dtype, device, reps, with_reference):
+    x, y = make_acts(layers, n, d, dtype, device)
+    truth = torch.stack([cka.linear_cka(x[i], y[i]) for i in range(layers)])
+    flops = 2.0 * layers * n * 3 * d * d
+    out = torch.float32
+    print(f"exact  L={layers} n={n} d={d} {str(dtype).replace('torch.', '')} on {device}")
+
+    def bmm32(a, b):
+        return torch.bmm(a, b) if a.dtype == torch.float32 else torch.bmm(a, b, out_dtype=out)
+
+    def torch_bmm(xx=x, yy=y):
+        xt, yt = xx.transpose(1, 2), yy.transpose(1, 2)
+        return bmm32(xt, xx), bmm32(yt, yy), bmm32(yt, xx), xx.sum(1, dtype=torch.float64), yy.sum(1, dtype=torch.float64)
+
+    base_ms = timer(device, torch_bmm, reps)
+    err = (cka_from_stats(*torch_bmm(), n) - truth).abs().max().item()
+    row("torch_bmm", base_ms, base_ms, flops, err, "(no shift)")
+
+    cx = x[:, :1].float().mean(1, keepdim=True).to(dtype)
+    cy = y[:, :1].float().mean(1, keepdim=True).to(dtype)
+
+    def torch_bmm_shifted():
+        return torch_bmm((x.float() - cx.float()).to(dtype), (y.float() - cy.float()).to(dtype))
+
+    shifted_ms = timer(device, torch_bmm_shifted, reps)
+    err = (cka_from_stats(*torch_bmm_shifted(), n) - truth).abs().max().item()
+    row("torch_bmm_shifted", shifted_ms, base_ms, flops, err)
+
+    ext = _ext.extension()
+    if ext is not None:
+        g = cka.StreamingCKA(layers, backend="extension")
+        g.update(list(x), list(y))
+        st = g._layers[0]._stacked
+        args = [list(x), list(y), None, st["shift_x"], st["shift_y"], st["sxx"], st["syy"], st["syx"], st["sx"],
+                st["sy"], st["vx"], st["vy"], st["sc"], False, g._layers[0].upper_block]
+        variants = [("engine", "0")] + ([("engine_syrk", "1")] if device == "cuda" else [])
+        for name, syrk in variants:  # DEPTHFAST_CKA_SYRK is read at each call
+            os.environ["DEPTHFAST_CKA_SYRK"] = syrk
+            ms = timer(device, lambda: ext.exact_update(*args), reps, warmup=1)
+            fresh = cka.StreamingCKA(layers, backend="extension")
+            fresh.update(list(x), list(y))
+            err = (fresh.compute() - truth).abs().max().item()
+            how = "one-launch WMMA SYRK" if syrk == "1" else f"BLAS upper blocks of {g._layers[0].upper_block}"
+            row(name, ms, base_ms, flops, err, f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; {how})")
+        os.environ.pop("DEPTHFAST_CKA_SYRK", None)
+    else:
+        print("  engine               skipped: depthfast._C not built")
+
+    if with_reference:
+        def reference():
+            m = cka.StreamingCKA(layers, backend="reference")
+            m.update(list(x), list(y))
+            return m
+        ms = timer(device, reference, 1, warmup=0)
+        row("reference_fp64", ms, base_ms, flops, (reference().compute() - truth).abs().max().item())
+
+        store: list = []
+
+        def store_then_compute():
+            store.clear()
+            store.append((x.clone(), y.clone()))
+            xs = torch.cat([s[0] for s in store], 1)
+            ys = torch.cat([s[1] for s in store], 1)
+            return torch.stack([cka.linear_cka(xs[i], ys[i]) for i in range(layers)])
+        ms = timer(device, store_then_compute, 1, warmup=0)
+        stored = layers * n * 2 * d * x.element_size()
+        state = layers * 3 * d * d * 4
+        row("store_then_compute", ms, base_ms, flops, (store_then_compute() - truth).abs().max().item(),
+            f"(stores {stored / 2**20:.1f} MiB per {n} tokens, grows with the probe set; streamed state "
+            f"{state / 2**20:.1f} MiB fixed)")
+
+
+def hsic_materialized(x, y):
+    """Unbiased HSIC₁ of (X,Y), (X,X), (Y,Y) per layer with (L, n, n) Grams in memory (fp32)."""
+    n = x.shape[1]
+    xc, yc = x.float() - x.float().mean(1, keepdim=True), y.float() - y.float().mean(1, keepdim=True)
+    k, l = torch.bmm(xc, xc.transpose(1, 2)), torch.bmm(yc, yc.transpose(1, 2))
+    k.diagonal(dim1=1, dim2=2).zero_()
+    l.diagonal(dim1=1, dim2=2).zero_()
+
+    def h(a, b):
+        tr = (a * b).sum((1, 2), dtype=torch.float64)
+        sa, sb = a.sum((1, 2), dtype=torch.float64), b.sum((1, 2), dtype=torch.float64)
+        cross = (a.sum(1, dtype=torch.float64) * b.sum(2, dtype=torch.float64)).sum(1)
+        return (tr + sa * sb / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)) / (n * (n - 3))
+    return torch.stack([h(k, l), h(k, k), h(l, l)], 1)
+
+
+def bench_unbiased(layers, n, d, dtype, device, reps):
+    x, y = make_acts(layers, n, d, dtype, device, seed=1)
+    print(f"unbiased  L={layers} minibatch n={n} d={d} {str(dtype).replace('torch.', '')} on {device}")
+    truth = []
+    for i in range(layers):
+        xc = x[i].double() - x[i].double().mean(0)
+        yc = y[i].double() - y[i].double().mean(0)
+        k, l = xc @ xc.T, yc @ yc.T
+        truth.append([float(cka.hsic1(k, l)), float(cka.hsic1(k, k)), float(cka.hsic1(l, l))])
+    truth = torch.tensor(truth, dtype=torch.float64)
+    to_cka = lambda h: h[:, 0] / torch.sqrt(h[:, 1] * h[:, 2])  # noqa: E731
+    flops = layers * (2.0 * n * n * 2 * d + 3 * n * n)
+    base_ms = timer(device, lambda: hsic_materialized(x, y), reps)
+    err = (to_cka(hsic_materialized(x, y).cpu()) - to_cka(truth)).abs().max().item()
+    row("gram_materialized", base_ms, base_ms, flops, err, f"({2 * layers * n * n * 4 / 2**20:.1f} MiB of Grams)")
+    ext = _ext.extension()
+    if ext is None:
+        print("  engine_unbiased      skipped: depthfast._C not built")
+        return
+    for space in ("feature", "sample"):
+        acc = torch.zeros(layers, 3, dtype=torch.float64, device=device)
+        run = lambda: ext.unbiased_update(list(x), list(y), None, acc, n, False, space)  # noqa: E731
+        ms = timer(device, run, reps)
+        acc.zero_()
+        run()
+        err = (to_cka(acc.cpu()) - to_cka(truth)).abs().max().item()
+        row(f"engine_{space}", ms, base_ms, flops, err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        reps = args.reps or 10
+        for layers, n, d in ((24, 8192, 2048), (32, 4096, 4096)):
+            bench_exact(layers, n, d, torch.bfloat16, "cuda", reps, with_reference=False)
+        bench_unbiased(24, 1024, 2048, torch.bfloat16, "cuda", reps)
+        bench_unbiased(24, 4096, 2048, torch.bfloat16, "cuda", reps)
+    else:
+        reps = args.reps or 3
+        bench_exact(4, 2048, 512, torch.float32, "cpu", reps, with_reference=True)
+        bench_exact(2, 1024, 1024, torch.float32, "cpu", reps, with_reference=False)
+        bench_unbiased(4, 256, 512, torch.float32, "cpu", reps)
+        bench_unbiased(4, 1024, 128, torch.float32, "cpu", reps)
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+// CKA engine, host side (CPU path and CUDA dispatch). Bound as depthfast._C.
+//
+// Exact feature-space statistics per layer (shift c = first batch's mean, x' = (x − c)·mask):
+//     Sxx += X'ᵀX' (upper blocks only: symmetric), Syy += Y'ᵀY' (upper blocks), Syx += Y'ᵀX',
+//     sx += Σx', sy += Σy', vx += [Σ k_i x'_i, Σ l_i x'_i], vy += [Σ l_i y'_i, Σ k_i y'_i],
+//     sc += [Σk, Σl, Σkl, Σk², Σl²],  k_i = ‖x'_i‖², l_i = ‖y'_i‖².
+// Grams accumulate in float32 (the shift keeps them well conditioned), sums in float64; the final
+// combination is float64 in Python (depthfast/cka.py).
+//
+// Unbiased minibatch HSIC₁ (Song et al. 2012) from O(1)-per-layer moments of the centered batch:
+//     tr(K̃L̃) = Σ_{i≠j} K_ij L_ij,  1ᵀK̃1 = ‖sx‖² − Σk,  1ᵀK̃L̃1 = Σ_i (x'_i·sx − k_i)(y'_i·sy − l_i),
+// where Σ_{i≠j} K_ij L_ij = ‖Y'ᵀX'‖²_F − Σ k_i l_i (feature space, O(n d²)) or is reduced over
+// tiles of K, L directly (sample space, O(n² d)): whichever costs less for the shape.
+
+#include <torch/extension.h>
+
+#include "cka.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+namespace depthfast {
+namespace {
+
+void check_group(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& ys,
+                 const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(!xs.empty() && xs.size() == ys.size(), "cka: need the same non-zero number of base and tuned layers; got ",
+              xs.size(), " and ", ys.size());
+  const auto n = xs[0].size(0);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    for (const auto* t : {&xs[i], &ys[i]}) {
+      TORCH_CHECK(t->dim() == 2, "cka: activations must be 2-D (n, d); layer ", i, " has ", t->dim(), " dims");
+      TORCH_CHECK(t->size(0) == n, "cka: layer ", i, " has ", t->size(0), " samples, expected ", n);
+      auto st = t->scalar_type();
+      TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                  "cka: activations must be float16/bfloat16/float32/float64; got ", st);
+      TORCH_CHECK(t->device() == xs[0].device(), "cka: all activations must be on one device");
+    }
+    TORCH_CHECK(xs[i].size(1) == xs[0].size(1) && ys[i].size(1) == ys[0].size(1),
+                "cka: one call takes layers of equal widths (group them); layer ", i, " differs");
+    TORCH_CHECK(xs[i].scalar_type() == xs[0].scalar_type() && ys[i].scalar_type() == xs[0].scalar_type(),
+                "cka: base and tuned activations of a group must share one dtype");
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == n, "cka: mask must be (n,) with n = ", n, "; got shape ",
+                mask->sizes());
+    TORCH_CHECK(mask->device() == xs[0].device(), "cka: mask must be on the activations' device");
+  }
+}
+
+// Tests set this to run the CUDA path's 16-bit operand logic (rounding after the shift, split
+// weights) on the CPU, where it is otherwise never taken.
+bool g_emulate_tensor_cores = false;
+
+bool use_tensor_cores(const at::Tensor& x) {
+  return (x.is_cuda() || g_emulate_tensor_cores) && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+}
+
+// CPU: one pass per layer over the input — shift, mask, fp32 operand, row norms and column sums
+// (float64 accumulators; per-chunk column partials, so threads never share a cache line of sums).
+template <typename T>
+void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, float* out, double* k, double* colsum) {
+  const int64_t n = x.size(0), d = x.size(1), ld = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
+  std::vector<double> partial(chunks * d, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      double* cs = partial.data() + ch * d;
+      for (int64_t r = ch * n / chunks; r < (ch + 1) * n / chunks; ++r) {
+        float* o = out + r * d;
+        if (mask != nullptr && mask[r] == 0.f) {  // padding may hold inf/NaN: never read into sums
+          std::fill(o, o + d, 0.f);
+          k[r] = 0.0;
+          continue;
+        }
+        const T* xr = xp + r * ld;
+        double acc = 0.0;
+        for (int64_t j = 0; j < d; ++j) {
+          const float v = static_cast<float>(xr[j]) - c[j];  // exact for massive channels (Sterbenz)
+          o[j] = v;
+          acc += static_cast<double>(v) * v;
+          cs[j] += v;
+        }
+        k[r] = acc;
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t j = 0; j < d; ++j) colsum[j] += partial[ch * d + j];
+}
+
+Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask) {
+#ifdef DEPTHFAST_WITH_CUDA
+  if (xs[0].is_cuda() && xs[0].scalar_type() != at::kDouble) return prepare_cuda(xs, shift, mask);
+#endif
+  const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
+  if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {
+    Prepared p;
+    p.op = at::empty({g, n, d}, xs[0].options().dtype(at::kFloat));
+    p.k = at::empty({g, n}, xs[0].options().dtype(at::kDouble));
+    p.colsum = at::zeros({g, d}, xs[0].options().dtype(at::kDouble));
+    at::Tensor m;
+    if (mask.has_value()) m = mask->to(at::kFloat).contiguous();
+    auto sh = shift.contiguous();
+    for (int64_t i = 0; i < g; ++i) {
+      auto xi = xs[i].stride(1) == 1 ? xs[i] : xs[i].contiguous();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xi.scalar_type(), "prepare_cpu", [&] {
+        prepare_cpu_layer<scalar_t>(xi, sh.data_ptr<float>() + i * d, m.defined() ? m.data_ptr<float>() : nullptr,
+                                    p.op.data_ptr<float>() + i * n * d, p.k.data_ptr<double>() + i * n,
+                                    p.colsum.data_ptr<double>() + i * d);
+      });
+    }
+    return p;
+  }
+  // Generic ATen path (float64 inputs, emulated tensor cores, CUDA without the custom kernels).
+  at::Tensor op = at::empty({g, n, d}, xs[0].options().dtype(at::kFloat));
+  for (int64_t i = 0; i < g; ++i) {
+    auto out = op.select(0, i);
+    if (xs[i].scalar_type() == at::kDouble) {
+      out.copy_(xs[i] - shift.select(0, i).to(at::kDouble));
+    } else {
+      // x and c are both representable in fp32, and for channels whose values lie within 2× of c
+      // (massive activations) x − c is exact (Sterbenz), so the spread survives the offset.
+      at::sub_out(out, xs[i].scalar_type() == at::kFloat ? xs[i] : xs[i].to(at::kFloat), shift.select(0, i));
+    }
+  }
+  // where, not a product: padding may hold anything (inf/NaN from a masked softmax) and must not count.
+  if (mask.has_value()) op.masked_fill_((mask->view({1, -1, 1}) == 0), 0.0);
+  Prepared p;
+  at::Tensor opf = op;
+  if (use_tensor_cores(xs[0])) {  // moments from the rounded operand, so they match the products
+    op = op.to(xs[0].scalar_type());
+    opf = op.to(at::kFloat);
+  }
+  // fp32 reductions (pairwise/cascade in ATen) then float64: relative error ~1e-7, far below the
+  // Gram products' own.
+  p.k = at::linalg_vector_norm(opf, 2, {-1}).square_().to(at::kDouble);
+  p.colsum = opf.sum(1).to(at::kDouble);
+  p.op = op;
+  return p;
+}
+
+// A (G, m, n)-by-(G, n, p) product with a float32 result: cuBLAS tensor cores take 16-bit operands
+// with fp32 accumulation (bmm out_dtype); everything else is float32 BLAS.
+at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) return at::bmm(a, b);
+  if (!a.is_cuda()) return at::bmm(a.to(at::kFloat), b.to(at::kFloat));  // exact upcast, fp32 accumulate
+  return at::bmm(a, b, at::kFloat);
+}
+
+// w (G, a, n) float64 times op (G, n, d) → (G, a, d) float64 without a wide copy of op: w is scaled
+// per row by a power of two (fp16 range) and split into hi + lo terms of op's format, so the product
+// keeps about twice that format's precision at the cost of two extra GEMV-like rows.
+at::Tensor split_bmm_left(const at::Tensor& w, const at::Tensor& op) {
+  const auto dt = op.scalar_type();
+  const int64_t a = w.size(1);
+  auto scale = at::exp2(at::ceil(at::log2(w.abs().amax({-1}, true).clamp_min(1e-300))));
+  auto ws = w / scale;
+  auto hi = ws.to(dt);
+  auto lo = (ws - hi.to(at::kDouble)).to(dt);
+  auto r = bmm_f32(at::cat({hi, lo}, 1), op).to(at::kDouble);
+  return (r.narrow(1, 0, a) + r.narrow(1, a, a)) * scale;
+}
+
+// acc (G, d, d) += opᵀop on the blocks i ≤ j of size `block` only (the rest is its transpose):
+// (nb + 1) / (2 nb) of the work of a full product.
+void sym_gram_accumulate(const at::Tensor& op, at::Tensor& acc, int64_t block) {
+  const int64_t d = op.size(2);
+  if (block <= 0 || block >= d) {
+    auto t = op.transpose(1, 2);
+    if (op.scalar_type() == at::kFloat) acc.baddbmm_(t, op); else acc.add_(bmm_f32(t, op));
+    return;
+  }
+  for (int64_t i0 = 0; i0 < d; i0 += block) {
+    const int64_t bi = std::min(block, d - i0);
+    auto a = op.narrow(2, i0, bi).transpose(1, 2);
+    for (int64_t j0 = i0; j0 < d; j0 += block) {
+      const int64_t bj = std::min(block, d - j0);
+      auto target = acc.narrow(1, i0, bi).narrow(2, j0, bj);
+      auto b = op.narrow(2, j0, bj);
+      if (op.scalar_type() == at::kFloat) target.baddbmm_(a, b); else target.add_(bmm_f32(a, b));
+    }
+  }
+}
+
+// Σ_ij (opᵀop)²_ij (G,) float64 in blocks i ≤ j (off-diagonal blocks count twice); workspace
+// (G, block, block), never d×d.
+at::Tensor sym_gram_sqnorm(const at::Tensor& op, int64_t block) {
+  const int64_t d = op.size(2);
+  if (block <= 0) block = d;
+  at::Tensor total = at::zeros({op.size(0)}, op.options().dtype(at::kDouble));
+  for (int64_t i0 = 0; i0 < d; i0 += block) {
+    const int64_t bi = std::min(block, d - i0);
+    auto a = op.narrow(2, i0, bi).transpose(1, 2);
+    for (int64_t j0 = i0; j0 < d; j0 += block) {
+      const int64_t bj = std::min(block, d - j0);
+      auto p = bmm_f32(a, op.narrow(2, j0, bj));
+      total.add_(at::sum(p.square(), {1, 2}, false, at::kDouble), j0 == i0 ? 1.0 : 2.0);
+    }
+  }
+  return total;
+}
+
+// ‖Yᵀ X‖²_F (G,) float64, in (block × block) pieces.
+at::Tensor cross_sqnorm(const at::Tensor& x, const at::Tensor& y, int64_t block) {
+  at::Tensor total = at::zeros({x.size(0)}, x.options().dtype(at::kDouble));
+  const int64_t d1 = x.size(2), d2 = y.size(2);
+  if (block <= 0) block = std::max(d1, d2);
+  for (int64_t i0 = 0; i0 < d2; i0 += block) {
+    auto a = y.narrow(2, i0, std::min(block, d2 - i0)).transpose(1, 2);
+    for (int64_t j0 = 0; j0 < d1; j0 += block) {
+      auto p = bmm_f32(a, x.narrow(2, j0, std::min(block, d1 - j0)));
+      total.add_(at::sum(p.square(), {1, 2}, false, at::kDouble));
+    }
+  }
+  return total;
+}
+
+// Σ_{i≠j} [K∘L, K∘K, L∘L]_ij (G, 3) float64 over row tiles I ≤ J of K = XXᵀ, L = YYᵀ; only one
+// (G, t, t) tile pair exists at a time, never the n × n Grams.
+at::Tensor offdiag_sums_tiled(const at::Tensor& x, const at::Tensor& y, int64_t tile) {
+  const int64_t n = x.size(1);
+  at::Tensor out = at::zeros({x.size(0), 3}, x.options().dtype(at::kDouble));
+  for (int64_t i0 = 0; i0 < n; i0 += tile) {
+    const int64_t ti = std::min(tile, n - i0);
+    auto xi = x.narrow(1, i0, ti), yi = y.narrow(1, i0, ti);
+    for (int64_t j0 = i0; j0 < n; j0 += tile) {
+      const int64_t tj = std::min(tile, n - j0);
+      auto k = bmm_f32(xi, x.narrow(1, j0, tj).transpose(1, 2));
+      auto l = bmm_f32(yi, y.narrow(1, j0, tj).transpose(1, 2));
+      if (i0 == j0) {  // the diagonal is not part of K̃, L̃
+        auto off = 1.0 - at::eye(ti, k.options());
+        k.mul_(off);
+        l.mul_(off);
+      }
+      auto part = at::stack({at::sum(k * l, {1, 2}, false, at::kDouble), at::sum(k * k, {1, 2}, false, at::kDouble),
+                             at::sum(l * l, {1, 2}, false, at::kDouble)}, 1);
+      out.add_(part, i0 == j0 ? 1.0 : 2.0);
+    }
+  }
+  return out;
+}
+
+// HSIC₁ (Song et al. 2012) from its four moments; all float64 tensors (G,).
+at::Tensor hsic1_moments(double n, const at::Tensor& off, const at::Tensor& sum_k, const at::Tensor& sum_l,
+                         const at::Tensor& cross) {
+  return (off + sum_k * sum_l / ((n - 1) * (n - 2)) - cross * (2.0 / (n - 2))) / (n * (n - 3));
+}
+
+}  // namespace
+
+// Symmetric-split block size for widths d: one block below 2·min_block, then ~min_block-wide blocks (≤ 8),
+// so a block product stays large enough for GEMM efficiency while the saving nears 2×.
+int64_t gram_block(int64_t d, bool cuda) {
+  TORCH_CHECK(d >= 1, "gram_block: width must be ≥ 1; got ", d);
+  // cuBLAS needs ≥ 512-wide blocks to fill the SMs (24 layers × 16 tiles of 128²); CPU BLAS
+  // measured slower with 256-wide blocks (strided views, per-batch GEMMs) than with none at d = 512.
+  const int64_t min_block = cuda ? 512 : 512;
+  if (d < 2 * min_block) return d;
+  const int64_t nb = std::min<int64_t>(8, d / min_block);
+  const int64_t b = (d + nb - 1) / nb;
+  return (b + 63) / 64 * 64;
+}
+
+void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& ys,
+                  const c10::optional<at::Tensor>& mask, const at::Tensor& shift_x, const at::Tensor& shift_y,
+                  at::Tensor sxx, at::Tensor syy, at::Tensor syx, at::Tensor sx, at::Tensor sy, at::Tensor vx,
+                  at::Tensor vy, at::Tensor sc, bool skip_xx, int64_t block) {
+  check_group(xs, ys, mask);
+  const int64_t g = xs.size(), d1 = xs[0].size(1), d2 = ys[0].size(1);
+  auto check_state = [&](const at::Tensor& t, at::IntArrayRef shape, at::ScalarType st, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "exact_update: ", name, " must have shape ", shape, "; got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == st, "exact_update: ", name, " must be ", st, "; got ", t.scalar_type());
+    TORCH_CHECK(t.device() == xs[0].device(), "exact_update: ", name, " must be on the activations' device");
+  };
+  check_state(shift_x, {g, d1}, at::kFloat, "shift_x");
+  check_state(shift_y, {g, d2}, at::kFloat, "shift_y");
+  check_state(sxx, {g, d1, d1}, at::kFloat, "sxx");
+  check_state(syy, {g, d2, d2}, at::kFloat, "syy");
+  check_state(syx, {g, d2, d1}, at::kFloat, "syx");
+  check_state(sx, {g, d1}, at::kDouble, "sx");
+  check_state(sy, {g, d2}, at::kDouble, "sy");
+  check_state(vx, {g, 2, d1}, at::kDouble, "vx");
+  check_state(vy, {g, 2, d2}, at::kDouble, "vy");
+  check_state(sc, {g, 5}, at::kDouble, "sc");
+
+  Prepared px = prepare(xs, shift_x, mask);
+  Prepared py = prepare(ys, shift_y, mask);
+  bool done = false;
+#ifdef DEPTHFAST_WITH_CUDA
+  const char* syrk = std::getenv("DEPTHFAST_CKA_SYRK");
+  if (syrk != nullptr && std::string(syrk) == "1" && px.op.is_cuda() && px.op.scalar_type() != at::kFloat &&
+      sxx.is_contiguous() && syy.is_contiguous() && syx.is_contiguous()) {
+    syrk_accumulate_cuda(px.op, py.op, sxx, syy, syx, skip_xx);  // full matrices: mirroring is then a no-op
+    done = true;
+  }
+#endif
+  if (!done) {
+    if (!skip_xx) sym_gram_accumulate(px.op, sxx, block);
+    sym_gram_accumulate(py.op, syy, block);
+    if (px.op.scalar_type() == at::kFloat) syx.baddbmm_(py.op.transpose(1, 2), px.op);
+    else syx.add_(bmm_f32(py.op.transpose(1, 2), px.op));
+  }
+  sx.add_(px.colsum);
+  sy.add_(py.colsum);
+  // Σ w_i x'_i for w = k, l: (G, 2, n) × (G, n, d) in the operand's precision, then float64.
+  vx.add_(split_bmm_left(at::stack({px.k, py.k}, 1), px.op));
+  vy.add_(split_bmm_left(at::stack({py.k, px.k}, 1), py.op));
+  const auto& k = px.k;
+  const auto& l = py.k;
+  sc.add_(at::stack({k.sum(1), l.sum(1), (k * l).sum(1), (k * k).sum(1), (l * l).sum(1)}, 1));
+}
+
+void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& ys,
+                     const c10::optional<at::Tensor>& mask, at::Tensor acc, int64_t n_real, bool skip_xx,
+                     const std::string& space) {
+  check_group(xs, ys, mask);
+  const int64_t g = xs.size(), n = xs[0].size(0), d1 = xs[0].size(1), d2 = ys[0].size(1);
+  TORCH_CHECK(acc.sizes() == at::IntArrayRef({g, 3}) && acc.scalar_type() == at::kDouble,
+              "unbiased_update: acc must be float64 of shape (", g, ", 3); got ", acc.scalar_type(), " ", acc.sizes());
+  TORCH_CHECK(n_real > 3, "unbiased_update: HSIC₁ needs more than 3 samples; got ", n_real);
+  TORCH_CHECK(space == "auto" || space == "feature" || space == "sample",
+              "unbiased_update: space must be 'auto', 'feature' or 'sample'; got '", space, "'");
+
+  // Center each minibatch on its own (masked) mean: HSIC₁ ignores the shift, the products do not.
+  // The mean only needs to be close (any shift is exact for HSIC₁): fp32 sums, no wide copy.
+  auto batch_mean = [&](const std::vector<at::Tensor>& ts) {
+    at::Tensor s = at::stack(ts);
+    if (mask.has_value()) s = s.masked_fill(mask->view({1, -1, 1}) == 0, 0.0);
+    const auto acc_t = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor m = at::sum(s, {1}, false, acc_t).to(at::kDouble) / static_cast<double>(n_real);
+    if (use_tensor_cores(ts[0])) m = m.to(ts[0].scalar_type());
+    return m.to(at::kFloat);
+  };
+  Prepared px = prepare(xs, batch_mean(xs), mask);
+  Prepared py = prepare(ys, batch_mean(ys), mask);
+
+  const bool feature = space == "feature" || (space == "auto" && d1 + d2 <= n);
+  at::Tensor off;  // (G, 3): Σ_{i≠j} K∘L, K∘K, L∘L
+  if (feature) {
+    at::Tensor sq;  // (G, 3): ‖Y'ᵀX'‖², ‖X'ᵀX'‖², ‖Y'ᵀY'‖²
+#ifdef DEPTHFAST_WITH_CUDA
+    if (xs[0].is_cuda() && use_tensor_cores(xs[0])) {
+      sq = at::zeros({g, 3}, acc.options());
+      gram_sqnorms_cuda(px.op, py.op, sq);
+    }
+#endif
+    if (!sq.defined()) {
+      const int64_t block = gram_block(std::max(d1, d2), xs[0].is_cuda());
+      auto kk = skip_xx ? at::zeros({g}, acc.options()) : sym_gram_sqnorm(px.op, block);
+      sq = at::stack({cross_sqnorm(px.op, py.op, block), kk, sym_gram_sqnorm(py.op, block)}, 1);
+    }
+    off = sq - at::stack({(px.k * py.k).sum(1), (px.k * px.k).sum(1), (py.k * py.k).sum(1)}, 1);
+  } else {
+#ifdef DEPTHFAST_WITH_CUDA
+    if (use_tensor_cores(xs[0])) {
+      off = at::zeros({g, 3}, acc.options());
+      offdiag_sums_cuda(px.op, py.op, off);
+    } else
+#endif
+      off = offdiag_sums_tiled(px.op, py.op, 256);
+  }
+  const double nd = static_cast<double>(n_real);
+  auto sx = px.colsum, sy = py.colsum;
+  // (K̃1)_i = x'_i·sx − k_i, as (sxᵀ X'ᵀ)ᵀ
+  auto p = split_bmm_left(sx.unsqueeze(1), px.op.transpose(1, 2)).squeeze(1) - px.k;
+  auto q = split_bmm_left(sy.unsqueeze(1), py.op.transpose(1, 2)).squeeze(1) - py.k;
+  auto sum_k = (sx * sx).sum(1) - px.k.sum(1);
+  auto sum_l = (sy * sy).sum(1) - py.k.sum(1);
+  auto h_kl = hsic1_moments(nd, off.select(1, 0), sum_k, sum_l, (p * q).sum(1));
+  auto h_ll = hsic1_moments(nd, off.select(1, 2), sum_l, sum_l, (q * q).sum(1));
+  acc.select(1, 0).add_(h_kl);
+  acc.select(1, 2).add_(h_ll);
+  if (!skip_xx) acc.select(1, 1).add_(hsic1_moments(nd, off.select(1, 1), sum_k, sum_k, (p * p).sum(1)));
+}
+
+}  // namespace depthfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "depthfast CKA engine: streamed feature-space CKA statistics and fused unbiased HSIC (CPU + CUDA)";
+#ifdef DEPTHFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("_set_emulate_tensor_cores", [](bool on) { depthfast::g_emulate_tensor_cores = on; },
+        "testing only: round shifted 16-bit operands to their format on the CPU as the CUDA path does");
+  m.def("gram_block", &depthfast::gram_block, "block size of the symmetric split of XᵀX for width d", py::arg("d"),
+        py::arg("cuda") = false);
+  m.def("exact_update", &depthfast::exact_update,
+        "Accumulate shifted feature-space CKA statistics for a group of equal-width layers, in place.\n"
+        "xs, ys: lists of G (n, d1) / (n, d2) activations; mask: (n,) or None; shift_x (G, d1), shift_y (G, d2) f32;\n"
+        "sxx (G,d1,d1), syy (G,d2,d2) f32 (upper blocks of size `block`), syx (G,d2,d1) f32; sx (G,d1), sy (G,d2),\n"
+        "vx (G,2,d1), vy (G,2,d2), sc (G,5) f64; skip_xx leaves sxx untouched (kept base statistics).",
+        py::arg("xs"), py::arg("ys"), py::arg("mask"), py::arg("shift_x"), py::arg("shift_y"), py::arg("sxx"),
+        py::arg("syy"), py::arg("syx"), py::arg("sx"), py::arg("sy"), py::arg("vx"), py::arg("vy"), py::arg("sc"),
+        py::arg("skip_xx"), py::arg("block"));
+  m.def("unbiased_update", &depthfast::unbiased_update,
+        "Add one minibatch's HSIC₁(K,L), HSIC₁(K,K), HSIC₁(L,L) per layer into acc (G, 3) f64 without forming\n"
+        "n×n Grams. n_real: number of unmasked rows (> 3). space: 'auto' | 'feature' | 'sample'.",
+        py::arg("xs"), py::arg("ys"), py::arg("mask"), py::arg("acc"), py::arg("n_real"), py::arg("skip_xx"),
+        py::arg("space") = "auto");
+}

@@ -1,0 +1,393 @@
+"""CKA: float64 references against brute force, then the compiled engine against the references.
+
+Tolerances (each derived where it is used):
+  * reference vs brute force, both float64: 1e-10. Both are O(n·d) sums of products of centered
+    values with unit roundoff 2^-53 ≈ 1.1e-16; even a condition factor of 1e4 leaves 1e-12.
+  * engine on the CPU (float32 products, float64 sums and final combination) vs the float64
+    reference on the *same* input values (16-bit inputs are upcast exactly, so bf16/fp16/fp32
+    inputs share one bound): TOL_F32 below.
+  * engine on CUDA with 16-bit inputs (tensor cores): the shifted operands are rounded to the input
+    format once more: tol_16bit below (bf16, n = 256: 2.0e-3; fp16: 2.5e-4); fp32 on CUDA
+    (TF32 off): TOL_F32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from depthfast import _ext, cka
+from depthfast.errors import DepthfastError
+
+U32 = 2.0**-24
+# fp32 Gram entries: blocked BLAS accumulation of the well-conditioned shifted operands gives a
+# relative error ≲ √n·u (independent roundings), n ≤ 1024 per update here → ≲ 1.9e-6. CKA is a
+# ratio of three quadratic forms of those entries: ≲ 4·√n·u ≈ 7.6e-6 < 1e-5, the issue's target.
+# Measured: ≤ 1e-8.
+TOL_F32 = 1e-5
+# CUDA 16-bit path: each shifted operand entry is rounded once more to the input format, unit
+# roundoff u = 2^-8 (bf16) or 2^-11 (fp16) — exactly for channels within 2× of the shift
+# (Sterbenz), so massive offsets do not enter. Worst case (all roundings aligned): each Gram
+# entry moves ≤ 2u relative, each of the three norms ≤ 4u, |ΔCKA| ≤ 8u (bf16 3.1e-2). Rounding
+# errors are independent, so in practice the change is a second-order bias (the rounding noise
+# adds ≈ u²/3 of each variance to the diagonal: ≤ 2u²) plus a first-order fluctuation that
+# averages over the n samples (≤ 8u/√n). Measured (CPU emulation, n = 1024, offsets 1e4):
+# bf16 2.0e-5, fp16 8e-7.
+def tol_16bit(dtype: torch.dtype, n: int) -> float:
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    return 2 * u * u + 8 * u / math.sqrt(n)
+
+needs_ext = pytest.mark.skipif(_ext.extension() is None, reason="depthfast._C not built (pip install -e .)")
+needs_cuda = pytest.mark.skipif(
+    _ext.extension() is None or not torch.cuda.is_available(), reason="needs the extension and a CUDA device"
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pair(n: int, d1: int, d2: int, seed: int, noise: float = 0.5, offset: float = 0.0):
+    """Correlated activations: y = x·W + noise, with optional massive offsets on a few channels."""
+    g = gen(seed)
+    x = torch.randn(n, d1, generator=g, dtype=torch.float64)
+    w = torch.randn(d1, d2, generator=g, dtype=torch.float64) / math.sqrt(d1)
+    y = x @ w + noise * torch.randn(n, d2, generator=g, dtype=torch.float64)
+    if offset:
+        x[:, : max(1, d1 // 16)] += offset
+        y[:, : max(1, d2 // 16)] -= offset
+    return x, y
+
+
+def brute_cka(x, y):
+    """Biased HSIC with the centering matrix H = I − 11ᵀ/n, straight from the definition."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())
+
+
+def naive_hsic1(k, l):
+    """HSIC₁ as a U-statistic over distinct index tuples (Song et al. 2012, Thm. 2 form):
+    (1/(n)₂)Σ_{i≠j} K_ij L_ij + (1/(n)₄)Σ_{i,j,q,r distinct} K_ij L_qr − (2/(n)₃)Σ_{i,j,q distinct} K_ij L_iq."""
+    n = k.shape[0]
+    t2 = t3 = t4 = 0.0
+    for i, j in itertools.permutations(range(n), 2):
+        t2 += k[i, j] * l[i, j]
+    for i, j, q in itertools.permutations(range(n), 3):
+        t3 += k[i, j] * l[i, q]
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        t4 += k[i, j] * l[q, r]
+    ff = lambda m: math.prod(range(n - m + 1, n + 1))  # noqa: E731  falling factorial (n)_m
+    return t2 / ff(2) + t4 / ff(4) - 2 * t3 / ff(3)
+
+
+def random_orthogonal(d, seed):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------------------------
+
+
+def test_linear_cka_basics_and_invariances():
+    x, y = pair(300, 24, 16, seed=1)
+    assert abs(float(cka.linear_cka(x, x)) - 1.0) < 1e-12
+    ref = float(cka.linear_cka(x, y))
+    assert abs(ref - float(brute_cka(x, y))) < 1e-10
+    q = random_orthogonal(16, 2)
+    assert abs(float(cka.linear_cka(x, 3.7 * y @ q)) - ref) < 1e-10  # orthogonal + isotropic scaling
+    assert abs(float(cka.linear_cka(x + 1e4, y)) - ref) < 1e-10  # translation (massive offsets)
+    xs, ys = x[:10], y[:10]  # n < d takes the sample-space branch
+    assert abs(float(cka.linear_cka(xs, ys)) - float(brute_cka(xs, ys))) < 1e-10
+
+
+def test_hsic1_matches_u_statistic():
+    g = gen(3)
+    x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64)
+    k, l = x @ x.T, y @ y.T
+    assert abs(float(cka.hsic1(k, l)) - naive_hsic1(k, l)) < 1e-10
+    assert abs(float(cka.hsic1(k, k)) - naive_hsic1(k, k)) < 1e-10
+
+
+def test_debiased_and_procrustes_references():
+    x, y = pair(200, 12, 10, seed=4)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    k, l = xc @ xc.T, yc @ yc.T
+    want = cka.hsic1(k, l) / torch.sqrt(cka.hsic1(k, k) * cka.hsic1(l, l))
+    assert abs(float(cka.debiased_cka(x, y)) - float(want)) < 1e-10
+    assert abs(float(cka.debiased_cka(x, x)) - 1.0) < 1e-12
+    # Procrustes: the closed form equals the optimum over Q from the SVD of X̂ᵀŶ (d1 = d2 here).
+    x2, y2 = pair(200, 10, 10, seed=5)
+    xh = (x2 - x2.mean(0)) / torch.linalg.norm(x2 - x2.mean(0))
+    yh = (y2 - y2.mean(0)) / torch.linalg.norm(y2 - y2.mean(0))
+    u, _, vt = torch.linalg.svd(yh.T @ xh)
+    best = torch.linalg.norm(xh - yh @ (u @ vt)) ** 2
+    assert abs(float(cka.procrustes_distance(x2, y2)) - float(best)) < 1e-10
+    assert float(cka.procrustes_distance(x2, 2.0 * x2 @ random_orthogonal(10, 6) + 5)) < 1e-10
+
+
+def _stream(estimator, batches, backend="reference", measure="linear", layers=1, mask=None):
+    m = cka.StreamingCKA(layers, estimator=estimator, backend=backend)
+    for i, (x, y) in enumerate(batches):
+        m.update([x] * layers, [y] * layers, None if mask is None else mask[i])
+    return m.compute(measure)
+
+
+@pytest.mark.parametrize("measure,fn", [("linear", cka.linear_cka), ("debiased", cka.debiased_cka),
+                                        ("procrustes", cka.procrustes_distance)])
+def test_exact_streaming_equals_concatenated_and_split_independent(measure, fn):
+    x, y = pair(500, 20, 14, seed=7, offset=1e4)
+    want = float(fn(x, y))
+    for cuts in ([0, 500], [0, 13, 200, 500], [0, 250, 251, 500]):
+        got = _stream("exact", [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])], measure=measure)
+        assert abs(float(got[0]) - want) < 1e-10, (cuts, float(got[0]), want)
+
+
+def test_padding_never_counts():
+    g = gen(8)
+    acts_x, acts_y = torch.randn(3, 9, 6, generator=g), torch.randn(3, 9, 5, generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    want = float(cka.linear_cka(acts_x[mask.bool()], acts_y[mask.bool()]))
+    acts_x[mask == 0] = 1e30  # garbage in padding
+    acts_y[mask == 0] = float("nan")
+    m = cka.StreamingCKA(1, backend="reference")
+    m.update([acts_x], [acts_y], mask)
+    assert abs(float(m.compute()[0]) - want) < 1e-10
+    mean = cka.StreamingCKA(1, pooling="mean", backend="reference")
+    mean.update([acts_x], [acts_y.nan_to_num(0.0)], mask)  # mean pooling: 3 samples, 1 per sequence
+    assert torch.isfinite(mean.compute()).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+def test_unbiased_skips_tiny_batches_and_matches_hsic1(backend):
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    x, y = pair(40, 6, 5, seed=9)
+    m = cka.StreamingCKA(1, estimator="unbiased", backend=backend)
+    with pytest.warns(UserWarning, match="skipped a minibatch"):
+        m.update([x[:3]], [y[:3]])
+    m.update([x[3:20]], [y[3:20]])
+    m.update([x[20:]], [y[20:]])
+    got = float(m.compute()[0])
+    assert math.isfinite(got)
+    terms = []
+    for a, b in ((3, 20), (20, 40)):
+        xc, yc = x[a:b] - x[a:b].mean(0), y[a:b] - y[a:b].mean(0)
+        k, l = xc @ xc.T, yc @ yc.T
+        terms.append([float(cka.hsic1(k, l)), float(cka.hsic1(k, k)), float(cka.hsic1(l, l))])
+    s = torch.tensor(terms, dtype=torch.float64).sum(0)
+    assert abs(got - float(s[0] / torch.sqrt(s[1] * s[2]))) < (1e-10 if backend == "reference" else TOL_F32)
+    only_tiny = cka.StreamingCKA(1, estimator="unbiased", backend=backend)
+    with pytest.warns(UserWarning):
+        only_tiny.update([x[:2]], [y[:2]])
+    with pytest.raises(DepthfastError, match="no minibatch"):
+        only_tiny.compute()
+
+
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+def test_reset_tuned_reuses_base_statistics(estimator, backend):
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    x, y1 = pair(240, 16, 16, seed=10, offset=1e3)
+    _, y2 = pair(240, 16, 16, seed=11)
+    cuts = [0, 80, 160, 240]
+    m = cka.StreamingCKA(2, estimator=estimator, backend=backend)
+    for a, b in zip(cuts, cuts[1:]):
+        m.update([x[a:b]] * 2, [y1[a:b]] * 2)
+    m.compute()
+    m.reset_tuned()
+    for a, b in zip(cuts, cuts[1:]):
+        m.update([x[a:b]] * 2, [y2[a:b]] * 2)
+    fresh = cka.StreamingCKA(2, estimator=estimator, backend=backend)
+    for a, b in zip(cuts, cuts[1:]):
+        fresh.update([x[a:b]] * 2, [y2[a:b]] * 2)
+    tol = 1e-10 if backend == "reference" else TOL_F32
+    assert (m.compute() - fresh.compute()).abs().max() < tol
+    m.reset_tuned()  # a different probe set must be refused, not silently mixed
+    x_other, _ = pair(240, 16, 16, seed=12)
+    for a, b in zip(cuts[:-1], cuts[1:-1]):
+        m.update([x_other[a:b]] * 2, [y2[a:b]] * 2)
+    with pytest.raises(DepthfastError, match="same"):
+        m.compute()
+
+
+@needs_ext
+def test_engine_mixed_dtypes_are_promoted():
+    x, y = pair(200, 12, 10, seed=70)
+    m = cka.StreamingCKA(1, backend="extension")
+    m.update([x.float()], [y.to(torch.bfloat16)])
+    want = cka.linear_cka(x.float(), y.to(torch.bfloat16))
+    assert abs(float(m.compute()[0]) - float(want)) < TOL_F32
+
+
+def test_bad_input_is_named():
+    m = cka.StreamingCKA(2, backend="reference")
+    with pytest.raises(ValueError, match="expected 2 layers"):
+        m.update([torch.zeros(4, 3)], [torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match="measure"):
+        m.compute("cosine")
+    with pytest.raises(ValueError, match="backend"):
+        cka.StreamingCKA(1, backend="gpu")
+    with pytest.raises(ValueError, match="needs estimator='exact'"):
+        cka.StreamingCKA(1, estimator="unbiased").compute("procrustes")
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled engine vs references, on hostile inputs
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE = {
+    # name: (n, d1, d2, offset, rank)
+    "massive_offsets": (1024, 64, 64, 1e4, None),
+    "rank_deficient": (512, 48, 40, 0.0, 5),
+    "n_lt_d": (40, 96, 80, 10.0, None),
+    "d_not_multiple_of_tile": (700, 70, 131, 1e3, None),
+}
+
+
+def hostile(name, seed):
+    n, d1, d2, offset, rank = HOSTILE[name]
+    x, y = pair(n, d1, d2, seed=seed, offset=offset)
+    if rank is not None:
+        g = gen(seed + 1)
+        x = x[:, :rank] @ torch.randn(rank, d1, generator=g, dtype=torch.float64)
+        y = 0.5 * x[:, :d2] + 0.1 * (y[:, :rank] @ torch.randn(rank, d2, generator=g, dtype=torch.float64))
+    return x, y
+
+
+def _debiased_amplification(x, y):
+    """The feature-space debiased form subtracts Σk l from ‖Y'ᵀX'‖²: fp32 errors in the latter are
+    amplified by ‖Y'ᵀX'‖² / |tr(K̃L̃)| (≈ 1 + d/n for independent features)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    big = float(torch.linalg.norm(yc.T @ xc) ** 2)
+    off = big - float(((xc * xc).sum(1) * (yc * yc).sum(1)).sum())
+    big_x = float(torch.linalg.norm(xc.T @ xc) ** 2)
+    off_x = big_x - float(((xc * xc).sum(1) ** 2).sum())
+    return max(big / abs(off), big_x / abs(off_x))
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_exact_matches_reference(name, dtype):
+    x, y = hostile(name, seed=20)
+    x, y = x.to(dtype), y.to(dtype)  # the reference sees the same (quantized) values
+    batches = [(x[a:a + 300], y[a:a + 300]) for a in range(0, x.shape[0], 300)]
+    for measure in cka.MEASURES:
+        ref = _stream("exact", batches, "reference", measure)
+        got = _stream("exact", batches, "extension", measure)
+        tol = TOL_F32 * (_debiased_amplification(x.double(), y.double()) if measure == "debiased" else 1.0)
+        assert (got - ref).abs().max() < tol, (measure, float(got[0]), float(ref[0]), tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("layers,block", [(1, None), (48, None), (3, 32)])
+def test_engine_many_layers_masks_and_block_split(layers, block, monkeypatch):
+    monkeypatch.setattr(cka, "_GRAM_BLOCK_OVERRIDE", block)  # 32 splits d=70 into 32+32+6 blocks
+    g = gen(30)
+    b, s, d1, d2 = 4, 16 if layers == 48 else 40, 70, 45
+    xs = [torch.randn(b, s, d1, generator=g) + 300.0 * (torch.arange(d1) < 3) for _ in range(layers)]
+    ys = [x[..., :d2] + 0.5 * torch.randn(b, s, d2, generator=g) for x in xs]
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, s // 2:] = 0
+    mask[3, 1:] = 0
+    for t in (*xs, *ys):
+        t[mask == 0] = float("nan")  # padding garbage must never count
+    for estimator in ("exact", "unbiased"):
+        ms = {be: cka.StreamingCKA(layers, estimator=estimator, backend=be) for be in ("reference", "extension")}
+        for m in ms.values():
+            m.update([x[:2] for x in xs], [y[:2] for y in ys], mask[:2])
+            m.update([x[2:] for x in xs], [y[2:] for y in ys], mask[2:])
+        ref, got = ms["reference"].compute(), ms["extension"].compute()
+        assert torch.isfinite(got).all()
+        assert (got - ref).abs().max() < TOL_F32, (estimator, (got - ref).abs().max())
+
+
+@needs_ext
+@pytest.mark.parametrize("space", ["feature", "sample"])
+@pytest.mark.parametrize("n,d1,d2", [(96, 20, 12), (24, 40, 33)])
+def test_engine_unbiased_both_spaces(space, n, d1, d2):
+    x, y = pair(n, d1, d2, seed=40, offset=1e3)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    k, l = xc @ xc.T, yc @ yc.T
+    want = torch.tensor([float(cka.hsic1(k, l)), float(cka.hsic1(k, k)), float(cka.hsic1(l, l))], dtype=torch.float64)
+    acc = torch.zeros(1, 3, dtype=torch.float64)
+    _ext.extension().unbiased_update([x.float()], [y.float()], None, acc, n, False, space)
+    # HSIC₁ relative error: fp32 Gram entries (√n·u) amplified by the diagonal subtraction in the
+    # feature form (‖Y'ᵀX'‖² / tr(K̃L̃)); the sample form reduces off-diagonal entries directly.
+    amp = _debiased_amplification(x, y) if space == "feature" else 1.0
+    assert ((acc[0] - want).abs() / want.abs()).max() < 4 * math.sqrt(n) * U32 * 8 * amp
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_16bit_operand_path_emulated_on_cpu(dtype):
+    """The CUDA path's host logic for 16-bit inputs (operands rounded after the shift, split weights
+    for the O(n·d) moments, fp32-accumulated products), run on the CPU: within tol_16bit."""
+    ext = _ext.extension()
+    x, y = hostile("massive_offsets", seed=60)
+    xs, ys = [x.to(dtype)] * 2, [y.to(dtype)] * 2
+    ext._set_emulate_tensor_cores(True)
+    try:
+        for estimator in ("exact", "unbiased"):
+            ref = cka.StreamingCKA(2, estimator=estimator, backend="reference")
+            got = cka.StreamingCKA(2, estimator=estimator, backend="extension")
+            for a in range(0, x.shape[0], 256):
+                for m in (ref, got):
+                    m.update([t[a:a + 256] for t in xs], [t[a:a + 256] for t in ys])
+            for measure in cka.MEASURES if estimator == "exact" else ("linear",):
+                err = (got.compute(measure) - ref.compute(measure)).abs().max()
+                assert err < tol_16bit(dtype, 256), (estimator, measure, float(err))
+    finally:
+        ext._set_emulate_tensor_cores(False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+def test_engine_cuda_matches_reference(dtype, estimator):
+    x, y = hostile("massive_offsets", seed=50)
+    xs = [x.to(dtype)] * 4
+    ys = [y.to(dtype)] * 4
+    ref = cka.StreamingCKA(4, estimator=estimator, backend="reference")
+    got = cka.StreamingCKA(4, estimator=estimator, backend="extension")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would make fp32 behave like a 10-bit format
+    try:
+        for a in range(0, x.shape[0], 256):
+            ref.update([t[a:a + 256] for t in xs], [t[a:a + 256] for t in ys])
+            got.update([t[a:a + 256].cuda() for t in xs], [t[a:a + 256].cuda() for t in ys])
+        tol = TOL_F32 if dtype == torch.float32 else tol_16bit(dtype, 256)
+        for measure in cka.MEASURES if estimator == "exact" else ("linear",):
+            assert (got.compute(measure) - ref.compute(measure)).abs().max() < tol, measure
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA sources compile (nvcc only; the GPU build needs a CUDA torch)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+@pytest.mark.skipif(os.environ.get("DEPTHFAST_NVCC_CHECK") != "1",
+                    reason="opt-in (≈ 45–65 s on 2 cores): DEPTHFAST_NVCC_CHECK=1, or run bash csrc/check_nvcc.sh")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """≈ 45–65 s on 2 cores (nvcc -c of csrc/*.cu, -arch=sm_90, plus the host code's CUDA branch)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "csrc", "check_nvcc.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
