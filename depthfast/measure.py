@@ -31,16 +31,24 @@ class ProbeResult:
     per_text_hsic: torch.Tensor | None = None  # (texts, L+1, 3): HSIC₁ (K,L), (K,K), (L,L) of each text's tokens
     base_features: torch.Tensor | None = None  # (texts, d): θ₀'s last block, mean over real tokens (cls only)
     labels: torch.Tensor | None = None  # (texts,) (cls only)
+    accumulator: StreamingCKA | None = None  # pass back to measure_probe to reuse θ₀'s statistics
 
 
 @torch.no_grad()
 def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: ModelLayers,
                   tuned_layers: ModelLayers, batches: list[dict], device: torch.device, pooling: str,
-                  estimator: str, progress: bool = True) -> ProbeResult:
-    """Run the probe set through both models, stream CKA of every layer, and score the task."""
+                  estimator: str, progress: bool = True, cka: StreamingCKA | None = None) -> ProbeResult:
+    """Run the probe set through both models, stream CKA of every layer, and score the task.
+
+    Pass the ``cka`` accumulator of an earlier pass over the same probe batches to reuse the base
+    model's statistics (its XᵀX), which do not change during training: the profile trajectory.
+    """
     base.eval()
     tuned.eval()
-    cka = StreamingCKA(base_layers.num_blocks + 1, pooling=pooling, estimator=estimator)
+    if cka is None:
+        cka = StreamingCKA(base_layers.num_blocks + 1, pooling=pooling, estimator=estimator)
+    else:
+        cka.reset_tuned()
     losses = {"base": [], "tuned": []}
     correct = {"base": 0, "tuned": 0}
     counted = 0
@@ -74,6 +82,7 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
         per_text_hsic=torch.cat(hsic) if hsic else None,
         base_features=torch.cat(features) if features else None,
         labels=torch.cat(labels) if labels else None,
+        accumulator=cka,
     )
 
 

@@ -142,8 +142,12 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                               cfg.max_length, cfg.mlm_probability, cfg.seed)
     depths = layers.normalized_depths
 
+    reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
+
     def measure(step: int, show: bool = False) -> dict:
-        result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, show)
+        result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, show,
+                               cka=reuse.get("cka"))
+        reuse["cka"] = result.accumulator
         reshard(base, model)
         changes = [1.0 - c for c in result.cka]
         return {"step": step, "layers": profile_rows(layers.layer_names, depths, result.cka),

@@ -173,3 +173,18 @@ def test_config_round_trip_and_validation():
         RunConfig(objective="seq2seq").validate()
     with pytest.raises(DepthfastError, match="needs a int"):
         RunConfig.from_dict({"steps": "many"})
+
+
+def test_trajectory_reuses_base_statistics_exactly(checkpoints, tmp_path):
+    """Profiles measured during training (θ₀'s statistics reused): zero at step 0, the final one equal
+    to the run's profile, which equals a run that measured only at the end."""
+    traj, plain = str(tmp_path / "traj"), str(tmp_path / "plain")
+    assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--measure-at", "0,2", "--out", traj,
+                 *FAST]) == 0
+    assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--out", plain, *FAST]) == 0
+    results = read_results(traj)
+    assert [t["step"] for t in results["trajectory"]] == [0, 2, 3]
+    assert [r["change"] for r in results["trajectory"][0]["layers"]] == pytest.approx([0.0] * 4, abs=1e-12)
+    final = [r["cka"] for r in results["trajectory"][-1]["layers"]]
+    assert final == [r["cka"] for r in results["layers"]]
+    assert final == pytest.approx([r["cka"] for r in read_results(plain)["layers"]], abs=1e-12)
