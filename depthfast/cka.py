@@ -72,25 +72,23 @@ def _cka_ratio(cross: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: st
 
 
 def hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC estimator of Song et al. (2012) for Gram matrices k, l (n, n), n > 3.
+    """Unbiased HSIC estimator of Song et al. (2012) for Gram matrices k, l (..., n, n), n > 3.
 
     With K̃, L̃ = K, L with zeroed diagonal:
         HSIC₁ = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − (2/(n−2)) 1ᵀK̃L̃1] / (n(n−3)).
-    Computed in float64. It can be slightly negative.
+    Computed in float64, batched over any leading dimensions (→ shape (...)). It can be slightly negative.
     """
-    n = k.shape[0]
-    if k.shape != (n, n) or l.shape != (n, n):
-        raise ValueError(f"hsic1 needs two (n, n) matrices; got {tuple(k.shape)} and {tuple(l.shape)}")
+    n = k.shape[-1]
+    if k.dim() < 2 or k.shape[-2:] != (n, n) or l.shape != k.shape:
+        raise ValueError(f"hsic1 needs two (..., n, n) Gram stacks of one shape; got {tuple(k.shape)} and {tuple(l.shape)}")
     if n <= 3:
         raise ValueError(f"hsic1 is undefined for n ≤ 3 samples; got n = {n}")
-    k = k.to(torch.float64).clone()
-    l = l.to(torch.float64).clone()
-    k.fill_diagonal_(0.0)
-    l.fill_diagonal_(0.0)
-    trace = (k * l.T).sum()
-    sum_k, sum_l = k.sum(), l.sum()
-    cross = (k.sum(dim=0) * l.sum(dim=1)).sum()  # 1ᵀ K̃ L̃ 1
-    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
+    k = k.to(torch.float64).masked_fill(eye, 0.0)
+    l = l.to(torch.float64).masked_fill(eye, 0.0)
+    trace = (k * l.transpose(-1, -2)).sum(dim=(-1, -2))
+    cross = (k.sum(dim=-2) * l.sum(dim=-1)).sum(dim=-1)  # 1ᵀ K̃ L̃ 1
+    return _hsic1_from_moments(n, trace, k.sum(dim=(-1, -2)), l.sum(dim=(-1, -2)), cross)
 
 
 def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

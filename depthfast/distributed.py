@@ -12,20 +12,30 @@ import torch
 
 
 def dtensor_type():
+    """torch's DTensor class, or None where torch has none."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5
-        from torch.distributed._tensor import DTensor
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
     return DTensor
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    return isinstance(t, dtensor_type())
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (the tensor itself otherwise)."""
-    return t.to_local() if is_sharded(t) else t
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself otherwise); in-place writes reach the DTensor.
+
+    ``_local_tensor`` rather than ``to_local()``: the latter goes through autograd, ~10 µs per tensor.
+    """
+    if is_sharded(t):
+        return t._local_tensor if hasattr(t, "_local_tensor") else t.to_local()
+    return t
 
 
 def sum_over_shards(values: torch.Tensor, sharded: bool) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthfast.cka import StreamingCKA, pool_activations
-from depthfast.distributed import is_sharded, local, sum_over_shards
+from depthfast.distributed import is_sharded, local_shard, sum_over_shards
 from depthfast.layers import BlockCapture, ModelLayers
 from depthfast.metrics import per_text_hsic_batch
 
@@ -103,7 +103,7 @@ def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
     for g, ((_, base), (_, tuned)) in enumerate(zip(base_groups, tuned_groups)):
         for b, t in zip(base, tuned):
             sharded |= is_sharded(t)
-            b, t = local(b).double(), local(t).double()
+            b, t = local_shard(b).double(), local_shard(t).double()
             sums[g, 0] += float(((t - b) ** 2).sum())
             sums[g, 1] += float((b ** 2).sum())
     sums = sum_over_shards(sums.to(_device_of(tuned_groups)), sharded).cpu()
@@ -112,4 +112,4 @@ def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
 
 
 def _device_of(groups) -> torch.device:
-    return next((local(t).device for _, ts in groups for t in ts), torch.device("cpu"))
+    return next((local_shard(t).device for _, ts in groups for t in ts), torch.device("cpu"))

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from depthfast.cka import hsic1
 
 # Relative floor of the steepness ratio: 1 % of the profile's largest change (see ``steepness``).
 STEEPNESS_FLOOR = 0.01
@@ -63,22 +64,6 @@ def _check_profile(depths: Sequence[float], changes: Sequence[float]) -> tuple[l
 # Per-text HSIC₁ and the bootstrap of the locality gradient
 # --------------------------------------------------------------------------------------------
 
-def _hsic1_batched(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """HSIC₁ (Song et al. 2012) of Gram stacks k, l (..., n, n), n > 3, float64 → (...).
-
-    Same formula as depthfast.cka.hsic1, batched over leading dimensions; K̃, L̃ have zero diagonal:
-        HSIC₁ = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − (2/(n−2)) 1ᵀK̃L̃1] / (n(n−3)).
-    """
-    n = k.shape[-1]
-    eye = torch.eye(n, dtype=torch.bool, device=k.device)
-    k = k.masked_fill(eye, 0.0)
-    l = l.masked_fill(eye, 0.0)
-    trace = (k * l.transpose(-1, -2)).sum(dim=(-1, -2))
-    sum_k, sum_l = k.sum(dim=(-1, -2)), l.sum(dim=(-1, -2))
-    cross = (k.sum(dim=-2) * l.sum(dim=-1)).sum(dim=-1)  # 1ᵀ K̃ L̃ 1
-    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
-
-
 @torch.no_grad()
 def per_text_hsic(base_acts: Sequence[torch.Tensor], tuned_acts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """HSIC₁ triples of ONE probe text at every layer: float64 (layers, 3), or None if n ≤ 3 tokens.
@@ -102,7 +87,7 @@ def per_text_hsic(base_acts: Sequence[torch.Tensor], tuned_acts: Sequence[torch.
         x = x - x.mean(dim=0, keepdim=True)
         y = y - y.mean(dim=0, keepdim=True)
         k, l = x @ x.T, y @ y.T
-        out.append(_hsic1_batched(torch.stack([k, k, l]), torch.stack([l, k, l])))
+        out.append(hsic1(torch.stack([k, k, l]), torch.stack([l, k, l])))
     return torch.stack(out) if out else None
 
 

@@ -111,9 +111,11 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     sharded = any(is_sharded(p) for p in model.parameters())  # FSDP2, sharded by run()
     # DDP (or a single device) through accelerate; FSDP2 models are already sharded, and torch's
     # fully_shard is used directly because accelerate's FSDP path needs an accelerator.
-    model_p, optimizer_p = (model, optimizer) if sharded else accelerator.prepare(model, optimizer)
+    model_p = model if sharded else accelerator.prepare(model)
+    # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
+    # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
     target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
-    control = EqualStep(optimizer_p, [params for _, params in named_groups], target=target, control=cfg.control)
+    control = EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):

@@ -8,7 +8,6 @@ absolute (changes here are 1e-6 … 1e-3), weight change and losses to 1e-4 rela
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

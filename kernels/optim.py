@@ -1,0 +1,243 @@
+"""Triton kernels of the fused equal-step Adam/AdamW step (private; launched by depthfast.optim).
+
+One launch per phase covers every parameter: tensors are described by device tables and each program
+handles one chunk of one tensor.
+
+Tables (:class:`Tables`, built once per parameter layout; E entries, C chunks):
+
+    ptrs        int64 (E, 4)   addresses of p, grad, exp_avg, exp_avg_sq (0 where an entry has no update);
+                               only the grad column changes between steps (re-uploaded when it moves)
+    numel       int64 (E,)
+    group       int32 (E,)     equal-step group of the entry, −1: stepped but in no group
+    hyper_row   int32 (E,)     row of ``hyper``; −1: not stepped this time, only ‖W‖² is counted
+    chunk_entry int32 (C,)     entry of each chunk
+    chunk_start int64 (C,)     first element of each chunk in its tensor
+
+    hyper       fp32 (H, 10)   per optimizer param group: lr·wd, wd, β1, 1 − β1, β2, 1 − β2, eps,
+                               step_size = lr / (1 − β1^t), sqrt(1 − β2^t), sign (−1: maximize).
+                               Differences are formed on the host in float64: 1 − β2 in fp32 is off by
+                               1.3e-5 relative for β2 = 0.999 (6e-6 in the update).
+
+With m' = β1 m + (1 − β1) g (torch's lerp), v' = β2 v + (1 − β2) g², denom = sqrt(v') / sqrt(1 − β2^t) + eps,
+the full update (what the unmodified optimizer adds to W) is
+
+    AdamW:  u = −lr·wd·W − step_size · m' / denom        (decoupled weight decay)
+    Adam:   g ← g + wd·W before the moments; u = −step_size · m' / denom
+
+Modes (``mode`` of :func:`launch`; the kernel sees them as the flags FIRST_PASS and WRITE_W):
+    0 PHASE1  read W, g, m, v; write m', v'; accumulate per group Σu², ΣW² into ``sums`` (fp64 (2G,))
+    1 PHASE2  read W, m', v'; recompute u (bit-identical to phase 1); write W + s_g·u
+    2 SINGLE  read W, g, m, v; write m', v', W + s_g·u; accumulate Σu², ΣW²  (s_g known beforehand)
+
+Sums of squares: fp32 tree sum over one BLOCK, fp64 across blocks and programs (fp64 atomics).
+Bytes per element (P, G, S: bytes of a parameter, gradient, moment element): PHASE1 P + G + 4S,
+PHASE2 2P + 2S, SINGLE 2P + G + 4S (exact = PHASE1 + PHASE2 = 3P + G + 6S).
+The recompute in PHASE2 (DeepSpeed FusedLamb's trick) avoids storing u: same bytes as writing u into the
+gradient buffer in PHASE1 and reading it back, and the gradients stay intact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+PHASE1, PHASE2, SINGLE = 0, 1, 2
+HYPER_COLS = 10
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _adam_update(w, m, v, lr_wd, step_size, bc2_sqrt, eps, DECOUPLED: tl.constexpr):
+    # One function for both phases so that phase 2 recomputes exactly the u of phase 1.
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    u = -step_size * (m / denom)
+    if DECOUPLED:
+        u = u - lr_wd * w
+    return u
+
+
+@triton.jit
+def _cast_to(x, ptr, BF16_BY_HAND: tl.constexpr):
+    # The interpreter rounds fp32 → bf16 toward zero, whatever fp_downcast_rounding says; compiled
+    # Triton rounds to nearest even. By hand: add half an ulp (ties to even) and drop 16 bits.
+    # BF16_BY_HAND is set by the host only for bf16 pointers under the interpreter.
+    if BF16_BY_HAND:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = tl.where(x != x, x.to(tl.bfloat16), (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def _adam_equal_step_kernel(
+    chunk_entry, chunk_start, ptrs, numel, group, hyper_row, hyper, scales, sums,
+    p_proto, g_proto, s_proto,
+    NUM_GROUPS, CHUNK,
+    FIRST_PASS: tl.constexpr, WRITE_W: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr,
+    P_BY_HAND: tl.constexpr, S_BY_HAND: tl.constexpr,
+):
+    # FIRST_PASS: read g, update m and v, accumulate Σu², ΣW² (PHASE1, SINGLE). WRITE_W: write W + s·u
+    # (PHASE2, SINGLE). Flags rather than a MODE compared with module globals: compiled Triton only
+    # reads globals that are tl.constexpr.
+    pid = tl.program_id(0)
+    e = tl.load(chunk_entry + pid)
+    start = tl.load(chunk_start + pid)
+    n = tl.load(numel + e)
+    stop = tl.minimum(start + CHUNK, n)
+    gid = tl.load(group + e)
+    row = tl.load(hyper_row + e)
+    w_ptr = tl.load(ptrs + 4 * e).to(p_proto.dtype)
+    lane = tl.arange(0, BLOCK)
+
+    if row < 0:
+        # A group parameter that is not stepped: ΔW = 0, but ‖W‖ still counts.
+        if FIRST_PASS:
+            if gid >= 0:
+                acc_w = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
+                for off in range(start, stop, BLOCK):
+                    idx = off + lane
+                    w = tl.load(w_ptr + idx, mask=idx < stop, other=0.0).to(tl.float32)
+                    acc_w += tl.sum(w * w, axis=0).to(tl.float64)
+                tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
+    else:
+        g_ptr = tl.load(ptrs + 4 * e + 1).to(g_proto.dtype)
+        m_ptr = tl.load(ptrs + 4 * e + 2).to(s_proto.dtype)
+        v_ptr = tl.load(ptrs + 4 * e + 3).to(s_proto.dtype)
+        hp = hyper + 10 * row
+        lr_wd = tl.load(hp + 0)
+        wd = tl.load(hp + 1)
+        one_m_beta1 = tl.load(hp + 3)
+        beta2 = tl.load(hp + 4)
+        one_m_beta2 = tl.load(hp + 5)
+        eps = tl.load(hp + 6)
+        step_size = tl.load(hp + 7)
+        bc2_sqrt = tl.load(hp + 8)
+        sign = tl.load(hp + 9)
+        # Entries outside every group keep the optimizer's update (scale 1).
+        scale = tl.where(gid >= 0, tl.load(scales + tl.maximum(gid, 0)), 1.0)
+        acc_u = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
+        acc_w = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
+        for off in range(start, stop, BLOCK):
+            idx = off + lane
+            mask = idx < stop
+            # Everything is cast to fp32 right after the load: bf16 arithmetic is not exact (and is
+            # wrong in the Triton interpreter).
+            w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if FIRST_PASS:
+                g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * sign
+                if not DECOUPLED:
+                    g = g + wd * w
+                # torch.lerp with weight 1 − β1 < 0.5: m + w·(g − m)
+                m = m + one_m_beta1 * (g - m)
+                v = v * beta2 + one_m_beta2 * (g * g)
+                m_st = _cast_to(m, m_ptr, S_BY_HAND)
+                v_st = _cast_to(v, v_ptr, S_BY_HAND)
+                tl.store(m_ptr + idx, m_st, mask=mask)
+                tl.store(v_ptr + idx, v_st, mask=mask)
+                # Phase 2 reads the stored (rounded) moments: use them here too.
+                m = m_st.to(tl.float32)
+                v = v_st.to(tl.float32)
+            u = _adam_update(w, m, v, lr_wd, step_size, bc2_sqrt, eps, DECOUPLED)
+            if FIRST_PASS:
+                u_sq = tl.where(mask, u * u, 0.0)
+                acc_u += tl.sum(u_sq, axis=0).to(tl.float64)
+                acc_w += tl.sum(w * w, axis=0).to(tl.float64)
+            if WRITE_W:
+                tl.store(w_ptr + idx, _cast_to(w + scale * u, w_ptr, P_BY_HAND), mask=mask)
+        if FIRST_PASS:
+            if gid >= 0:
+                tl.atomic_add(sums + gid, acc_u)
+                tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
+
+
+class Tables:
+    """Device tables of one dtype bucket (same dtypes of p, grad and states); see the module docstring."""
+
+    def __init__(self, entries, chunk: int, device: torch.device):
+        # entries: list of (p, g, m, v, group, hyper_row) with plain (local) contiguous tensors;
+        # g, m, v are None for entries that are not stepped.
+        self.entries = entries
+        self.chunk = chunk
+        self.device = device
+        stepped = [en for en in entries if en[5] >= 0]
+        self.p_proto = entries[0][0]
+        self.g_proto = stepped[0][1] if stepped else entries[0][0]
+        self.s_proto = stepped[0][2] if stepped else entries[0][0]
+        chunk_entry, chunk_start = [], []
+        for i, en in enumerate(entries):
+            n = en[0].numel()
+            for s in range(0, n, chunk):
+                chunk_entry.append(i)
+                chunk_start.append(s)
+        self.num_chunks = len(chunk_entry)
+        self.grad_ptrs = [en[1].data_ptr() if en[1] is not None else 0 for en in entries]
+        self.ptrs = self._ptr_table()
+        self.numel = torch.tensor([en[0].numel() for en in entries], dtype=torch.int64).to(device)
+        self.group = torch.tensor([en[4] for en in entries], dtype=torch.int32).to(device)
+        self.hyper_row = torch.tensor([en[5] for en in entries], dtype=torch.int32).to(device)
+        self.chunk_entry = torch.tensor(chunk_entry, dtype=torch.int32).to(device)
+        self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64).to(device)
+
+    def _ptr_table(self) -> torch.Tensor:
+        rows = [
+            [en[0].data_ptr(), gp, en[2].data_ptr() if en[2] is not None else 0, en[3].data_ptr() if en[3] is not None else 0]
+            for en, gp in zip(self.entries, self.grad_ptrs)
+        ]
+        return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), self.device)
+
+    def refresh_grads(self, grads) -> None:
+        """Point the table at this step's gradient tensors (they move when grads are re-allocated)."""
+        new = [g.data_ptr() if g is not None else 0 for g in grads]
+        if new != self.grad_ptrs:
+            self.grad_ptrs = new
+            self.entries = [en[:1] + (g,) + en[2:] for en, g in zip(self.entries, grads)]
+            self.ptrs = self._ptr_table()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device copy that does not wait for the device (pinned staging; the caching host
+    allocator keeps the block alive until the copy has run)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp32", mode: int = SINGLE,
+                decoupled: bool = True, block: int = 1024):
+    """Compile the kernel ahead of time for a CUDA target (no GPU needed; TRITON_INTERPRET must be
+    unset when this module is imported). Returns the compiled kernel; for checks on CPU-only machines."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _adam_equal_step_kernel
+    sig = dict(chunk_entry="*i32", chunk_start="*i64", ptrs="*i64", numel="*i64", group="*i32", hyper_row="*i32",
+               hyper="*fp32", scales="*fp32", sums="*fp64", p_proto="*" + p_dtype, g_proto="*" + p_dtype,
+               s_proto="*" + s_dtype, NUM_GROUPS="i32", CHUNK="i32")
+    consts = dict(FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, DECOUPLED=decoupled, BLOCK=block,
+                  P_BY_HAND=False, S_BY_HAND=False)
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", target_arch, 32), options=dict(num_warps=4))
+
+
+def launch(tables: Tables, mode: int, hyper: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
+           decoupled: bool, block: int, num_warps: int = 4) -> None:
+    """One launch of the kernel over every chunk of ``tables``."""
+    if tables.num_chunks == 0:
+        return
+    _adam_equal_step_kernel[(tables.num_chunks,)](
+        tables.chunk_entry, tables.chunk_start, tables.ptrs, tables.numel, tables.group, tables.hyper_row,
+        hyper, scales, sums, tables.p_proto, tables.g_proto, tables.s_proto,
+        scales.numel(), tables.chunk,
+        FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, DECOUPLED=decoupled, BLOCK=block,
+        P_BY_HAND=_INTERPRET and tables.p_proto.dtype == torch.bfloat16,
+        S_BY_HAND=_INTERPRET and tables.s_proto.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,452 @@
+"""Tests of depthfast.optim: the reference EqualStep and the fused Triton path (CPU: TRITON_INTERPRET=1).
+
+The fused path is checked against the reference run on float64 copies of the same parameters and
+gradients. Tolerances per dtype:
+    fp32 params and states, several steps: params and states |Δ| ≤ 1e-6 + 2e-5 |ref| (fp32 rounding of
+        values ~1 that accumulates over steps); group ratios and scales rtol 1e-6
+    bf16 params, fp32 states (each step from a common start): params within half a bf16 ulp,
+        |Δ| ≤ 2^-8 |ref|; states rtol 1e-5; ratios rtol 1e-5 (ratios of the exact update)
+    bf16 params and states against torch's own bf16 AdamW: one bf16 ulp (torch rounds intermediates)
+    reference on a real model: group ratios after the rescale equal to 1e-6 relative; against a float64
+        brute force, ratios and scales rtol 1e-12 and parameters bit-exact
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from depthfast.optim import EqualStep, EqualStepAdamW, ForeachEqualStep, equal_step_scales, group_update_ratio
+
+# Large blocks keep the interpreter fast (~2 ms per program); a small chunk makes multi-chunk tensors.
+os.environ.setdefault("DEPTHFAST_OPTIM_BLOCK", "4096")
+
+ODD_SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (9000,), (33, 17)]
+
+
+def _params(shapes, dtype=torch.float32, seed=0, zero=()):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(shapes):
+        w = torch.zeros(s, dtype=torch.float64) if i in zero else torch.randn(s, generator=gen, dtype=torch.float64)
+        out.append(torch.nn.Parameter(w.to(dtype)))
+    return out
+
+
+def _f64_copy(params):
+    return [torch.nn.Parameter(p.detach().to(torch.float64).clone()) for p in params]
+
+
+def _set_grads(params, refs, seed, zero=()):
+    gen = torch.Generator().manual_seed(seed)
+    for i, (p, r) in enumerate(zip(params, refs)):
+        g = torch.zeros(p.shape, dtype=torch.float64) if i in zero else torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        p.grad = g.to(p.dtype)
+        r.grad = p.grad.to(torch.float64)
+
+
+def _same_grads(ps, qs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p, q in zip(ps, qs):
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        q.grad = p.grad.clone()
+
+
+def _split(params, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append(params[i:i + s])
+        i += s
+    return out
+
+
+def _assert_close(a, b, rtol, atol, what):
+    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    err = (a - b).abs() - (atol + rtol * b.abs())
+    assert float(err.max()) <= 0, f"{what}: max |a - b| = {float((a - b).abs().max()):.3e}"
+
+
+def _run_pair(shapes, group_sizes, *, steps=3, opt_cls=torch.optim.AdamW, opt_kw=None, control="equal-step",
+              target="mean", zero_w=(), zero_g=(), lrs=None, monkeypatch=None, chunk=None):
+    """Fused fp32 EqualStep vs the float64 reference on the same gradients; compares after every step."""
+    if chunk is not None:
+        monkeypatch.setenv("DEPTHFAST_OPTIM_CHUNK", str(chunk))
+    opt_kw = dict(lr=1e-2, weight_decay=0.1) if opt_kw is None else opt_kw
+    ps = _params(shapes, zero=zero_w)
+    rs = _f64_copy(ps)
+    fused = EqualStep(opt_cls(ps, **opt_kw), _split(ps, group_sizes), target=target, control=control, fused=True)
+    ref = EqualStep(opt_cls(rs, **opt_kw), _split(rs, group_sizes), target=target, control=control, fused=False)
+    assert fused.fused and not ref.fused
+    for t in range(steps):
+        if lrs is not None:
+            for e in (fused, ref):
+                for pg in e.param_groups:
+                    pg["lr"] = lrs[t]
+        _set_grads(ps, rs, seed=100 + t, zero=zero_g)
+        fused.step()
+        ref.step()
+        for name in ("ratios_before", "ratios_after", "scales"):
+            a, b = getattr(fused, name), getattr(ref, name)
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), name
+            assert not torch.isnan(a).any()
+            fin = torch.isfinite(b)
+            _assert_close(a[fin], b[fin], 1e-6, 0.0, f"step {t} {name}")
+        assert math.isclose(fused.target_ratio, ref.target_ratio, rel_tol=1e-6)
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
+            for k in ("exp_avg", "exp_avg_sq"):
+                _assert_close(fused.state[p][k], ref.state[r][k], 2e-5, 1e-6, f"step {t} {k}")
+            assert float(fused.state[p]["step"]) == float(ref.state[r]["step"]) == t + 1
+    return fused, ref
+
+
+# -- fused path vs reference ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.Adam])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_matches_reference_odd_shapes(opt_cls, weight_decay, monkeypatch):
+    # chunk 4096 < 9000 elements: one tensor spans three programs.
+    _run_pair(ODD_SHAPES, [2, 3, 1], opt_cls=opt_cls, opt_kw=dict(lr=1e-2, weight_decay=weight_decay),
+              monkeypatch=monkeypatch, chunk=4096)
+
+
+def test_fused_one_group_and_betas_eps():
+    _run_pair([(5, 3), (11,)], [2], opt_kw=dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05))
+
+
+def test_fused_hundreds_of_small_tensors():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(int(n),) for n in torch.randint(1, 40, (300,), generator=gen)]
+    fused, _ = _run_pair(shapes, [30] * 10, steps=2)
+    assert sum(t.num_chunks for t, _ in fused._engine.buckets) == 300  # one launch, one program per tensor
+
+
+def test_fused_zero_norm_and_zero_update_groups():
+    # group 1 is zero-initialised (r = +inf, scale 1), group 2 gets zero grads and no weight decay (r = 0).
+    fused, ref = _run_pair([(6, 4), (5,), (8,), (3, 3)], [1, 1, 1, 1], opt_kw=dict(lr=1e-2, weight_decay=0.0),
+                           zero_w=(1,), zero_g=(2,), steps=1)
+    assert math.isinf(float(fused.ratios_before[1])) and float(fused.ratios_before[2]) == 0.0
+    assert fused.scales[1].item() == fused.scales[2].item() == 1.0
+
+
+def test_fused_lr_changes_between_steps():
+    _run_pair(ODD_SHAPES[:4], [2, 2], steps=3, lrs=[1e-2, 3e-3, 2e-2])
+
+
+def test_fused_param_groups_with_different_hyperparameters():
+    ps = _params(ODD_SHAPES[:4])
+    rs = _f64_copy(ps)
+    mk = lambda q: torch.optim.AdamW([{"params": q[:2], "weight_decay": 0.0}, {"params": q[2:], "lr": 3e-3}],
+                                     lr=1e-2, weight_decay=0.1)
+    fused = EqualStep(mk(ps), [ps[:1], ps[1:3], ps[3:]], fused=True)
+    ref = EqualStep(mk(rs), [rs[:1], rs[1:3], rs[3:]], fused=False)
+    for t in range(2):
+        _set_grads(ps, rs, seed=t)
+        fused.step()
+        ref.step()
+    for p, r in zip(ps, rs):
+        _assert_close(p, r, 2e-5, 1e-6, "params")
+    _assert_close(fused.ratios_after, ref.ratios_after, 1e-5, 0.0, "ratios")
+
+
+def test_fused_control_none_records_ratios_and_steps_like_adamw():
+    fused, ref = _run_pair(ODD_SHAPES, [3, 3], control="none", steps=2)
+    assert torch.equal(fused.ratios_before, fused.ratios_after)  # scales: reported, not applied
+
+
+def test_fused_fixed_target():
+    fused, _ = _run_pair(ODD_SHAPES[:4], [1, 3], target=0.003, steps=2)
+    assert fused.target_ratio == pytest.approx(0.003)
+    _assert_close(fused.ratios_after, torch.full((2,), 0.003, dtype=torch.float64), 1e-6, 0.0, "ratios_after")
+
+
+def test_fused_params_outside_groups_and_without_grads():
+    # p0 is stepped but in no group (scale 1, not counted); p3 is in a group but has no gradient (ΔW = 0,
+    # its ‖W‖ counts).
+    ps = _params([(4, 4), (6,), (5,), (7,)])
+    rs = _f64_copy(ps)
+    fused = EqualStep(torch.optim.AdamW(ps[:3], lr=1e-2), [ps[1:2], ps[2:]], fused=True)
+    ref = EqualStep(torch.optim.AdamW(rs[:3], lr=1e-2), [rs[1:2], rs[2:]], fused=False)
+    for t in range(2):
+        _set_grads(ps[:3], rs[:3], seed=t)
+        fused.step()
+        ref.step()
+    for p, r in zip(ps, rs):
+        _assert_close(p, r, 2e-5, 1e-6, "params")
+    _assert_close(fused.ratios_before, ref.ratios_before, 1e-5, 0.0, "ratios")
+
+
+def test_fused_bf16_params_fp32_states():
+    shapes = [(7, 5), (13,), (64, 3)]
+    ps = _params(shapes, dtype=torch.bfloat16)
+    fused = EqualStepAdamW(ps, [ps[:1], ps[1:]], lr=1e-2, weight_decay=0.1, fused=True, state_dtype=torch.float32)
+    rs = _f64_copy(ps)
+    ref = EqualStep(torch.optim.AdamW(rs, lr=1e-2, weight_decay=0.1), [rs[:1], rs[1:]], fused=False)
+    for t in range(3):
+        # Restart the reference from the fused state: bf16 rounding of W is not the thing under test.
+        for p, r in zip(ps, rs):
+            r.data.copy_(p.data)
+            if t:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    ref.state[r][k].copy_(fused.state[p][k])
+        _set_grads(ps, rs, seed=t)
+        fused.step()
+        ref.step()
+        for p, r in zip(ps, rs):
+            assert p.dtype == torch.bfloat16 and fused.state[p]["exp_avg"].dtype == torch.float32
+            _assert_close(p, r, 2.0**-8, 1e-30, f"step {t} bf16 params")
+            for k in ("exp_avg", "exp_avg_sq"):
+                _assert_close(fused.state[p][k], ref.state[r][k], 1e-5, 1e-12, f"step {t} {k}")
+        # The reference measures the rounded bf16 difference; the fused path the exact update: compare
+        # the fused ratios with the float64 ones from the reference's optimizer on the same start.
+        _assert_close(fused.ratios_before, ref.ratios_before, 1e-5, 0.0, f"step {t} ratios")
+
+
+def test_fused_bf16_states_like_torch():
+    # Default state dtype follows the parameter (as torch does), so torch can take over the state.
+    ps = _params([(9, 4), (17,)], dtype=torch.bfloat16)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps], control="none", fused=True)
+    plain = torch.optim.AdamW(qs, lr=1e-2)
+    for t in range(2):
+        _same_grads(ps, qs, seed=t)
+        fused.step()
+        plain.step()
+    for p, q in zip(ps, qs):
+        assert fused.state[p]["exp_avg"].dtype == torch.bfloat16
+        # torch rounds every intermediate to bf16: allow one bf16 ulp (2^-7 relative, up to 2^-6 near 2^k).
+        _assert_close(p, q, 2.0**-6, 1e-30, "bf16 params vs torch")
+
+
+def test_single_pass_uses_previous_scales():
+    ps = _params(ODD_SHAPES[:4])
+    rs = _f64_copy(ps)
+    groups = lambda q: [q[:1], q[1:3], q[3:]]
+    sp = EqualStep(torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), groups(ps), fused=True, mode="single-pass")
+    plain = torch.optim.AdamW(rs, lr=1e-2, weight_decay=0.1)  # float64 AdamW, rescaled by hand below
+    prev = None
+    for t in range(3):
+        _set_grads(ps, rs, seed=t)
+        before = [r.detach().clone() for r in rs]
+        plain.step()
+        with torch.no_grad():
+            r_g = torch.tensor([group_update_ratio(g, b) for g, b in zip(groups(rs), groups(before))], dtype=torch.float64)
+        scales = equal_step_scales(r_g) if prev is None else equal_step_scales(prev)  # step 1 is exact
+        with torch.no_grad():
+            for g, b, s in zip(groups(rs), groups(before), scales.tolist()):
+                for r, r0 in zip(g, b):
+                    r.copy_(r0 + s * (r - r0))
+        sp.step()
+        _assert_close(sp.ratios_before, r_g, 1e-5, 0.0, f"step {t} ratios")
+        _assert_close(sp.scales, scales, 1e-5, 0.0, f"step {t} scales")
+        _assert_close(sp.ratios_after, scales * r_g, 1e-5, 0.0, f"step {t} ratios_after")
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
+        prev = r_g
+
+
+def test_state_dict_round_trip_and_switching_paths():
+    ps = _params(ODD_SHAPES[:3])
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:]], fused=True)
+    b = EqualStep(torch.optim.AdamW(qs, lr=1e-2), [qs[:1], qs[1:]], fused=False)
+    for t in range(4):
+        if t == 2:  # continue a's run on the reference path, b's on the fused one, through state dicts
+            sa, sb = a.state_dict(), b.state_dict()
+            a = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:]], fused=False)
+            b = EqualStep(torch.optim.AdamW(qs, lr=1e-2), [qs[:1], qs[1:]], fused=True)
+            a.load_state_dict(sa)
+            b.load_state_dict(sb)
+        _same_grads(ps, qs, seed=t)
+        a.step()
+        b.step()
+        for p, q in zip(ps, qs):
+            _assert_close(p, q, 1e-5, 1e-6, f"step {t}")
+            assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == t + 1
+    # Reloading a state dict into the same fused wrapper is noticed (new state tensors).
+    b.load_state_dict(a.state_dict())
+    _same_grads(ps, qs, seed=9)
+    b.step()
+    assert float(b.state[qs[0]]["step"]) == 5
+
+
+def test_state_works_with_torch_fused_adamw():
+    # torch's fused=True AdamW wants its step counters on the parameters' device; the fused path
+    # creates them there, so the wrapped optimizer can take over directly.
+    ps = _params([(5, 3), (4,)])
+    opt = torch.optim.AdamW(ps, lr=1e-2, fused=True)
+    e = EqualStep(opt, [ps], fused=True)
+    _same_grads(ps, ps, seed=0)
+    e.step()
+    opt.step()
+    assert float(opt.state[ps[0]]["step"]) == 2
+
+
+def test_closure_and_fused_default_off_on_cpu():
+    ps = _params([(3, 3)])
+    auto = EqualStep(torch.optim.AdamW(ps), [ps])
+    assert auto.fused is False  # CPU parameters: the reference unless forced
+    e = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps], fused=True)
+
+    def closure():
+        ps[0].grad = torch.ones_like(ps[0])
+        return torch.tensor(1.5)
+
+    assert float(e.step(closure)) == 1.5
+    assert float(e.state[ps[0]]["step"]) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_kernel_compiles_for_sm90():
+    # The interpreter accepts code that compiled Triton rejects (e.g. non-constexpr globals): compile
+    # for an H100 in a fresh process without TRITON_INTERPRET. ptxas ships with triton.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import depthfast.kernels.optim as K\n"
+            "for p, s, mode in [('fp32', 'fp32', K.PHASE1), ('bf16', 'fp32', K.PHASE2), ('bf16', 'bf16', K.SINGLE)]:\n"
+            "    c = K.compile_for(90, p, s, mode)\n"
+            "    assert 'atom.global' in c.asm['ptx'] or mode == K.PHASE2\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if "No module named 'triton.backends.nvidia'" in out.stderr:
+        pytest.skip("triton without the CUDA backend")
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_fused_bad_arguments():
+    ps = _params([(3, 3)])
+    with pytest.raises(ValueError, match="SGD"):
+        EqualStep(torch.optim.SGD(ps, lr=0.1, momentum=0.9), [ps], fused=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        EqualStep(torch.optim.AdamW(ps, amsgrad=True), [ps], fused=True)
+    with pytest.raises(ValueError, match="single-pass"):
+        EqualStep(torch.optim.AdamW(ps), [ps], fused=False, mode="single-pass")
+    with pytest.raises(ValueError, match="mode"):
+        EqualStep(torch.optim.AdamW(ps), [ps], fused=True, mode="twice")
+    with pytest.raises(ValueError, match="fused"):
+        EqualStep(torch.optim.AdamW(ps), [ps], fused="yes")
+    with pytest.raises(ValueError, match="state_dtype"):
+        EqualStep(torch.optim.AdamW(ps), [ps], fused=False, state_dtype=torch.float32)
+    assert EqualStep(torch.optim.AdamW(ps, amsgrad=True), [ps]).fused is False  # auto: falls back
+
+
+# -- reference ------------------------------------------------------------------------------------------
+
+def _tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    blocks = [list(b.parameters()) for b in model.transformer.h]
+    emb = list(model.transformer.wte.parameters()) + list(model.transformer.wpe.parameters())
+    seen = {id(p) for g in blocks + [emb] for p in g}
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    return model, [emb] + blocks + [rest]
+
+
+def _train_steps(model, eq, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 16), generator=gen)
+        eq.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        eq.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_equal_step_on_tiny_gpt2(fused):
+    model, groups = _tiny_gpt2()
+    eq = EqualStep(torch.optim.AdamW(model.parameters(), lr=1e-3), groups, fused=fused)
+    _train_steps(model, eq, steps=3)
+    r = eq.ratios_after
+    assert r.shape == (len(groups),) and bool((r > 0).all())
+    assert float((r / r.mean() - 1).abs().max()) < 1e-6
+    assert float(eq.ratios_before.max() / eq.ratios_before.min()) > 1.01  # the control did something
+
+
+def test_reference_against_float64_brute_force():
+    model, groups = _tiny_gpt2()
+    params = [p for g in groups for p in g]
+    w0 = [p.detach().to(torch.float64).clone() for p in params]
+    eq = EqualStep(torch.optim.AdamW(model.parameters(), lr=1e-3), groups, fused=False)
+    # Same step without the control, on a copy, gives the optimizer's ΔW.
+    twin, twin_groups = _tiny_gpt2()
+    twin.load_state_dict(model.state_dict())
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids).loss.backward()
+    twin(input_ids=ids, labels=ids).loss.backward()
+    eq.step()
+    plain.step()
+    it = iter(w0)
+    w0_groups = [[next(it) for _ in g] for g in groups]
+    dw = [[q.detach().to(torch.float64) - w for q, w in zip(tg, wg)] for tg, wg in zip(twin_groups, w0_groups)]
+    r = torch.tensor([math.sqrt(sum(float((d * d).sum()) for d in dg) / sum(float((w * w).sum()) for w in wg))
+                      for dg, wg in zip(dw, w0_groups)], dtype=torch.float64)
+    _assert_close(eq.ratios_before, r, 1e-12, 0.0, "ratios_before")
+    s = r.mean() / r
+    _assert_close(eq.scales, s, 1e-12, 0.0, "scales")
+    for pg, wg, dg, sg in zip(groups, w0_groups, dw, s.tolist()):
+        for p, w, d in zip(pg, wg, dg):
+            _assert_close(p, (w + sg * d).to(torch.float32), 0.0, 0.0, "rescaled params")
+
+
+def test_reference_leaves_state_untouched():
+    model, groups = _tiny_gpt2()
+    twin, _ = _tiny_gpt2()
+    twin.load_state_dict(model.state_dict())
+    eq = EqualStep(torch.optim.AdamW(model.parameters(), lr=1e-3), groups, control="none", fused=False)
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    _train_steps(model, eq, 2)
+    _train_steps(twin, plain, 2)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(eq.state[p][k], plain.state[q][k]), (n, k)
+
+
+def test_by_hand_baseline_matches_reference():
+    # The benchmark's by-hand baseline (fp32 foreach norms): same ratios and params to fp32 accuracy.
+    ps = _params(ODD_SHAPES[:4])
+    rs = _f64_copy(ps)
+    a = ForeachEqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:3], ps[3:]])
+    b = EqualStep(torch.optim.AdamW(rs, lr=1e-2), [rs[:1], rs[1:3], rs[3:]], fused=False)
+    for t in range(2):
+        _set_grads(ps, rs, seed=t)
+        a.step()
+        b.step()
+        _assert_close(a.ratios_before, b.ratios_before, 1e-4, 0.0, "ratios")
+    for p, r in zip(ps, rs):
+        _assert_close(p, r, 2e-5, 1e-6, "params")
+
+
+def test_reference_zero_norm_group_no_nan():
+    ps = _params([(4,), (3,)], zero=(1,))
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    eq = EqualStep(torch.optim.SGD(ps, lr=0.1), [ps[:1], ps[1:]])
+    eq.step()
+    assert math.isinf(float(eq.ratios_before[1])) and float(eq.scales[1]) == 1.0
+    assert not torch.isnan(eq.ratios_after).any()
+    assert eq.target_ratio == pytest.approx(float(eq.ratios_before[0]))
+
+
+def test_reference_bad_arguments():
+    ps = _params([(3,), (2,)])
+    opt = torch.optim.SGD(ps, lr=0.1)
+    for kw, msg in [(dict(control="equal"), "control"), (dict(target=-1.0), "target"), (dict(target="median"), "target"),
+                    (dict(target=float("nan")), "target")]:
+        with pytest.raises(ValueError, match=msg):
+            EqualStep(opt, [ps], **kw)
+    with pytest.raises(ValueError, match="more than one group"):
+        EqualStep(opt, [ps, ps[:1]])
+    with pytest.raises(ValueError, match="non-empty"):
+        EqualStep(opt, [])
+    with pytest.raises(ValueError, match="non-empty"):
+        EqualStep(opt, [ps, []])
