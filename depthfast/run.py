@@ -94,14 +94,14 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.batches import probe_batches
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
+    from depthfast.distance import gradient_alignment_at_init
     from depthfast.distributed import reshard, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import measure_probe, weight_changes
-    from depthfast.metrics import locality_gradient
     from depthfast.memory import check_fits, estimate_run_memory
+    from depthfast.metrics import locality_gradient
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
-    from depthfast.distance import gradient_alignment_at_init
     from depthfast.train import finetune, make_accelerator
 
     started = time.perf_counter()
@@ -157,14 +157,11 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     log = finetune(model, layers, task, tokenizer, cfg, accelerator, progress, out=cfg.out, resume=resume,
                    fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
     results = None
-    final = measure(cfg.steps, show=progress and main) if main or sharded else None
-    if sharded:  # the weight change of sharded groups is an all-reduce: every process takes part
+    if main or sharded:  # under FSDP2 both are collective: every process takes part
+        final = measure(cfg.steps, show=progress and main)
         groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
     if main:
         measured = final.pop("_result")
-        if not sharded:
-            groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
-                                                         for n, ps in layers.param_groups()])
         changes = [1.0 - c for c in measured.cka]
         slope = locality_gradient(depths[1:], changes[1:])
         if cfg.measure_steps():

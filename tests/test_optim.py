@@ -25,34 +25,37 @@ from depthfast.optim import EqualStep, EqualStepAdamW, ForeachEqualStep, equal_s
 os.environ.setdefault("DEPTHFAST_OPTIM_BLOCK", "4096")
 
 ODD_SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (9000,), (33, 17)]
+# On a GPU the kernels run for real on CUDA tensors; on a CPU, in the interpreter (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _params(shapes, dtype=torch.float32, seed=0, zero=()):
+def _params(shapes, dtype=torch.float32, seed=0, zero=(), device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i, s in enumerate(shapes):
         w = torch.zeros(s, dtype=torch.float64) if i in zero else torch.randn(s, generator=gen, dtype=torch.float64)
-        out.append(torch.nn.Parameter(w.to(dtype)))
+        out.append(torch.nn.Parameter(w.to(device=device, dtype=dtype)))
     return out
 
 
 def _f64_copy(params):
-    return [torch.nn.Parameter(p.detach().to(torch.float64).clone()) for p in params]
+    """float64 copies on the CPU: the reference every fused result is checked against."""
+    return [torch.nn.Parameter(p.detach().to("cpu", torch.float64).clone()) for p in params]
 
 
 def _set_grads(params, refs, seed, zero=()):
     gen = torch.Generator().manual_seed(seed)
     for i, (p, r) in enumerate(zip(params, refs)):
         g = torch.zeros(p.shape, dtype=torch.float64) if i in zero else torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        p.grad = g.to(p.dtype)
-        r.grad = p.grad.to(torch.float64)
+        p.grad = g.to(device=p.device, dtype=p.dtype)
+        r.grad = p.grad.to("cpu", torch.float64)
 
 
 def _same_grads(ps, qs, seed):
     gen = torch.Generator().manual_seed(seed)
     for p, q in zip(ps, qs):
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-        q.grad = p.grad.clone()
+        p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+        q.grad = p.grad.to(q.device).clone()
 
 
 def _split(params, sizes):
@@ -286,9 +289,11 @@ def test_state_works_with_torch_fused_adamw():
 
 
 def test_closure_and_fused_default_off_on_cpu():
-    ps = _params([(3, 3)])
+    ps = _params([(3, 3)], device="cpu")
     auto = EqualStep(torch.optim.AdamW(ps), [ps])
     assert auto.fused is False  # CPU parameters: the reference unless forced
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("forcing the fused path on CPU tensors needs the Triton interpreter")
     e = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps], fused=True)
 
     def closure():
