@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # depthfast states itself what matters (fresh heads, etc.)
+        hf_logging.disable_progress_bar()  # weight loading takes seconds; one bar per phase is ours
         run(cfg, progress=not args.quiet, resume=args.resume)
     except DepthfastError as exc:
         print(f"depthfast: error: {exc}", file=sys.stderr)

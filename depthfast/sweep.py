@@ -23,7 +23,7 @@ Resume rule (``plan``): a run is skipped when OUT/<name>/results.json is a reada
 OUT/<name>/config.json equals the expanded config (all RunConfig fields except ``out``). Otherwise it
 runs: results.json of a stale or failed attempt is removed first (so results.json can only mean "this
 config finished"), and ``--resume`` is passed only when the saved config equals the expanded one (an
-interrupted attempt of the same run) and depthfast.run has that flag.
+interrupted attempt of the same run: it continues from its checkpoint, if it wrote one).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def saved_config_matches(run: Run) -> bool:
     return isinstance(saved, dict) and _comparable(saved) == _comparable(run.config.to_dict())
 
 
-def plan(runs: list[Run], resume_supported: bool) -> list[Run]:
+def plan(runs: list[Run]) -> list[Run]:
     """Decide per run: skip (finished under this config) or run, with the reason and the --resume flag."""
     for run in runs:
         results = _read_json(os.path.join(run.directory, "results.json"))
@@ -240,18 +240,8 @@ def plan(runs: list[Run], resume_supported: bool) -> list[Run]:
             run.action = "run"
             run.reason = ("unreadable results.json" if os.path.exists(os.path.join(run.directory, "results.json"))
                           else "unfinished")
-        run.resume = run.action == "run" and same and resume_supported
+        run.resume = run.action == "run" and same
     return runs
-
-
-def resume_supported() -> bool:
-    """Whether ``python -m depthfast.run`` takes --resume (read from its argument parser, no subprocess)."""
-    try:
-        from depthfast.run import build_parser
-
-        return "--resume" in build_parser()._option_string_actions
-    except Exception:  # an older or broken run module: run without it
-        return False
 
 
 def prepare(run: Run) -> None:
@@ -455,7 +445,7 @@ def sweep(grid_path: str, out: str | None = None, workers: int | None = None, dr
     out = out or grid.out
     if not out:
         raise DepthfastError(f"{grid_path}: no output directory; set 'out:' in the grid file or pass --out")
-    runs = plan(build_runs(grid, out), resume_supported())
+    runs = plan(build_runs(grid, out))
     pending = [r for r in runs if r.action == "run"]
     if dry_run:
         echo(format_table(["run", "action", "reason", "resume"],

@@ -96,14 +96,12 @@ def test_plan_decides_skip_and_resume(tmp_path):
     _finish(runs[3], results=None)                                      # interrupted → run with --resume
     _finish(runs[4], config=runs[4].config.to_dict() | {"steps": 999})  # other config → run fresh
     _finish(runs[5], results="{broken")                                 # unreadable results → run
-    sw.plan(runs, resume_supported=True)
+    sw.plan(runs)
     assert [r.action for r in runs] == ["run", "skip", "skip", "run", "run", "run"]
     assert [r.reason for r in runs] == ["new", "finished", "finished", "unfinished", "config changed",
                                         "unreadable results.json"]
     assert [r.resume for r in runs] == [False, False, False, True, False, True]
     assert "--resume" in sw.command(runs[3]) and "--resume" not in sw.command(runs[4])
-    sw.plan(runs, resume_supported=False)
-    assert not any(r.resume for r in runs)
     sw.prepare(runs[4])  # re-running removes the stale results.json and writes the expanded config
     assert not os.path.exists(os.path.join(runs[4].directory, "results.json"))
     assert RunConfig.from_json_file(os.path.join(runs[4].directory, "config.json")).steps == 60
@@ -159,7 +157,7 @@ def test_real_sweep_resumes(tiny_gpt2, tmp_path):
     assert (bad / "run.log").read_text().count("=== depthfast sweep") == 2
 
     (ok / "results.json").unlink()  # a run whose results.json is missing is run again
-    plan = {r.name: r for r in sw.plan(sw.build_runs(sw.load_grid(path), str(out)), sw.resume_supported())}
+    plan = {r.name: r for r in sw.plan(sw.build_runs(sw.load_grid(path), str(out)))}
     assert plan[ok.name].action == "run" and plan[ok.name].reason == "unfinished"
 
 
