@@ -47,8 +47,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # No lower bound above a typical GPU image (torch 2.11, triton 3.6, transformers 5.17, accelerate 1.15).
-        "torch>=2.4",
-        "transformers>=4.46",
+        "torch>=2.6",  # FSDP2 (torch.distributed.fsdp.fully_shard)
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "accelerate>=1.0",
         "datasets>=2.19",
         "safetensors>=0.4",

@@ -25,7 +25,7 @@ fi
 $python -c "import depthfast._ext as e; print('extension:', e.extension(), 'cuda kernels:', e.has_cuda_kernels())"
 
 step "GPU tests"
-$python -m pytest -q -p no:cacheprovider tests/test_cka.py tests/test_optim.py tests/test_optim_fsdp.py \
+$python -m pytest -q -p no:cacheprovider tests/test_cka.py tests/test_optim.py tests/test_optim_fsdp.py tests/test_memory.py \
   2>&1 | tee "$out/tests.log" | tail -20
 
 step "bench_cka"

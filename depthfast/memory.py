@@ -9,7 +9,8 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
     control snapshot   P · b                          the reference EqualStep copies the weights each step
     θ₀ copy            = weights                      the pretrained model, kept to measure against (main process)
     activations        L · t · (18 h + 2.5 a s) · e   saved for backward (Korthikanti et al. 2022's count for a
-                                                      transformer block, e = 2 under bf16 autocast, else 4);
+                                                      transformer block, e = 2 under bf16 autocast, else 4;
+                                                      the a·s score term only for eager attention);
                        with gradient checkpointing: L · t · h · e + one block's full set
     logits             3 · t · V · 4                  LM heads: fp32 logits, softmax, gradient
     measurement        (L+1) · 3 d² · 8 + 2 (L+1) · t_probe · h · 4   float64 CKA statistics + captured activations
@@ -59,7 +60,10 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
     seq = cfg.max_length
     tokens = cfg.batch_size // max(1, num_processes * cfg.grad_accum) * seq
     e = 2 if cfg.precision == "bf16" else 4
-    per_block = tokens * (18 * hidden + 2.5 * heads * seq) * e
+    # Attention scores (a·s per token) are kept for backward by eager attention only; SDPA's fused
+    # kernels recompute them.
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    per_block = tokens * (18 * hidden + (2.5 * heads * seq if eager else 0)) * e
     activations = num_blocks * tokens * hidden * e + per_block if cfg.gradient_checkpointing else num_blocks * per_block
     vocab = getattr(config, "vocab_size", 0) if cfg.objective in ("mlm", "clm") else 0
     probe_tokens = cfg.probe_batch_size * seq

@@ -383,7 +383,7 @@ def plot_slopes(records: list[RunRecord], path: str) -> str | None:
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels([f"{b}\n{o}" for b, o in cats], fontsize=8)
-    ax.set_ylabel("locality gradient (slope of 1 − CKA on depth)")
+    ax.set_ylabel("locality gradient, per-text estimator\n(slope of 1 − CKA on depth)")
     ax.set_title("locality gradient per run (95 % bootstrap CI over probe texts\n"
                  "where measured); bar = mean over runs", fontsize=8)
     ax.legend(title="control", fontsize=8)
@@ -500,19 +500,21 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 
 def run_rows(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    header = ["run", "status", "block", "objective", "control", "seed", "slope", "95% CI", "steepness", "width",
-              "acc/loss tuned"]
+    # Two estimators, both named: the run's headline slope (exact CKA over all probe tokens) and the
+    # per-text estimator that the bootstrap CI belongs to.
+    header = ["run", "status", "block", "objective", "control", "seed", "slope (exact)", "slope (per-text)",
+              "per-text 95% CI", "steepness", "width", "acc/loss tuned"]
     rows = []
     for r in records:
         if not r.ok:
             rows.append([r.name, r.status, "", _fmt(r.get("objective")), _fmt(r.get("control")), _fmt(r.get("seed")),
-                         "", "", "", "", ""])
+                         "", "", "", "", "", ""])
             continue
         y, lo, hi = _slope_point(r)
         probe = r.results.get("probe") or {}
         score = probe.get("accuracy_tuned") if probe.get("accuracy_tuned") is not None else probe.get("loss_tuned")
         rows.append([r.name, r.status, r.get("block_type"), r.get("objective"), r.get("control"), r.get("seed"),
-                     _fmt(y, "+.3e"), f"[{_fmt(lo, '+.2e')}, {_fmt(hi, '+.2e')}]" if lo is not None else "—",
+                     _fmt(r.results.get("locality_gradient"), "+.3e"), _fmt(y, "+.3e"), f"[{_fmt(lo, '+.2e')}, {_fmt(hi, '+.2e')}]" if lo is not None else "—",
                      _fmt(r.metrics.get("steepness"), "+.3f"), _fmt(r.metrics.get("width_fraction"), ".2f"),
                      _fmt(score, ".3f")])
     return header, rows

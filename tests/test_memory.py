@@ -44,3 +44,30 @@ def test_a_run_that_cannot_fit_is_refused():
     with pytest.raises(DepthfastError, match="exceeds the .* GiB of cpu"):
         check_fits(huge, torch.device("cpu"))
     check_fits(MemoryEstimate({"weights": 1 << 20}), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is read from the CUDA allocator")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_brackets_measured_peak_on_gpu(checkpointing):
+    """Weights + gradients + AdamW states + activations + logits of one real training step, against
+    torch.cuda.max_memory_allocated: within a factor of 2 either way (the activation count is a model)."""
+    from transformers import AutoModelForCausalLM
+
+    from depthfast.train import enable_gradient_checkpointing
+
+    spec = lookup("EleutherAI/pythia-160m")
+    model = AutoModelForCausalLM.from_config(spec.config()).cuda()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    cfg = RunConfig(objective="clm", batch_size=4, max_length=512, gradient_checkpointing=checkpointing)
+    estimate = estimate_run_memory(model, cfg, spec.num_layers)
+    training = sum(v for k, v in estimate.parts.items() if k not in ("control snapshot", "θ₀ copy", "measurement"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    batch = torch.randint(0, 50000, (4, 512), device="cuda")
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    assert 0.5 * peak <= training <= 2.0 * peak, f"estimate {training / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"

@@ -188,3 +188,15 @@ def test_trajectory_reuses_base_statistics_exactly(checkpoints, tmp_path):
     final = [r["cka"] for r in results["trajectory"][-1]["layers"]]
     assert final == [r["cka"] for r in results["layers"]]
     assert final == pytest.approx([r["cka"] for r in read_results(plain)["layers"]], abs=1e-12)
+
+
+@pytest.mark.parametrize("pooling,estimator", [("mean", "exact"), ("token", "unbiased"), ("mean", "unbiased")])
+def test_other_poolings_and_estimators(checkpoints, tmp_path, pooling, estimator):
+    out = str(tmp_path / "run")
+    assert main(["--model", checkpoints("bert"), "--objective", "mlm", "--pooling", pooling, "--estimator", estimator,
+                 "--out", out, *FAST]) == 0
+    results = read_results(out)
+    assert (results["pooling"], results["estimator"]) == (pooling, estimator)
+    samples = results["probe"]["samples"]
+    assert samples == results["probe"]["texts"] if pooling == "mean" else samples > results["probe"]["texts"]
+    assert all(r["cka"] <= 1.0 + 1e-9 for r in results["layers"])  # unbiased CKA may dip below 0, not above 1
