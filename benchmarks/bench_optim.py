@@ -145,7 +145,7 @@ def run_shape(name, shape_groups, dtype, warmup, iters, skip):
           f"on {torch.cuda.get_device_name() if GPU else 'CPU'} ==")
     if not GPU:
         print("   (CPU: the fused-* rows run in the Triton interpreter; their timings mean nothing)")
-    print(f"   {'contender':<14} {'ms':>10} {'× fused':>9} {'B/param':>8} {'GB/s':>8} {'peak extra':>11}")
+    print(f"   {'contender':<14} {'ms':>10} {'× torch-fused':>14} {'B/param':>8} {'GB/s':>8} {'peak extra':>11}")
     base_ms = None
     p_bytes = g_bytes = params[0].element_size()
     for label, make, kind in contenders(groups):
@@ -164,7 +164,7 @@ def run_shape(name, shape_groups, dtype, warmup, iters, skip):
             b = bytes_per_param(kind, p_bytes, g_bytes, s_bytes)
             bpp, gbs = str(b), f"{b * n / (ms * 1e-3) / 1e9:.0f}"
         mem = f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a"
-        print(f"   {label:<14} {ms:10.2f} {ratio:>9} {bpp:>8} {gbs:>8} {mem:>11}")
+        print(f"   {label:<14} {ms:10.2f} {ratio:>14} {bpp:>8} {gbs:>8} {mem:>11}")
         del opt, state
         gc.collect()
         if GPU:

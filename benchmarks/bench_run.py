@@ -118,12 +118,12 @@ def main() -> None:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         seconds = train_loop(model, batches, device, control, measure_every, probe, bf16=gpu)
-        peak = torch.cuda.max_memory_allocated() / GiB if gpu else float("nan")
+        peak = f"{torch.cuda.max_memory_allocated() / GiB:.1f}" if gpu else "n/a"  # CPU: no allocator peak
         rows.append((label, seconds, args.batch * args.seq / seconds, peak))
         del model
     print(f"{'contender':<36}{'ms/step':>10}{'tokens/s':>12}{'× plain':>9}{'peak GiB':>10}")
     for label, seconds, tps, peak in rows:
-        print(f"{label:<36}{seconds * 1e3:>10.1f}{tps:>12.0f}{tps / rows[0][2]:>9.3f}{peak:>10.1f}")
+        print(f"{label:<36}{seconds * 1e3:>10.1f}{tps:>12.0f}{tps / rows[0][2]:>9.3f}{peak:>10}")
     if gpu:
         print(f"Pythia-6.9B on {name}: {fits_pythia_6_9b(device, 2048)}")
 
