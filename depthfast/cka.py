@@ -37,6 +37,17 @@ def _as_float64_2d(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
+def _centered_pair(x: torch.Tensor, y: torch.Tensor, min_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n, d1), y (n, d2) in float64 with their column means removed (before any product)."""
+    x = _as_float64_2d("x", x)
+    y = _as_float64_2d("y", y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y need the same number of samples; got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] < min_samples:
+        raise ValueError(f"this measure needs at least {min_samples} samples; got {x.shape[0]}")
+    return x - x.mean(dim=0, keepdim=True), y - y.mean(dim=0, keepdim=True)
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Linear CKA of x (n, d1) and y (n, d2), as a float64 scalar tensor.
 
@@ -44,15 +55,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     feature space (d×d products) or sample space (n×n Grams), whichever is smaller; the two
     are the same quantity since ‖YcᵀXc‖²_F = tr(Xc Xcᵀ Yc Ycᵀ).
     """
-    x = _as_float64_2d("x", x)
-    y = _as_float64_2d("y", y)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y need the same number of samples; got {x.shape[0]} and {y.shape[0]}")
-    if x.shape[0] < 2:
-        raise ValueError(f"CKA needs at least 2 samples; got {x.shape[0]}")
-    xc = x - x.mean(dim=0, keepdim=True)
-    yc = y - y.mean(dim=0, keepdim=True)
-    n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
+    xc, yc = _centered_pair(x, y, min_samples=2)
+    n, d1, d2 = xc.shape[0], xc.shape[1], yc.shape[1]
     if n < max(d1, d2):
         k, l = xc @ xc.T, yc @ yc.T
         cross, xx, yy = (k * l).sum(), torch.linalg.norm(k), torch.linalg.norm(l)
@@ -97,12 +101,7 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         CKA_debiased = HSIC₁(K, L) / sqrt(HSIC₁(K, K) · HSIC₁(L, L)),  K = XcXcᵀ, L = YcYcᵀ,
     with HSIC₁ the unbiased estimator (``hsic1``) on the whole sample. Can be slightly negative.
     """
-    x = _as_float64_2d("x", x)
-    y = _as_float64_2d("y", y)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y need the same number of samples; got {x.shape[0]} and {y.shape[0]}")
-    xc = x - x.mean(dim=0, keepdim=True)
-    yc = y - y.mean(dim=0, keepdim=True)
+    xc, yc = _centered_pair(x, y, min_samples=4)
     k, l = xc @ xc.T, yc @ yc.T
     return _debiased_ratio(hsic1(k, l), hsic1(k, k), hsic1(l, l), what="debiased_cka")
 
@@ -121,12 +120,7 @@ def procrustes_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d²_P = min_Q ‖X̂ − ŶQ‖²_F = 2 − 2‖ŶᵀX̂‖_*,   X̂ = Xc/‖Xc‖_F, Ŷ = Yc/‖Yc‖_F
     (Q orthogonal; for d1 ≠ d2 the narrower side is zero-padded, which leaves ‖·‖_* unchanged).
     """
-    x = _as_float64_2d("x", x)
-    y = _as_float64_2d("y", y)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y need the same number of samples; got {x.shape[0]} and {y.shape[0]}")
-    xc = x - x.mean(dim=0, keepdim=True)
-    yc = y - y.mean(dim=0, keepdim=True)
+    xc, yc = _centered_pair(x, y, min_samples=2)
     nx, ny = torch.linalg.norm(xc), torch.linalg.norm(yc)
     if nx <= 0 or ny <= 0:
         raise DepthfastError("procrustes_distance: one representation has no variance across samples")
