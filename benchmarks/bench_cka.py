@@ -198,6 +198,47 @@ def bench_unbiased(layers, n, d, dtype, device, reps):
         row(f"engine_{space}", ms, base_ms, flops, err)
 
 
+def bench_ride_along(device: str, reps: int) -> None:
+    """The measurement's cost relative to the two forward passes it rides on: a Pythia-shaped base and
+    tuned model (random weights, registry config; a 2-block stand-in on the CPU), hooks on every block,
+    with and without StreamingCKA updates (the engine when built)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from depthfast.layers import BlockCapture, discover_layers
+    from depthfast.registry import lookup
+
+    config = lookup("EleutherAI/pythia-1.4b").config()
+    tokens = (4, 2048)
+    if device == "cpu":  # a stand-in that runs in seconds
+        config.num_hidden_layers, config.hidden_size, config.num_attention_heads = 2, 256, 4
+        config.intermediate_size, tokens = 1024, (4, 256)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    layers_b, layers_t = discover_layers(base), discover_layers(tuned)
+    ids = torch.randint(0, 50000, tokens, device=device)
+    acc = cka.StreamingCKA(layers_b.num_blocks + 1)
+
+    def forwards(measure: bool):
+        with torch.no_grad(), BlockCapture(layers_b) as cb, BlockCapture(layers_t) as ct:
+            base(input_ids=ids)
+            tuned(input_ids=ids)
+            if measure:
+                acc.update(cb.activations, ct.activations)
+
+    plain = timer(device, lambda: forwards(False), reps)
+    measured = timer(device, lambda: forwards(True), reps)
+    print(f"ride-along  {layers_b.num_blocks} blocks × {tokens[0] * tokens[1]} tokens, d {config.hidden_size}, "
+          f"{dtype} on {device} (backend {acc.backend})")
+    print(f"  two forwards with hooks   {plain:9.2f} ms")
+    print(f"  + CKA statistics          {measured:9.2f} ms   (+{100 * (measured / plain - 1):.1f} %; target ≤ 10 % on a GPU)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,6 +257,7 @@ def main() -> None:
         bench_exact(2, 1024, 1024, torch.float32, "cpu", reps, with_reference=False)
         bench_unbiased(4, 256, 512, torch.float32, "cpu", reps)
         bench_unbiased(4, 1024, 128, torch.float32, "cpu", reps)
+    bench_ride_along(args.device, reps)
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
 

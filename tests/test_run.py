@@ -200,3 +200,15 @@ def test_other_poolings_and_estimators(checkpoints, tmp_path, pooling, estimator
     samples = results["probe"]["samples"]
     assert samples == results["probe"]["texts"] if pooling == "mean" else samples > results["probe"]["texts"]
     assert all(r["cka"] <= 1.0 + 1e-9 for r in results["layers"])  # unbiased CKA may dip below 0, not above 1
+
+
+def test_unsupported_family_is_one_clear_line(tmp_path, capsys):
+    import transformers as T
+
+    path = str(tmp_path / "t5")
+    T.T5Model(T.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=64)).save_pretrained(path)
+    capsys.readouterr()  # the save's own progress output
+    assert main(["--model", path, "--out", str(tmp_path / "out"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [e for e in err if e.startswith("depthfast: error:")] and len(err) == 1
+    assert "model type 't5' is not supported" in err[0]
