@@ -104,3 +104,30 @@ def test_gpt_neox_sequential_variant():
     config = tiny_models.CONFIGS["gpt_neox"](64)
     config.use_parallel_residual = False
     assert family_of(config) == ("decoder", "sequential")
+
+
+def test_opt_350m_style_post_ln_with_projection():
+    """OPT-350m: post-LN blocks of width 32 between projected width-16 embeddings; no final norm."""
+    import transformers as T
+
+    from depthfast.models import SequenceClassifier
+
+    config = tiny_models.CONFIGS["opt"](128)
+    config.do_layer_norm_before = False
+    torch.manual_seed(0)
+    backbone = T.AutoModel.from_config(config).eval()
+    layers = discover_layers(backbone)
+    ids = torch.randint(1, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), BlockCapture(layers) as capture:
+        out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    acts = capture.activations
+    assert all(a.shape[-1] == 32 for a in acts)  # blocks are measured at their own width …
+    assert out.last_hidden_state.shape[-1] == 16  # … the model's output is projected down
+    for ours, theirs in zip(acts[:-1], out.hidden_states[:-1]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    embedding_ids = {id(p) for p in dict(layers.param_groups())["embeddings"]}
+    assert id(backbone.decoder.project_in.weight) in embedding_ids
+    assert id(backbone.decoder.project_out.weight) in {id(p) for p in dict(layers.param_groups())["head"]}
+    logits = SequenceClassifier(backbone, 3, pooling="last")(ids, mask).logits
+    assert logits.shape == (2, 3)
