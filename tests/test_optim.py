@@ -8,7 +8,8 @@ gradients. Tolerances per dtype:
         |Δ| ≤ 2^-8 |ref|; states rtol 1e-5; ratios rtol 1e-5 (ratios of the exact update)
     bf16 params and states against torch's own bf16 AdamW: one bf16 ulp (torch rounds intermediates)
     reference on a real model: group ratios after the rescale equal to 1e-6 relative; against a float64
-        brute force, ratios and scales rtol 1e-12 and parameters bit-exact
+        brute force, ratios rtol 1e-8 (ΔW formed in fp32), scales from those ratios rtol 1e-12 and
+        parameters bit-exact
 """
 
 from __future__ import annotations
@@ -394,8 +395,9 @@ def test_reference_against_float64_brute_force():
     dw = [[q.detach().to(torch.float64) - w for q, w in zip(tg, wg)] for tg, wg in zip(twin_groups, w0_groups)]
     r = torch.tensor([math.sqrt(sum(float((d * d).sum()) for d in dg) / sum(float((w * w).sum()) for w in wg))
                       for dg, wg in zip(dw, w0_groups)], dtype=torch.float64)
-    _assert_close(eq.ratios_before, r, 1e-12, 0.0, "ratios_before")
-    s = r.mean() / r
+    # ΔW in fp32 is exact wherever |ΔW| < |W| (Sterbenz) and within one rounding elsewhere: 1e-8 relative
+    _assert_close(eq.ratios_before, r, 1e-8, 0.0, "ratios_before")
+    s = eq.ratios_before.mean() / eq.ratios_before
     _assert_close(eq.scales, s, 1e-12, 0.0, "scales")
     for pg, wg, dg, sg in zip(groups, w0_groups, dw, s.tolist()):
         for p, w, d in zip(pg, wg, dg):
