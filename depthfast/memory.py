@@ -41,9 +41,17 @@ class MemoryEstimate:
 
     def table(self) -> str:
         width = max(len(k) for k in self.parts)
-        lines = [f"{name:<{width}}  {size / GiB:9.3f} GiB" for name, size in self.parts.items()]
-        lines.append(f"{'total':<{width}}  {self.total / GiB:9.3f} GiB")
+        lines = [f"{name:<{width}}  {human_bytes(size):>10}" for name, size in self.parts.items()]
+        lines.append(f"{'total':<{width}}  {human_bytes(self.total):>10}")
         return "\n".join(lines)
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover
 
 
 def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_processes: int = 1,

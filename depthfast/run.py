@@ -173,6 +173,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         if not cfg.keep_checkpoints:
             remove_checkpoints(cfg.out)
         print_table(results)
+        print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, train_log.csv, config.json)")
     accelerator.wait_for_everyone()
     return results
 
