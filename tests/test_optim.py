@@ -348,7 +348,7 @@ def _tiny_gpt2(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16,
                                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = transformers.GPT2LMHeadModel(cfg).to(DEVICE)
     blocks = [list(b.parameters()) for b in model.transformer.h]
     emb = list(model.transformer.wte.parameters()) + list(model.transformer.wpe.parameters())
     seen = {id(p) for g in blocks + [emb] for p in g}
@@ -359,7 +359,7 @@ def _tiny_gpt2(seed=0):
 def _train_steps(model, eq, steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        ids = torch.randint(0, 64, (4, 16), generator=gen)
+        ids = torch.randint(0, 64, (4, 16), generator=gen).to(DEVICE)
         eq.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         eq.step()
@@ -385,7 +385,7 @@ def test_reference_against_float64_brute_force():
     twin, twin_groups = _tiny_gpt2()
     twin.load_state_dict(model.state_dict())
     plain = torch.optim.AdamW(twin.parameters(), lr=1e-3)
-    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     model(input_ids=ids, labels=ids).loss.backward()
     twin(input_ids=ids, labels=ids).loss.backward()
     eq.step()
