@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import os
 import random
 import sys
@@ -123,7 +124,9 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if main and not cfg.no_objective_distance:  # before any step, on the unsharded model
         alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
     sharded = cfg.parallel == "fsdp" and accelerator.num_processes > 1
-    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes, sharded=sharded)
+    fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None  # EqualStep's own choice
+    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes,
+                                   fused_control=fused, sharded=sharded)
     if main and progress:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
