@@ -133,6 +133,30 @@ void launch_prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, 
 
 constexpr int kTile = 64, kKStep = 32, kOffThreads = 128;
 
+// Sum three per-thread partials over a block of kOffThreads threads (warp shuffles, then one shared
+// slot per warp) and add scale × each total to out[0..2]. Every thread of the block must call it.
+__device__ __forceinline__ void block_sum3_atomic_add(double a, double b, double c, double* out, double scale) {
+  __shared__ double red[3][kOffThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+    c += __shfl_down_sync(0xffffffffu, c, off);
+  }
+  if (lane == 0) {
+    red[0][warp] = a;
+    red[1][warp] = b;
+    red[2][warp] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x < 3) {
+    double total = 0.0;
+    for (int w = 0; w < kOffThreads / 32; ++w) total += red[threadIdx.x][w];
+    atomicAdd(out + threadIdx.x, scale * total);
+  }
+}
+
 template <typename T>
 __device__ void accumulate_gram_tile(const T* __restrict__ a, int64_t n, int64_t d, int64_t i0, int64_t j0,
                                      T (*sa)[kKStep + 8], T (*sb)[kKStep + 8],
@@ -186,9 +210,8 @@ __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y,
   __shared__ __align__(32) T sb[kTile][kKStep + 8];
   __shared__ __align__(32) float sk[kTile][kTile + 4];
   __shared__ __align__(32) float sl[kTile][kTile + 4];
-  __shared__ double red[3][kOffThreads / 32];
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 
@@ -222,23 +245,7 @@ __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y,
     s_kk += kv * kv;
     s_ll += lv * lv;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    s_kl += __shfl_down_sync(0xffffffffu, s_kl, off);
-    s_kk += __shfl_down_sync(0xffffffffu, s_kk, off);
-    s_ll += __shfl_down_sync(0xffffffffu, s_ll, off);
-  }
-  if (lane == 0) {
-    red[0][warp] = s_kl;
-    red[1][warp] = s_kk;
-    red[2][warp] = s_ll;
-  }
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    double s = 0.0;
-    for (int w = 0; w < kOffThreads / 32; ++w) s += red[threadIdx.x][w];
-    atomicAdd(out + static_cast<int64_t>(g) * 3 + threadIdx.x, (I == J ? 1.0 : 2.0) * s);
-  }
+  block_sum3_atomic_add(s_kl, s_kk, s_ll, out + static_cast<int64_t>(g) * 3, I == J ? 1.0 : 2.0);
 }
 
 // ---- experimental: one-launch symmetric Gram (SYRK-like) for the exact estimator -------------
@@ -314,7 +321,6 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
 
   const bool mirror = I != J;
   if constexpr (kReduce) {
-    __shared__ double red[3][kOffThreads / 32];
     double s_kl = 0.0, s_kk = 0.0, s_ll = 0.0;
     const double w = mirror ? 2.0 : 1.0;  // an off-diagonal tile stands for its transpose too
     for (int e = threadIdx.x; e < kTile * kTile; e += kOffThreads) {
@@ -325,24 +331,7 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
       else if (i >= d1 && j >= d1) s_ll += w * v * v;
       else if (i < d1) s_kl += v * v;
     }
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      s_kl += __shfl_down_sync(0xffffffffu, s_kl, off);
-      s_kk += __shfl_down_sync(0xffffffffu, s_kk, off);
-      s_ll += __shfl_down_sync(0xffffffffu, s_ll, off);
-    }
-    if (lane == 0) {
-      red[0][warp] = s_kl;
-      red[1][warp] = s_kk;
-      red[2][warp] = s_ll;
-    }
-    __syncthreads();
-    if (threadIdx.x < 3) {
-      double t = 0.0;
-      for (int w2 = 0; w2 < kOffThreads / 32; ++w2) t += red[threadIdx.x][w2];
-      atomicAdd(sq + static_cast<int64_t>(g) * 3 + threadIdx.x, t);
-    }
+    block_sum3_atomic_add(s_kl, s_kk, s_ll, sq + static_cast<int64_t>(g) * 3, 1.0);
     return;
   } else {
     float* sxx_g = sxx + static_cast<int64_t>(g) * d1 * d1;
