@@ -125,6 +125,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
         log.resumed_from = start_step
     measure_steps = cfg.measure_steps()
     main = accelerator.is_main_process
+
     def measure_now(step: int) -> None:  # the main process measures while the others wait …
         entry = measure(step) if main or sharded else None  # … unless the models are sharded: all forward
         accelerator.wait_for_everyone()
