@@ -30,6 +30,9 @@ from depthfast.layers import ModelLayers
 from depthfast.optim import EqualStep
 
 
+LOG_EVERY = 10  # steps between host synchronisations for the per-step log
+
+
 @dataclass
 class TrainLog:
     group_names: list[str]
@@ -138,6 +141,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
                                cfg.max_length, cfg.mlm_probability, cfg.seed, start_step=start_step)
     writer = open_tensorboard(out) if cfg.tensorboard and main and out else None
     model_p.train()
+    pending: list = []  # (step, loss, lr, ratios before, ratios after) not yet copied to the host
     started, seconds_before = time.perf_counter(), log.seconds
     bar = tqdm(range(start_step, cfg.steps), desc=f"fine-tune ({cfg.control})", disable=not (progress and main),
                unit="step", initial=start_step, total=cfg.steps)
@@ -154,34 +158,53 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
                     loss = model_p(**piece).loss / cfg.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach().double()
-        value = float(accelerator.reduce(step_loss, reduction="mean"))
-        if not math.isfinite(value):
-            raise DepthfastError(f"loss is {value} at step {step + 1}; lower --lr (now {cfg.lr:g}) or check the data")
-        log.lr.append(scheduler.get_last_lr()[0])
+        lr = scheduler.get_last_lr()[0]
         control.step()
         control.zero_grad(set_to_none=True)
         scheduler.step()
-        log.loss.append(value)
-        log.ratios_before.append(control.ratios_before.tolist())
-        log.ratios_after.append(control.ratios_after.tolist())
-        log.tokens += int(batch["attention_mask"].sum())
-        log.seconds = seconds_before + time.perf_counter() - started
-        bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{log.tokens / max(log.seconds, 1e-9):.0f}")
         done = step + 1
-        if writer is not None:
-            writer.add_scalar("loss", value, done)
-            writer.add_scalar("lr", log.lr[-1], done)
-            for name, before, after in zip(log.group_names, log.ratios_before[-1], log.ratios_after[-1]):
-                writer.add_scalars(f"update_ratio/{name}", {"before": before, "after": after}, done)
-        if measure and done in measure_steps and done < cfg.steps:
+        # Loss and ratios stay on the device until the next flush: one host synchronisation every
+        # LOG_EVERY steps, not one per step (the fused control itself never waits for the device).
+        pending.append((done, accelerator.reduce(step_loss, reduction="mean"), lr,
+                        control.ratios_before.detach().clone(), control.ratios_after.detach().clone()))
+        log.tokens += int(batch["attention_mask"].sum())
+        at_measure = measure is not None and done in measure_steps and done < cfg.steps
+        at_checkpoint = bool(out and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps)
+        if len(pending) >= LOG_EVERY or at_measure or at_checkpoint or done == cfg.steps:
+            flush(pending, log, writer, cfg)  # raises on a non-finite loss, before any checkpoint is written
+            log.seconds = seconds_before + time.perf_counter() - started
+            bar.set_postfix(loss=f"{log.loss[-1]:.3f}", tok_s=f"{log.tokens / max(log.seconds, 1e-9):.0f}")
+        if at_measure:
             measure_now(done)
             model_p.train()
-        if out and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if at_checkpoint:
             save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint,
                             rank=rank, is_main=main, barrier=accelerator.wait_for_everyone, sharded=sharded)
     if writer is not None:
         writer.close()
     return log
+
+
+def flush(pending: list, log: TrainLog, writer, cfg: RunConfig) -> None:
+    """Copy the pending steps' loss and ratios to the host (one synchronisation) and append them to the log."""
+    if not pending:
+        return
+    losses = torch.stack([loss for _, loss, _, _, _ in pending]).tolist()
+    before = torch.stack([b for _, _, _, b, _ in pending]).tolist()
+    after = torch.stack([a for _, _, _, _, a in pending]).tolist()
+    for (done, _, lr, _, _), value, ratio_before, ratio_after in zip(pending, losses, before, after):
+        if not math.isfinite(value):
+            raise DepthfastError(f"loss is {value} at step {done}; lower --lr (now {cfg.lr:g}) or check the data")
+        log.loss.append(value)
+        log.lr.append(lr)
+        log.ratios_before.append(ratio_before)
+        log.ratios_after.append(ratio_after)
+        if writer is not None:
+            writer.add_scalar("loss", value, done)
+            writer.add_scalar("lr", lr, done)
+            for name, b, a in zip(log.group_names, ratio_before, ratio_after):
+                writer.add_scalars(f"update_ratio/{name}", {"before": b, "after": a}, done)
+    pending.clear()
 
 
 def open_tensorboard(out: str):
