@@ -148,8 +148,9 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
 
     def measure(step: int, show: bool = False) -> dict:
-        result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator, show,
-                               cka=reuse.get("cka"))
+        with accelerator.autocast():  # the precision the model trains in (bf16 GEMMs under --precision bf16)
+            result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator,
+                                   show, cka=reuse.get("cka"))
         reuse["cka"] = result.accumulator
         reshard(base, model)
         changes = [1.0 - c for c in result.cka]

@@ -212,3 +212,14 @@ def test_unsupported_family_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [e for e in err if e.startswith("depthfast: error:")] and len(err) == 1
     assert "model type 't5' is not supported" in err[0]
+
+
+def test_bf16_run_measures_in_its_own_precision(checkpoints, tmp_path):
+    """Under --precision bf16 both models are measured under the same autocast: θ₀ against itself is
+    exactly unchanged, and training still registers as change."""
+    out = str(tmp_path / "bf16")
+    assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--precision", "bf16",
+                 "--measure-at", "0", "--out", out, *FAST]) == 0
+    results = read_results(out)
+    assert [r["change"] for r in results["trajectory"][0]["layers"]] == [0.0] * 4
+    assert all(r["change"] > 0 for r in results["layers"][1:])
