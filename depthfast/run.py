@@ -103,7 +103,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.metrics import locality_gradient
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
-    from depthfast.train import finetune, make_accelerator
+    from depthfast.train import autocast, finetune, make_accelerator
 
     started = time.perf_counter()
     resolve_device(cfg.device)  # a clear error for a bad or missing device before any work
@@ -148,7 +148,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
 
     def measure(step: int, show: bool = False) -> dict:
-        with accelerator.autocast():  # the precision the model trains in (bf16 GEMMs under --precision bf16)
+        with autocast(cfg, device):  # the precision the model trains in (bf16 GEMMs under --precision bf16)
             result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator,
                                    show, cka=reuse.get("cka"))
         reuse["cka"] = result.accumulator

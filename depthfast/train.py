@@ -78,7 +78,14 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    # Precision is not accelerate's business here (see ``autocast``): its state is process-wide and
+    # refuses a second run in the same process with another setting.
+    return Accelerator(cpu=cpu)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    """bf16 autocast over fp32 weights under --precision bf16 (training and measurement alike), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def shard(batch: dict, rank: int, world: int, micro: int, num_micro: int) -> dict:
@@ -154,7 +161,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
             if sharded:
                 model.set_requires_gradient_sync(last)
             with accelerator.no_sync(model_p) if not (last or sharded) else contextlib.nullcontext():
-                with accelerator.autocast():
+                with autocast(cfg, accelerator.device):
                     loss = model_p(**piece).loss / cfg.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach().double()
