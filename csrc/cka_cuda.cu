@@ -133,6 +133,17 @@ void launch_prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, 
 
 constexpr int kTile = 64, kKStep = 32, kOffThreads = 128;
 
+// Block index p → tile pair (I, J), I ≤ J, counting row by row along the upper triangle of a
+// tiles × tiles grid: the symmetric products launch one block per pair.
+__device__ __forceinline__ void upper_tile_pair(int64_t p, int64_t tiles, int64_t& I, int64_t& J) {
+  I = 0;
+  while (p >= tiles - I) {
+    p -= tiles - I;
+    ++I;
+  }
+  J = I + p;
+}
+
 // Sum three per-thread partials over a block of kOffThreads threads (warp shuffles, then one shared
 // slot per warp) and add scale × each total to out[0..2]. Every thread of the block must call it.
 __device__ __forceinline__ void block_sum3_atomic_add(double a, double b, double c, double* out, double scale) {
@@ -195,13 +206,8 @@ template <typename T>
 __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y, double* __restrict__ out, int64_t n,
                                int64_t d1, int64_t d2, int64_t tiles) {
   using namespace nvcuda;
-  // Tile pair p → (I, J), I ≤ J, row by row of the upper triangle.
-  int64_t p = blockIdx.x, I = 0;
-  while (p >= tiles - I) {
-    p -= tiles - I;
-    ++I;
-  }
-  const int64_t J = I + p;
+  int64_t I, J;
+  upper_tile_pair(blockIdx.x, tiles, I, J);
   const int g = blockIdx.y;
   const T* xg = x + static_cast<int64_t>(g) * n * d1;
   const T* yg = y + static_cast<int64_t>(g) * n * d2;
@@ -263,12 +269,8 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
                             float* __restrict__ syy, float* __restrict__ syx, double* __restrict__ sq, int64_t n,
                             int64_t d1, int64_t d2, int64_t tiles, bool skip_xx) {
   using namespace nvcuda;
-  int64_t p = blockIdx.x, I = 0;
-  while (p >= tiles - I) {
-    p -= tiles - I;
-    ++I;
-  }
-  const int64_t J = I + p;
+  int64_t I, J;
+  upper_tile_pair(blockIdx.x, tiles, I, J);
   if (skip_xx && (J + 1) * kTile <= d1) return;  // tile entirely in the kept base block
   const int g = blockIdx.y;
   const int64_t D = d1 + d2;
