@@ -16,7 +16,8 @@ import random
 import sys
 import time
 
-from depthfast.config import CONTROLS, OBJECTIVES, RunConfig
+from depthfast.cka import ESTIMATORS, POOLINGS
+from depthfast.config import CONTROLS, OBJECTIVES, PARALLEL, PRECISIONS, RunConfig
 from depthfast.errors import DepthfastError
 
 HELP = {
@@ -33,9 +34,8 @@ HELP = {
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
 }
-CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": ("token", "mean"), "parallel": ("ddp", "fsdp"),
-           "precision": ("fp32", "bf16"),
-           "estimator": ("exact", "unbiased")}
+CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": POOLINGS, "estimator": ESTIMATORS,
+           "parallel": PARALLEL, "precision": PRECISIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,20 +71,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DepthfastError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DepthfastError("device 'cuda' requested but no GPU is available")
-    return device
-
-
 def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Fine-tune, measure, write ``cfg.out``; returns the results dictionary (also results.json).
 
@@ -106,7 +92,6 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.train import autocast, finetune, make_accelerator
 
     started = time.perf_counter()
-    resolve_device(cfg.device)  # a clear error for a bad or missing device before any work
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     check_objective(load_config(cfg.model), cfg.objective)  # fail before any data is read

@@ -73,14 +73,29 @@ def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device ("auto": a GPU if there is one); a clear error for a bad or missing one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DepthfastError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DepthfastError("device 'cuda' requested but no GPU is available")
+    return device
+
+
 def make_accelerator(cfg: RunConfig):
     """One Accelerator per process: single device, or DDP when launched with torchrun / accelerate launch."""
     from accelerate import Accelerator
 
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)  # accelerate places a single process on the current GPU
     # Precision is not accelerate's business here (see ``autocast``): its state is process-wide and
     # refuses a second run in the same process with another setting.
-    return Accelerator(cpu=cpu)
+    return Accelerator(cpu=device.type == "cpu")
 
 
 def autocast(cfg: RunConfig, device: torch.device):
