@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthfast.cka import StreamingCKA, pool_activations
-from depthfast.distributed import is_sharded, local_shard, sum_over_shards
+from depthfast.distributed import group_sums_of_squares
 from depthfast.layers import BlockCapture, ModelLayers
 from depthfast.metrics import per_text_hsic_batch
 
@@ -98,18 +98,6 @@ def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
 
     Sharded (FSDP2) parameters: local sums, then one all-reduce of the (groups, 2) partial sums.
     """
-    sums = torch.zeros(len(base_groups), 2, dtype=torch.float64)
-    sharded = False
-    for g, ((_, base), (_, tuned)) in enumerate(zip(base_groups, tuned_groups)):
-        for b, t in zip(base, tuned):
-            sharded |= is_sharded(t)
-            b, t = local_shard(b).double(), local_shard(t).double()
-            sums[g, 0] += float(((t - b) ** 2).sum())
-            sums[g, 1] += float((b ** 2).sum())
-    sums = sum_over_shards(sums.to(_device_of(tuned_groups)), sharded).cpu()
-    return {name: math.sqrt(float(d) / float(n)) if n > 0 else 0.0
-            for (name, _), (d, n) in zip(base_groups, sums.tolist())}
-
-
-def _device_of(groups) -> torch.device:
-    return next((local_shard(t).device for _, ts in groups for t in ts), torch.device("cpu"))
+    sums = group_sums_of_squares([t for _, t in tuned_groups], [b for _, b in base_groups])
+    return {name: math.sqrt(delta / norm) if norm > 0 else 0.0
+            for (name, _), (delta, norm) in zip(base_groups, sums.tolist())}

@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from depthfast.distributed import dtensor_type, is_sharded, local_shard, sum_over_shards
+from depthfast.distributed import dtensor_type, group_sums_of_squares, local_shard
 
 CONTROLS = ("equal-step", "none")
 MODES = ("exact", "single-pass")
@@ -194,32 +194,9 @@ def _rescale_update(shard: torch.Tensor, before: torch.Tensor, scale: float) -> 
 
 
 def _reference_ratios(groups, before) -> torch.Tensor:
-    """Per-group r_g (float64 (G,), on the CPU) from float64 sums over local shards, all-reduced if sharded."""
-    sums = torch.zeros(len(groups), 2, dtype=torch.float64)
-    for index, (params, snapshot) in enumerate(zip(groups, before)):
-        sums[index] = torch.tensor(_squared_sums(params, snapshot), dtype=torch.float64)
-    sharded = any(is_sharded(p) for g in groups for p in g)
-    if sharded:
-        device = local_shard(groups[0][0]).device
-        sums = sum_over_shards(sums.to(device), sharded).cpu()
+    """Per-group r_g (float64 (G,), on the CPU) from float64 sums over every process's shards."""
+    sums = group_sums_of_squares(groups, before)
     return ratios_from_sums(sums[:, 0], sums[:, 1])
-
-
-def _squared_norm(t: torch.Tensor) -> float:
-    """‖t‖² accumulated in float64 (without a float64 copy of t)."""
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
-
-
-def _squared_sums(params, before) -> tuple[float, float]:
-    """(Σ‖W(t+1) − W(t)‖², Σ‖W(t)‖²) over this process's part of a group, sums in float64.
-
-    ΔW is formed in the parameters' format: exact (Sterbenz) for every element a step moves by less
-    than its own magnitude, within one rounding elsewhere; measured effect on r_g ≈ 1e-9 relative.
-    Only the squares are accumulated wide, so no float64 copy of the weights is made.
-    """
-    delta_sq = sum(_squared_norm(local_shard(p) - b) for p, b in zip(params, before))
-    weight_sq = sum(_squared_norm(b) for b in before)
-    return delta_sq, weight_sq
 
 
 class EqualStepAdamW(EqualStep):
@@ -332,13 +309,11 @@ def fused_unsupported_reason(optimizer, groups, forced: bool = False) -> str | N
 
 
 def group_update_ratio(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> float:
-    """‖W(t+1) − W(t)‖_F / ‖W(t)‖_F over a (non-sharded) group, sums of squares in float64.
+    """‖W(t+1) − W(t)‖_F / ‖W(t)‖_F over a group, sums of squares in float64.
 
     Returns 0.0 for a zero update and +inf for a non-zero update of an all-zero group.
     """
-    delta_sq, weight_sq = _squared_sums(params, before)
-    f64 = torch.float64
-    return float(ratios_from_sums(torch.tensor([delta_sq], dtype=f64), torch.tensor([weight_sq], dtype=f64))[0])
+    return float(_reference_ratios([params], [before])[0])
 
 
 def ratios_from_sums(delta_sq: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
