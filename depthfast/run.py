@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()  # depthfast states itself what matters (fresh heads, etc.)
         hf_logging.disable_progress_bar()  # weight loading takes seconds; one bar per phase is ours
+        if args.quiet:
+            import datasets
+
+            datasets.disable_progress_bars()
         run(cfg, progress=not args.quiet, resume=args.resume)
     except DepthfastError as exc:
         print(f"depthfast: error: {exc}", file=sys.stderr)
