@@ -1,37 +1,48 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, for a session that has one (about 6–8 minutes on an H100):
-# build depthfast._C with its CUDA kernels in place, run the GPU tests (CKA engine, fused optimizer,
-# FSDP2), then every benchmark. Results go to $OUT (or ./gpu_results).
-#   bash benchmarks/gpu_check.sh
+# Everything that needs a GPU, in one command, for a session that has one: build depthfast._C with its
+# CUDA kernels in place, run the GPU tests (CKA engine, fused optimizer, memory), then the benchmarks in
+# the order of what is still unmeasured (#3 optimizer, #4 CKA, then the runner). Results go to $OUT (or
+# ./gpu_results).
+#   bash benchmarks/gpu_check.sh                 # the whole check within BUDGET_S seconds (default 540)
+#   BUDGET_S=300 bash benchmarks/gpu_check.sh    # less: later steps get what is left, or are skipped
+# Each step runs under `timeout` with at most its own cap and what is left of the budget, so the script
+# ends inside a 10-minute call and every finished step's output is already under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
-step() { echo; echo "== $1 ($(date +%T))"; }
+budget=${BUDGET_S:-540}
+t0=$SECONDS
 
-step "device and versions"
+# run_step NAME CAP LOG CMD...: runs CMD with min(CAP, budget left − 5 s) seconds, output to $out/LOG.
+run_step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$(( budget - (SECONDS - t0) - 5 ))
+  (( left < cap )) && cap=$left
+  echo; echo "== $name ($(date +%T), ${cap}s of $(( budget - (SECONDS - t0) ))s left)"
+  if (( cap < 20 )); then echo "skipped: budget spent" | tee "$out/$log"; return; fi
+  timeout "$cap" "$@" 2>&1 | tee "$out/$log"
+  local rc=${PIPESTATUS[0]}
+  (( rc == 124 )) && echo "(stopped after ${cap}s)" | tee -a "$out/$log"
+  return 0
+}
+
+echo "== device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $python -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" \
   | tee -a "$out/device.txt"
 
-step "build the extension (C++ and CUDA) in place"
-rm -rf build depthfast/_C*.so
-if ! $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "build failed: the CKA engine tests below run on the reference only"
-fi
-$python -c "import depthfast._ext as e; print('extension:', e.extension(), 'cuda kernels:', e.has_cuda_kernels())"
-
-step "GPU tests"
-$python -m pytest -q -p no:cacheprovider tests/test_cka.py tests/test_optim.py tests/test_optim_fsdp.py tests/test_memory.py \
-  2>&1 | tee "$out/tests.log" | tail -20
-
-step "bench_cka"
-timeout 240 $python benchmarks/bench_cka.py --device cuda 2>&1 | tee "$out/bench_cka.txt"
-step "bench_optim"
-timeout 240 $python benchmarks/bench_optim.py 2>&1 | tee "$out/bench_optim.txt"
-step "bench_run"
-timeout 240 $python benchmarks/bench_run.py 2>&1 | tee "$out/bench_run.txt"
-step "done"
+build="rm -rf build depthfast/_C*.so
+MAX_JOBS=\${MAX_JOBS:-8} $python setup.py build_ext --inplace > $out/build.log 2>&1 \\
+  || { tail -40 $out/build.log; echo 'build failed: the CKA engine runs on the reference only'; }
+$python -c \"import depthfast._ext as e; print('extension:', e.extension(), 'cuda kernels:', e.has_cuda_kernels())\""
+run_step "build the extension (C++ and CUDA) in place" 180 build.txt bash -c "$build"
+run_step "GPU tests" 150 tests.log $python -m pytest -q -p no:cacheprovider -rs \
+  tests/test_cka.py tests/test_optim.py tests/test_optim_fsdp.py tests/test_memory.py
+run_step "bench_optim (#3)" 150 bench_optim.txt $python benchmarks/bench_optim.py
+run_step "bench_cka (#4)" 150 bench_cka.txt $python benchmarks/bench_cka.py --device cuda
+run_step "bench_run (#5)" 120 bench_run.txt $python benchmarks/bench_run.py
+echo; echo "== done after $(( SECONDS - t0 ))s"

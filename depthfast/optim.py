@@ -302,9 +302,17 @@ def fused_unsupported_reason(optimizer, groups, forced: bool = False) -> str | N
         if os.environ.get("TRITON_INTERPRET") != "1":
             return f"parameters are on {device}: set TRITON_INTERPRET=1 (before importing depthfast) to run the kernels on a CPU"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed"
+    if device.type != "cuda":
+        from depthfast.kernels import optim as kernels
+
+        if not kernels.interpreter_runs_loops():
+            import numpy
+
+            return (f"the Triton interpreter of triton {triton.__version__} cannot run the kernels' loops with "
+                    f"numpy {numpy.__version__} (triton 3.9's interpreter runs them)")
     return None
 
 

@@ -157,6 +157,32 @@ def _adam_equal_step_kernel(
                 tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
 
 
+@triton.jit
+def _loop_probe_kernel(out, n):
+    acc = 0.0
+    for _ in range(0, n):  # a run-time bound, as in the kernel above
+        acc += 1.0
+    tl.store(out, acc)
+
+
+_interpreter_verdict: bool | None = None
+
+
+def interpreter_runs_loops() -> bool:
+    """Whether this Triton interpreter runs loops with run-time bounds (cached; only meaningful under
+    TRITON_INTERPRET=1). Triton 3.6's interpreter converts the bound with ``int()`` of a 1-element
+    array, which NumPy ≥ 2.4 refuses; Triton 3.9 squeezes first."""
+    global _interpreter_verdict
+    if _interpreter_verdict is None:
+        out = torch.zeros(1)
+        try:
+            _loop_probe_kernel[(1,)](out, 3)
+            _interpreter_verdict = float(out[0]) == 3.0
+        except Exception:  # the interpreter wraps the TypeError in its own error class
+            _interpreter_verdict = False
+    return _interpreter_verdict
+
+
 class Tables:
     """Device tables of one dtype bucket (same dtypes of p, grad and states); see the module docstring."""
 

@@ -38,9 +38,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from depthfast.optim import EqualStep
+        from depthfast.optim import EqualStep, fused_unsupported_reason
 
         sharded, plain = _model(), _model()
+        probe = torch.optim.AdamW(plain.parameters())
+        reason = fused_unsupported_reason(probe, [list(plain.parameters())], forced=True)
+        if reason is not None:
+            # e.g. a GPU image whose older Triton interpreter cannot run the kernels on CPU tensors
+            if rank == 0:
+                torch.save(reason, out)
+            return
         mesh = init_device_mesh("cpu", (world,))
         for layer in (sharded[0], sharded[2], sharded[4]):
             fully_shard(layer, mesh=mesh)
@@ -73,7 +80,10 @@ def test_fused_equal_step_under_fsdp2_matches_unsharded(tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
-    ratios, full, ref = torch.load(out)
+    saved = torch.load(out)
+    if isinstance(saved, str):
+        pytest.skip(f"the fused path cannot run on CPU tensors here: {saved}")
+    ratios, full, ref = saved
     for after_s, after_p, before_s, before_p in ratios:
         torch.testing.assert_close(before_s, before_p, rtol=1e-6, atol=0.0)
         torch.testing.assert_close(after_s, after_p, rtol=1e-6, atol=0.0)
