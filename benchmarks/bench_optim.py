@@ -3,9 +3,9 @@
     python benchmarks/bench_optim.py                # full sizes on a GPU; tiny sizes on a CPU
     python benchmarks/bench_optim.py --drift-only   # only the single-pass drift measurement
 
-Contenders (one optimizer step each, gradients fixed):
-    torch-fused     torch.optim.AdamW(fused=True), no control                      (the 1.00× line)
-    torch-foreach   torch.optim.AdamW(foreach=True), no control
+Contenders (one optimizer step each, gradients fixed), for AdamW and for SGD with momentum 0.9:
+    torch-fused     torch.optim.AdamW / SGD (fused=True), no control               (the 1.00× line)
+    torch-foreach   the same with foreach=True, no control
     by-hand         depthfast.optim.ForeachEqualStep: snapshot + step + _foreach_norm + rescale
     reference       depthfast.optim.EqualStep(fused=False): snapshot, float64 norms, host syncs
     fused-exact     EqualStep(fused=True): two passes, ratios equal every step
@@ -13,11 +13,13 @@ Contenders (one optimizer step each, gradients fixed):
     fused-none      EqualStep(fused=True, control="none"): AdamW plus the per-group ratios
 
 Shapes: "pythia-1.4b" (24 blocks, d 2048, vocab 50304: 1.41 B fp32 parameters, 26 groups: embedding,
-each block, head) and "many-small" (4000 bf16 tensors of 1 K–64 K elements, 100 groups). On a CPU
+each block, head) and "many-small" (4000 bf16 tensors of 1 K–64 K elements, 100 groups); SGD runs the
+first only. On a CPU
 both are shrunk and the fused contenders run in the Triton interpreter: those timings mean nothing.
 
 Columns: median ms per step, ratio to torch-fused, GB/s against the contender's byte count (see
-depthfast.optim: 2P+G+4S for one pass, 3P+G+6S for exact, 16P+G+4S by hand; none for the reference),
+depthfast.optim; AdamW: 2P+G+4S for one pass, 3P+G+6S for exact, 16P+G+4S by hand; SGD: 2P+G+2S,
+3P+G+3S, 16P+G+2S; none for the reference),
 peak extra device memory over the step (GPU only).
 
 The drift section trains a tiny character-level GPT-2 (Python's own docs as text) with the fused
@@ -83,28 +85,34 @@ def materialize(shape_groups, dtype):
 
 # -- contenders -------------------------------------------------------------------------------------
 
-def _adamw(params, **kw):
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **kw)
+OPTIMIZERS = {
+    "adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **kw),
+    "sgd": lambda params, **kw: torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1, **kw),
+}
 
 
-def contenders(groups):
+def contenders(groups, algo):
+    make = OPTIMIZERS[algo]
     params = [p for g in groups for p in g]
-    yield "torch-fused", lambda: _adamw(params, fused=True), None
-    yield "torch-foreach", lambda: _adamw(params, foreach=True), None
-    yield "by-hand", lambda: ForeachEqualStep(_adamw(params, fused=True), groups), "by-hand"
-    yield "reference", lambda: EqualStep(_adamw(params, foreach=True), groups, fused=False), None
-    yield "fused-exact", lambda: EqualStep(_adamw(params), groups, fused=True), "exact"
-    yield "fused-1pass", lambda: EqualStep(_adamw(params), groups, fused=True, mode="single-pass"), "single"
-    yield "fused-none", lambda: EqualStep(_adamw(params), groups, fused=True, control="none"), "single"
+    yield "torch-fused", lambda: make(params, fused=True), None
+    yield "torch-foreach", lambda: make(params, foreach=True), None
+    yield "by-hand", lambda: ForeachEqualStep(make(params, fused=True), groups), "by-hand"
+    yield "reference", lambda: EqualStep(make(params, foreach=True), groups, fused=False), None
+    yield "fused-exact", lambda: EqualStep(make(params), groups, fused=True), "exact"
+    yield "fused-1pass", lambda: EqualStep(make(params), groups, fused=True, mode="single-pass"), "single"
+    yield "fused-none", lambda: EqualStep(make(params), groups, fused=True, control="none"), "single"
 
 
-def bytes_per_param(kind, p_bytes, g_bytes, s_bytes):
+def bytes_per_param(kind, algo, p_bytes, g_bytes, s_bytes):
+    """Bytes moved per parameter (see the docstrings of depthfast.optim and depthfast.kernels.optim):
+    Adam keeps two states (read and written once per pass), SGD with momentum one."""
+    states = 2 if algo == "adamw" else 1
     if kind is None or kind == "single":
-        return 2 * p_bytes + g_bytes + 4 * s_bytes
+        return 2 * p_bytes + g_bytes + 2 * states * s_bytes
     if kind == "exact":
-        return 3 * p_bytes + g_bytes + 6 * s_bytes
+        return 3 * p_bytes + g_bytes + 3 * states * s_bytes
     if kind == "by-hand":
-        return 16 * p_bytes + g_bytes + 4 * s_bytes
+        return 16 * p_bytes + g_bytes + 2 * states * s_bytes
     raise ValueError(kind)
 
 
@@ -137,31 +145,36 @@ def time_step(opt, warmup: int, iters: int):
     return statistics.median(times), peak
 
 
-def run_shape(name, shape_groups, dtype, warmup, iters, skip):
+def run_shape(name, shape_groups, dtype, warmup, iters, skip, algo="adamw"):
     groups = materialize(shape_groups, dtype)
     params = [p for g in groups for p in g]
     n = sum(p.numel() for p in params)
-    print(f"\n== {name}: {n / 1e6:.2f} M params in {len(params)} tensors, {len(groups)} groups, {dtype} "
-          f"on {torch.cuda.get_device_name() if GPU else 'CPU'} ==")
+    label_algo = {"adamw": "AdamW", "sgd": "SGD momentum 0.9"}[algo]
+    print(f"\n== {label_algo}, {name}: {n / 1e6:.2f} M params in {len(params)} tensors, {len(groups)} groups, "
+          f"{dtype} on {torch.cuda.get_device_name() if GPU else 'CPU'} ==")
     if not GPU:
         print("   (CPU: the fused-* rows run in the Triton interpreter; their timings mean nothing)")
     print(f"   {'contender':<14} {'ms':>10} {'× torch-fused':>14} {'B/param':>8} {'GB/s':>8} {'peak extra':>11}")
     base_ms = None
     p_bytes = g_bytes = params[0].element_size()
-    for label, make, kind in contenders(groups):
+    for label, make, kind in contenders(groups, algo):
         if label in skip:
             continue
-        opt = make()
+        try:
+            opt = make()
+        except (RuntimeError, ValueError) as e:  # e.g. a torch without fused SGD on this device
+            print(f"   {label:<14} not run: {str(e).splitlines()[0][:90]}")
+            continue
         it = iters if label != "reference" else max(1, iters // 4)
         ms, peak = time_step(opt, warmup if label != "reference" else 1, it)
         state = (opt.optimizer if hasattr(opt, "optimizer") else opt).state
-        s_bytes = state[params[0]]["exp_avg"].element_size()
+        s_bytes = next(iter(t for t in state[params[0]].values() if t is not None and t.dim())).element_size()
         base_ms = ms if label == "torch-fused" else base_ms
         ratio = f"{ms / base_ms:8.2f}×" if base_ms else "      —"
         if label == "reference":
             bpp, gbs = "—", "—"
         else:
-            b = bytes_per_param(kind, p_bytes, g_bytes, s_bytes)
+            b = bytes_per_param(kind, algo, p_bytes, g_bytes, s_bytes)
             bpp, gbs = str(b), f"{b * n / (ms * 1e-3) / 1e9:.0f}"
         mem = f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a"
         print(f"   {label:<14} {ms:10.2f} {ratio:>14} {bpp:>8} {gbs:>8} {mem:>11}")
@@ -226,6 +239,7 @@ def main(argv=None):
     ap.add_argument("--drift-steps", type=int, default=100 if GPU else 12)
     ap.add_argument("--skip", default="", help="comma-separated contenders to leave out")
     ap.add_argument("--drift-controls", default="none,exact,single-pass")
+    ap.add_argument("--no-sgd", action="store_true", help="leave out the SGD-with-momentum section")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.time()
@@ -233,9 +247,13 @@ def main(argv=None):
         if GPU:
             run_shape("pythia-1.4b", *pythia_like(24, 2048, 50304), warmup=3, iters=args.iters, skip=skip)
             run_shape("many-small", *many_small(4000, 1024, 65536, 100), warmup=3, iters=args.iters, skip=skip)
+            if not args.no_sgd:
+                run_shape("pythia-1.4b", *pythia_like(24, 2048, 50304), warmup=3, iters=args.iters, skip=skip, algo="sgd")
         else:
             run_shape("pythia-like tiny", *pythia_like(2, 64, 512), warmup=1, iters=args.iters, skip=skip)
             run_shape("many-small tiny", *many_small(60, 16, 512, 10), warmup=1, iters=args.iters, skip=skip)
+            if not args.no_sgd:
+                run_shape("pythia-like tiny", *pythia_like(2, 64, 512), warmup=1, iters=args.iters, skip=skip, algo="sgd")
     if not args.no_drift:
         drift(args.drift_steps, args.drift_controls.split(","))
     print(f"\n(total {time.time() - t0:.1f} s; torch {torch.__version__})", file=sys.stderr)

@@ -13,6 +13,7 @@ OBJECTIVES = ("cls", "mlm", "clm")
 CONTROLS = ("none", "equal-step")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class RunConfig:
 
     model: HF hub id or local directory. objective: cls (sequence classification, fresh head),
     mlm (masked LM, encoders), clm (causal LM, decoders). control: none or equal-step.
+    optimizer: adamw, or sgd (with ``momentum``; it needs a far larger ``lr`` than AdamW's default).
     dataset: "builtin:pydoc" (Python's documentation, offline), a hub name or a local file.
     """
 
@@ -31,7 +33,9 @@ class RunConfig:
     text_column: str = "text"
     label_column: str = "label"
     steps: int = 60
+    optimizer: str = "adamw"
     lr: float = 5e-5
+    momentum: float = 0.9
     weight_decay: float = 0.01
     warmup_steps: int = 6
     batch_size: int = 16
@@ -70,7 +74,9 @@ class RunConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
             (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
             (self.steps >= 1, f"steps must be ≥ 1; got {self.steps}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"),
             (self.lr > 0, f"lr must be > 0; got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}"),
             (self.batch_size >= 1, f"batch size must be ≥ 1; got {self.batch_size}"),
             (self.max_length >= 8, f"max length must be ≥ 8 tokens; got {self.max_length}"),
             (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),

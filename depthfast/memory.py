@@ -5,7 +5,7 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
 
     weights            Σ numel · element size over all parameters
     gradients          P · b
-    optimizer          2 P · b                        AdamW's exp_avg and exp_avg_sq
+    optimizer states   k P · b                        AdamW: k = 2 (exp_avg, exp_avg_sq); SGD: k = 1 with momentum
     control snapshot   P · b                          the reference EqualStep copies the weights each step
     θ₀ copy            = weights                      the pretrained model, kept to measure against (main process)
     activations        L · t · (18 h + 2.5 a s) · e   saved for backward (Korthikanti et al. 2022's count for a
@@ -79,7 +79,7 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
     parts = {
         "weights": weights,
         "gradients": num_trainable * b,
-        "optimizer (AdamW)": 2 * num_trainable * b,
+        "optimizer states": optimizer_states(cfg) * num_trainable * b,
         "control snapshot": 0 if fused_control else num_trainable * b,
         "θ₀ copy": weights,
         "activations": int(activations),
@@ -87,9 +87,17 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
         "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
     }
     if sharded:
-        for name in ("weights", "gradients", "optimizer (AdamW)", "control snapshot", "θ₀ copy"):
+        for name in ("weights", "gradients", "optimizer states", "control snapshot", "θ₀ copy"):
             parts[name] //= num_processes
     return MemoryEstimate(parts)
+
+
+def optimizer_states(cfg) -> int:
+    """Tensors of parameter size that the optimizer keeps: AdamW 2 (exp_avg, exp_avg_sq), SGD 1 with
+    momentum (momentum_buffer), 0 without."""
+    if cfg.optimizer == "sgd":
+        return 1 if cfg.momentum else 0
+    return 2
 
 
 def device_memory(device: torch.device) -> int:

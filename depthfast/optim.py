@@ -16,7 +16,7 @@ head: r_g is infinite). Their ratios are reported as 0 and +inf; never NaN.
 Two implementations behind one class, :class:`EqualStep`:
 
 * the reference (any optimizer, any device): snapshot the parameters, step, norms in float64, rescale;
-* the fused path (torch.optim.Adam / AdamW on a GPU, or forced with ``fused=True``; Triton kernels in
+* the fused path (torch.optim.Adam / AdamW / SGD on a GPU, or forced with ``fused=True``; Triton kernels in
   ``depthfast.kernels.optim``): no snapshot, one multi-tensor launch per phase for all parameters, the
   per-group sums of squares (fp64) and the scales stay on the device (no host sync per step).
 
@@ -32,7 +32,9 @@ Adam moment (fp32 everything: P = G = S = 4; bf16 params and grads with fp32 sta
     ForeachEqualStep (by hand, below): snapshot 2P, step, W − W0 3P, two norms 2P, rescale 2P + 3P,
       copy back 2P:                                       16P + G + 4S     fp32 84   (+2P of memory)
 
-(bf16 everything, as torch keeps states for bf16 params: AdamW 14, exact 20.) The reference EqualStep
+(bf16 everything, as torch keeps states for bf16 params: AdamW 14, exact 20.) SGD with momentum keeps one
+state (S counted once): torch 2P + G + 2S (fp32 20), exact 3P + G + 3S (28; Nesterov re-reads G: 32),
+single pass and control "none" 2P + G + 2S (20). The reference EqualStep
 moves more still (float64 copies) and syncs with the host per group.
 """
 
@@ -47,6 +49,8 @@ import torch
 from depthfast.distributed import dtensor_type, group_sums_of_squares, local_shard
 
 CONTROLS = ("equal-step", "none")
+# Exactly these classes (not subclasses, whose step may differ) run on the fused kernels.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 MODES = ("exact", "single-pass")
 
 
@@ -55,7 +59,7 @@ class EqualStep:
 
     groups: list of lists of parameters (disjoint). target: "mean" or a positive float.
     control: "equal-step" rescales; "none" only records the ratios (the update-ratio profile).
-    fused: None picks the fused kernels when ``optimizer`` is exactly torch.optim.Adam or AdamW (no
+    fused: None picks the fused kernels when ``optimizer`` is exactly torch.optim.Adam, AdamW or SGD (no
     amsgrad / capturable / differentiable) with its parameters on a GPU, else the reference; True forces
     the fused path (ValueError if unsupported; on a CPU it needs ``TRITON_INTERPRET=1``); False forces
     the reference.
@@ -64,7 +68,7 @@ class EqualStep:
     first step is exact). Measured on a char-level GPT-2 (d 64, 4 layers, AdamW lr 3e-3, 60 steps, CPU):
     max_g |r_g / mean r − 1| per step had median 0.10 and worst 1.47 (a step where one block's ratio
     jumped ×3), against 1.29 / 2.57 without control and ~1e-7 in exact mode.
-    state_dtype (fused path only): dtype of freshly created exp_avg / exp_avg_sq, e.g. torch.float32 for
+    state_dtype (fused path only): dtype of freshly created exp_avg / exp_avg_sq (SGD: momentum_buffer), e.g. torch.float32 for
     bf16 parameters (torch's own Adam cannot step such a state, so this pins the fused path).
 
     After each step: ``ratios_before`` and ``ratios_after`` (float64 (G,)), ``scales`` (float64 (G,))
@@ -73,7 +77,8 @@ class EqualStep:
     of the update as computed, before rounding to the parameter dtype); ``target_ratio`` syncs only
     when read. In single-pass mode, ``scales`` and ``target_ratio`` are those applied this step (from
     the previous step's ratios). The wrapped optimizer's state (exp_avg, exp_avg_sq, step) is kept as
-    torch.optim.Adam/AdamW keeps it; everything else is delegated to it.
+    torch.optim.Adam/AdamW keeps it (SGD: momentum_buffer, as torch.optim.SGD); everything else is
+    delegated to it.
     """
 
     def __init__(
@@ -121,7 +126,8 @@ class EqualStep:
             raise ValueError("state_dtype needs the fused path (torch's Adam keeps states in the parameter dtype)")
         self._engine = None
         if self.fused:
-            self._engine = _FusedAdamEqualStep(optimizer, self.groups, target, control, mode, state_dtype)
+            engine = _FusedSgd if type(optimizer) is torch.optim.SGD else _FusedAdam
+            self._engine = engine(optimizer, self.groups, target, control, mode, state_dtype)
 
         num_groups = len(self.groups)
         self.ratios_before = torch.zeros(num_groups, dtype=torch.float64)
@@ -275,13 +281,16 @@ def fused_unsupported_reason(optimizer, groups, forced: bool = False) -> str | N
     Without ``forced`` the parameters must be on a GPU; with it, CPU parameters run in the Triton
     interpreter (TRITON_INTERPRET=1).
     """
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        return f"the wrapped optimizer is {type(optimizer).__name__}; the fused path covers torch.optim.Adam and AdamW"
+    if type(optimizer) not in FUSED_OPTIMIZERS:
+        names = ", ".join(f"torch.optim.{c.__name__}" for c in FUSED_OPTIMIZERS)
+        return f"the wrapped optimizer is {type(optimizer).__name__}; the fused path covers {names}"
     decoupled = set()
     for pg in optimizer.param_groups:
         for flag in ("amsgrad", "capturable", "differentiable"):
             if pg.get(flag, False):
                 return f"{flag}=True is not supported by the fused path"
+        if type(optimizer) is torch.optim.SGD:
+            continue
         decoupled.add(type(optimizer) is torch.optim.AdamW or bool(pg.get("decoupled_weight_decay", False)))
         if isinstance(pg["betas"][0], torch.Tensor) or isinstance(pg["betas"][1], torch.Tensor):
             return "tensor betas are not supported by the fused path"
@@ -369,14 +378,17 @@ def equal_step_scales(ratios: torch.Tensor, target: str | float = "mean") -> tor
     return device_target_and_scales(ratios, target)[1]
 
 
-class _FusedAdamEqualStep:
+class _FusedEqualStep:
     """Host side of the fused path: lazy state init, device tables, launches, device-side scales.
 
     Per step, Python work is O(number of tensors) (like torch's own optimizer), device work is one
     (control "none", single-pass) or two (exact) kernel launches per dtype bucket plus a handful of
     (G,)-sized ops; nothing waits for the device. Under FSDP2 (DTensor parameters sharded on a 1-D
     mesh) each rank works on its local shards and the (2G,) partial sums are all-reduced once.
+    Subclasses supply the algorithm: its state tensors, its hyperparameter rows and its kernel flag.
     """
+
+    SGD = False  # the kernel's algorithm flag
 
     def __init__(self, optimizer, groups, target, control, mode, state_dtype):
         from depthfast.kernels import optim as kernels
@@ -391,8 +403,6 @@ class _FusedAdamEqualStep:
         self.num_groups = len(groups)
         self.group_of = {id(p): gi for gi, g in enumerate(groups) for p in g}
         self.group_params = [p for g in groups for p in g]
-        pg0 = optimizer.param_groups[0]
-        self.decoupled = type(optimizer) is torch.optim.AdamW or bool(pg0.get("decoupled_weight_decay", False))
         self.device = self.group_params[0].device
         on_gpu = self.device.type == "cuda"
         # Interpreter: each program and each loop iteration costs milliseconds: large blocks and chunks.
@@ -405,59 +415,43 @@ class _FusedAdamEqualStep:
         self._next_target = None
         self._ones = torch.ones(self.num_groups, dtype=torch.float32, device=self.device)
 
+    # -- the algorithm (subclasses) -------------------------------------------------------------------
+    decoupled = False
+
+    def _states(self, p, h, pg):
+        """(s1, s2, hyper row) of a stepped parameter, creating the optimizer state as torch would."""
+        raise NotImplementedError
+
+    def _hyper_rows(self) -> list[list[float]]:
+        raise NotImplementedError
+
+    def _stale(self) -> bool:
+        """Whether the tables must be rebuilt although the parameters and grads are the same."""
+        return False
+
+    def _advance(self) -> None:
+        """Host-side bookkeeping of one step (step counters), before the launches."""
+
     # -- layout -------------------------------------------------------------------------------------
-    def _state_of(self, p, pg):
-        state = self.optimizer.state[p]
-        if len(state) == 0:
-            # As torch.optim.Adam._init_group creates it: step a CPU scalar (on the device for torch's
-            # fused=True, which insists on it), moments like the parameter.
-            dtype = self.state_dtype or p.dtype
-            on_device = p.device if pg.get("fused") else None
-            state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=on_device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return state
-
-    def _collect(self):
-        stepped = []
-        for h, pg in enumerate(self.optimizer.param_groups):
-            for p in pg["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise ValueError("the fused equal-step path does not support sparse gradients (use fused=False)")
-                    stepped.append((p, h, self._state_of(p, pg)))
-        return stepped
-
     def _build(self, flat):
-        stepped = self._collect()
-        steps: dict[int, int] = {}
-        for p, h, st in stepped:
-            t = int(float(st["step"]))
-            if steps.setdefault(h, t) != t:
-                raise ValueError(
-                    f"param group {h} holds parameters at different step counts ({steps[h]} and {t}); "
-                    "the fused path needs one step count per param group (use fused=False)"
-                )
-        self.steps = steps
-        self.step_tensors = [st["step"] for _, _, st in stepped]
-        # One CPU step tensor per param group, read every step to notice outside changes cheaply.
-        self.step_probe = {}
-        for p, h, st in stepped:
-            if h not in self.step_probe and st["step"].device.type == "cpu":
-                self.step_probe[h] = st["step"]
-
         flat_index = {id(p): i for i, p in enumerate(flat)}
         entries = []
         stepped_ids = set()
-        for p, h, st in stepped:
-            stepped_ids.add(id(p))
-            w = local_shard(p).detach()
-            m, v = local_shard(st["exp_avg"]), local_shard(st["exp_avg_sq"])
-            if not (w.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
-                raise ValueError("the fused equal-step path needs contiguous parameters and states (use fused=False)")
-            if m.dtype != v.dtype or m.shape != w.shape:
-                raise ValueError("exp_avg / exp_avg_sq do not match their parameter in shape or dtype")
-            entries.append((w, None, m, v, self.group_of.get(id(p), -1), h, p, flat_index[id(p)]))
+        for h, pg in enumerate(self.optimizer.param_groups):
+            for p in pg["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("the fused equal-step path does not support sparse gradients (use fused=False)")
+                stepped_ids.add(id(p))
+                s1, s2, row = self._states(p, h, pg)
+                w = local_shard(p).detach()
+                s1, s2 = (local_shard(t) if t is not None else None for t in (s1, s2))
+                if not all(t.is_contiguous() for t in (w, s1, s2) if t is not None):
+                    raise ValueError("the fused equal-step path needs contiguous parameters and states (use fused=False)")
+                if any(t is not None and t.shape != w.shape for t in (s1, s2)):
+                    raise ValueError("the optimizer state does not match its parameter in shape")
+                entries.append((w, None, s1, s2, self.group_of.get(id(p), -1), row, p, flat_index[id(p)]))
         for p in self.group_params:
             if id(p) not in stepped_ids:
                 w = local_shard(p).detach()
@@ -474,7 +468,8 @@ class _FusedAdamEqualStep:
         buckets: dict[tuple, list] = {}
         for en in entries:
             if en[5] >= 0:
-                buckets.setdefault((en[0].dtype, en[6].grad.dtype, en[2].dtype), []).append(en)
+                state_dtype = en[2].dtype if en[2] is not None else en[0].dtype
+                buckets.setdefault((en[0].dtype, en[6].grad.dtype, state_dtype), []).append(en)
         for en in entries:
             if en[5] < 0:
                 key = next((k for k in buckets if k[0] == en[0].dtype), (en[0].dtype, None, None))
@@ -509,13 +504,13 @@ class _FusedAdamEqualStep:
 
     def _layout(self):
         # Per-step Python cost O(tensors) with a small constant; the tables are rebuilt only when the
-        # set of stepped parameters, the optimizer state (load_state_dict) or a step count changed.
+        # set of stepped parameters, the optimizer state (load_state_dict) or the algorithm's own
+        # bookkeeping (a step count, a new momentum buffer) changed.
         opt = self.optimizer
         flat = [p for pg in opt.param_groups for p in pg["params"]]
         grads = [p.grad for p in flat]
         key = (id(opt.state), tuple(map(id, flat)), tuple(g is None for g in grads))
-        stale = key != self._key or any(int(float(t)) != self.steps[h] for h, t in self.step_probe.items())
-        if stale:
+        if key != self._key or self._stale():
             self._build(flat)
             self._key = key
             return
@@ -525,26 +520,10 @@ class _FusedAdamEqualStep:
                 local = [self._checked_grad(g, en[0]) if g is not None else None for g, en in zip(local, tables.entries)]
                 tables.refresh_grads(local)
 
-    def _hyper(self) -> torch.Tensor:
-        rows = []
-        for h, pg in enumerate(self.optimizer.param_groups):
-            if h not in self.steps:
-                rows.append([0.0] * self.k.HYPER_COLS)
-                continue
-            t = self.steps[h] + 1
-            lr = float(pg["lr"])
-            beta1, beta2 = (float(b) for b in pg["betas"])
-            bc1 = 1.0 - beta1**t
-            bc2_sqrt = math.sqrt(1.0 - beta2**t)
-            sign = -1.0 if pg.get("maximize", False) else 1.0
-            wd = float(pg["weight_decay"])
-            rows.append([lr * wd, wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, float(pg["eps"]), lr / bc1, bc2_sqrt, sign])
-        return self.k.to_device(torch.tensor(rows, dtype=torch.float32), self.device)
-
     # -- step ---------------------------------------------------------------------------------------
     def _launch(self, mode, hyper, scales, sums):
         for tables, _ in self.buckets:
-            self.k.launch(tables, mode, hyper, scales, sums, self.decoupled, self.block)
+            self.k.launch(tables, mode, hyper, scales, sums, self.decoupled, self.block, sgd=self.SGD)
 
     def _ratios(self, sums):
         if self.process_group is not None:
@@ -556,11 +535,8 @@ class _FusedAdamEqualStep:
 
     def step(self):
         self._layout()
-        hyper = self._hyper()
-        if self.step_tensors:
-            torch._foreach_add_(self.step_tensors, 1.0)
-        for h in self.steps:
-            self.steps[h] += 1
+        hyper = self.k.to_device(torch.tensor(self._hyper_rows(), dtype=torch.float32), self.device)
+        self._advance()
         sums = torch.zeros(2 * self.num_groups, dtype=torch.float64, device=self.device)
         k = self.k
         if self.control == "none":
@@ -581,6 +557,124 @@ class _FusedAdamEqualStep:
         self._launch(k.PHASE2, hyper, scales.to(torch.float32), sums)
         self._next_target, self._next_scales = r_star, scales
         return ratios, ratios * scales, scales, r_star
+
+
+class _FusedAdam(_FusedEqualStep):
+    """torch.optim.Adam / AdamW: state exp_avg, exp_avg_sq and a step count per parameter; one hyper
+    row per param group (the step count, hence the bias corrections, is shared within a group)."""
+
+    def __init__(self, optimizer, *args):
+        super().__init__(optimizer, *args)
+        pg0 = optimizer.param_groups[0]
+        self.decoupled = type(optimizer) is torch.optim.AdamW or bool(pg0.get("decoupled_weight_decay", False))
+        self.steps: dict[int, int] = {}
+        self.step_tensors: list[torch.Tensor] = []
+        self.step_probe: dict[int, torch.Tensor] = {}
+
+    def _states(self, p, h, pg):
+        state = self.optimizer.state[p]
+        if len(state) == 0:
+            # As torch.optim.Adam._init_group creates it: step a CPU scalar (on the device for torch's
+            # fused=True, which insists on it), moments like the parameter.
+            dtype = self.state_dtype or p.dtype
+            on_device = p.device if pg.get("fused") else None
+            state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=on_device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if m.dtype != v.dtype:
+            raise ValueError("exp_avg and exp_avg_sq differ in dtype")
+        return m, v, h
+
+    def _build(self, flat):
+        super()._build(flat)
+        # One step count per param group, checked here and then tracked on the host.
+        self.steps, self.step_tensors, self.step_probe = {}, [], {}
+        for h, pg in enumerate(self.optimizer.param_groups):
+            for p in pg["params"]:
+                if p.grad is None:
+                    continue
+                st = self.optimizer.state[p]["step"]
+                t = int(float(st))
+                if self.steps.setdefault(h, t) != t:
+                    raise ValueError(
+                        f"param group {h} holds parameters at different step counts ({self.steps[h]} and {t}); "
+                        "the fused path needs one step count per param group (use fused=False)"
+                    )
+                self.step_tensors.append(st)
+                # One CPU step tensor per param group, read every step to notice outside changes cheaply.
+                if h not in self.step_probe and st.device.type == "cpu":
+                    self.step_probe[h] = st
+
+    def _stale(self):
+        return any(int(float(t)) != self.steps[h] for h, t in self.step_probe.items())
+
+    def _advance(self):
+        if self.step_tensors:
+            torch._foreach_add_(self.step_tensors, 1.0)
+        for h in self.steps:
+            self.steps[h] += 1
+
+    def _hyper_rows(self):
+        rows = []
+        for h, pg in enumerate(self.optimizer.param_groups):
+            if h not in self.steps:
+                rows.append([0.0] * self.k.HYPER_COLS)
+                continue
+            t = self.steps[h] + 1
+            lr = float(pg["lr"])
+            beta1, beta2 = (float(b) for b in pg["betas"])
+            bc1 = 1.0 - beta1**t
+            bc2_sqrt = math.sqrt(1.0 - beta2**t)
+            sign = -1.0 if pg.get("maximize", False) else 1.0
+            wd = float(pg["weight_decay"])
+            rows.append([lr * wd, wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, float(pg["eps"]), lr / bc1, bc2_sqrt, sign])
+        return rows
+
+
+class _FusedSgd(_FusedEqualStep):
+    """torch.optim.SGD (momentum, dampening, Nesterov, L2 weight decay, maximize). State: one
+    momentum_buffer per parameter when momentum ≠ 0, created on its first step as a copy of the
+    gradient (torch's rule). Hyper rows 2h (buffer exists) and 2h + 1 (buffer starts this step)."""
+
+    SGD = True
+
+    def __init__(self, optimizer, *args):
+        super().__init__(optimizer, *args)
+        self._new_buffers = False
+
+    def _states(self, p, h, pg):
+        if float(pg["momentum"]) == 0.0:
+            return None, None, 2 * h
+        state = self.optimizer.state[p]
+        if state.get("momentum_buffer") is not None:
+            return state["momentum_buffer"], None, 2 * h
+        # torch sets buf = clone(g) on this step; the kernel writes it (row 2h + 1: keep 0, weight 1).
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype or p.dtype,
+                                                     memory_format=torch.preserve_format)
+        self._new_buffers = True
+        return state["momentum_buffer"], None, 2 * h + 1
+
+    def _stale(self):
+        # Tensors whose buffer started last step move to the row of existing buffers.
+        return self._new_buffers
+
+    def _build(self, flat):
+        self._new_buffers = False
+        super()._build(flat)
+
+    def _hyper_rows(self):
+        rows = []
+        for pg in self.optimizer.param_groups:
+            lr, wd = float(pg["lr"]), float(pg["weight_decay"])
+            momentum, dampening = float(pg["momentum"]), float(pg["dampening"])
+            sign = -1.0 if pg.get("maximize", False) else 1.0
+            has_buf = 1.0 if momentum != 0.0 else 0.0
+            grad_w, buf_w = (1.0, momentum) if pg["nesterov"] else (1.0 - has_buf, has_buf)
+            pad = [0.0, 0.0]
+            rows.append([lr, wd, momentum, 1.0 - dampening, grad_w, buf_w, has_buf, *pad, sign])
+            rows.append([lr, wd, 0.0, 1.0, grad_w, buf_w, has_buf, *pad, sign])
+        return rows
 
 
 def _scalar_dtype():

@@ -17,13 +17,15 @@ import sys
 import time
 
 from depthfast.cka import ESTIMATORS, POOLINGS
-from depthfast.config import CONTROLS, OBJECTIVES, PARALLEL, PRECISIONS, RunConfig
+from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, RunConfig
 from depthfast.errors import DepthfastError
 
 HELP = {
     "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
     "objective": "cls: sequence classification (fresh head); mlm: masked LM (encoders); clm: causal LM (decoders)",
-    "control": "none: plain AdamW; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
+    "control": "none: the optimizer's own steps; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
+    "optimizer": "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2)",
+    "momentum": "SGD momentum (default 0.9; ignored by adamw)",
     "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
     "out": "results directory (written atomically)",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
@@ -35,7 +37,7 @@ HELP = {
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
 }
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": POOLINGS, "estimator": ESTIMATORS,
-           "parallel": PARALLEL, "precision": PRECISIONS}
+           "parallel": PARALLEL, "precision": PRECISIONS, "optimizer": OPTIMIZERS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,15 +56,17 @@ def warmup_linear(warmup_steps: int, total_steps: int):
 
 
 def build_optimizer(named_groups, cfg: RunConfig):
-    """AdamW (no decay on biases and norms) over the groups' parameters, and its schedule."""
+    """AdamW or SGD with momentum (no decay on biases and norms) over the groups' parameters, and its
+    linear warm-up/decay schedule."""
     decay, no_decay = [], []
     for _, params in named_groups:
         for p in params:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(cfg.warmup_steps, cfg.steps))
     return optimizer, scheduler
 

@@ -1,37 +1,47 @@
-"""Triton kernels of the fused equal-step Adam/AdamW step (private; launched by depthfast.optim).
+"""Triton kernels of the fused equal-step optimizer step: Adam/AdamW and SGD (private; launched by
+depthfast.optim).
 
 One launch per phase covers every parameter: tensors are described by device tables and each program
 handles one chunk of one tensor.
 
 Tables (:class:`Tables`, built once per parameter layout; E entries, C chunks):
 
-    ptrs        int64 (E, 4)   addresses of p, grad, exp_avg, exp_avg_sq (0 where an entry has no update);
-                               only the grad column changes between steps (re-uploaded when it moves)
+    ptrs        int64 (E, 4)   addresses of p, grad and two state tensors (Adam: exp_avg, exp_avg_sq;
+                               SGD: momentum_buffer, unused); 0 where an entry has no update; only the
+                               grad column changes between steps (re-uploaded when it moves)
     numel       int64 (E,)
     group       int32 (E,)     equal-step group of the entry, −1: stepped but in no group
     hyper_row   int32 (E,)     row of ``hyper``; −1: not stepped this time, only ‖W‖² is counted
     chunk_entry int32 (C,)     entry of each chunk
     chunk_start int64 (C,)     first element of each chunk in its tensor
 
-    hyper       fp32 (H, 10)   per optimizer param group: lr·wd, wd, β1, 1 − β1, β2, 1 − β2, eps,
-                               step_size = lr / (1 − β1^t), sqrt(1 − β2^t), sign (−1: maximize).
-                               Differences are formed on the host in float64: 1 − β2 in fp32 is off by
-                               1.3e-5 relative for β2 = 0.999 (6e-6 in the update).
+    hyper       fp32 (H, 10)   one row per optimizer param group (SGD: two, the second for tensors whose
+                               momentum buffer starts this step); column 9 is sign (−1: maximize).
+        Adam:  lr·wd, wd, β1, 1 − β1, β2, 1 − β2, eps, step_size = lr / (1 − β1^t), sqrt(1 − β2^t)
+               Differences are formed on the host in float64: 1 − β2 in fp32 is off by 1.3e-5 relative
+               for β2 = 0.999 (6e-6 in the update).
+        SGD:   lr, wd, buf_keep, buf_grad_w, grad_w, buf_w, has_buf
 
-With m' = β1 m + (1 − β1) g (torch's lerp), v' = β2 v + (1 − β2) g², denom = sqrt(v') / sqrt(1 − β2^t) + eps,
-the full update (what the unmodified optimizer adds to W) is
+Adam. With m' = β1 m + (1 − β1) g (torch's lerp), v' = β2 v + (1 − β2) g²,
+denom = sqrt(v') / sqrt(1 − β2^t) + eps, the full update (what the unmodified optimizer adds to W) is
 
     AdamW:  u = −lr·wd·W − step_size · m' / denom        (decoupled weight decay)
     Adam:   g ← g + wd·W before the moments; u = −step_size · m' / denom
 
+SGD (torch.optim.SGD). g ← sign·g + wd·W; b' = buf_keep·b + buf_grad_w·g (momentum, 1 − dampening; on a
+buffer's first step 0, 1: torch clones g); u = −lr·(grad_w·g + buf_w·b'), where (grad_w, buf_w) is
+(0, 1) with momentum, (1, momentum) with Nesterov and (1, 0) without momentum (no buffer: has_buf 0).
+
 Modes (``mode`` of :func:`launch`; the kernel sees them as the flags FIRST_PASS and WRITE_W):
-    0 PHASE1  read W, g, m, v; write m', v'; accumulate per group Σu², ΣW² into ``sums`` (fp64 (2G,))
-    1 PHASE2  read W, m', v'; recompute u (bit-identical to phase 1); write W + s_g·u
-    2 SINGLE  read W, g, m, v; write m', v', W + s_g·u; accumulate Σu², ΣW²  (s_g known beforehand)
+    0 PHASE1  read W, g, state; write the new state; accumulate per group Σu², ΣW² into ``sums`` (fp64 (2G,))
+    1 PHASE2  read W, state (SGD: and g when grad_w ≠ 0); recompute u (bit-identical to phase 1); write W + s_g·u
+    2 SINGLE  read W, g, state; write the new state and W + s_g·u; accumulate Σu², ΣW²  (s_g known beforehand)
 
 Sums of squares: fp32 tree sum over one BLOCK, fp64 across blocks and programs (fp64 atomics).
-Bytes per element (P, G, S: bytes of a parameter, gradient, moment element): PHASE1 P + G + 4S,
-PHASE2 2P + 2S, SINGLE 2P + G + 4S (exact = PHASE1 + PHASE2 = 3P + G + 6S).
+Bytes per element (P, G, S: bytes of a parameter, gradient, state element):
+    Adam  PHASE1 P + G + 4S, PHASE2 2P + 2S, SINGLE 2P + G + 4S (exact = 3P + G + 6S)
+    SGD with momentum  PHASE1 P + G + 2S, PHASE2 2P + S (Nesterov: + G), SINGLE 2P + G + 2S
+        (exact = 3P + G + 3S; Nesterov 3P + 2G + 3S); without momentum PHASE1 P + G, PHASE2 2P + G
 The recompute in PHASE2 (DeepSpeed FusedLamb's trick) avoids storing u: same bytes as writing u into the
 gradient buffer in PHASE1 and reading it back, and the gradients stay intact.
 """
@@ -74,16 +84,16 @@ def _cast_to(x, ptr, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _adam_equal_step_kernel(
+def _equal_step_kernel(
     chunk_entry, chunk_start, ptrs, numel, group, hyper_row, hyper, scales, sums,
     p_proto, g_proto, s_proto,
     NUM_GROUPS, CHUNK,
-    FIRST_PASS: tl.constexpr, WRITE_W: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr,
-    P_BY_HAND: tl.constexpr, S_BY_HAND: tl.constexpr,
+    FIRST_PASS: tl.constexpr, WRITE_W: tl.constexpr, SGD: tl.constexpr, DECOUPLED: tl.constexpr,
+    BLOCK: tl.constexpr, P_BY_HAND: tl.constexpr, S_BY_HAND: tl.constexpr,
 ):
-    # FIRST_PASS: read g, update m and v, accumulate Σu², ΣW² (PHASE1, SINGLE). WRITE_W: write W + s·u
-    # (PHASE2, SINGLE). Flags rather than a MODE compared with module globals: compiled Triton only
-    # reads globals that are tl.constexpr.
+    # FIRST_PASS: read g, update the optimizer state, accumulate Σu², ΣW² (PHASE1, SINGLE). WRITE_W:
+    # write W + s·u (PHASE2, SINGLE). SGD selects the algorithm (Adam/AdamW otherwise). Flags rather
+    # than a MODE compared with module globals: compiled Triton only reads globals that are tl.constexpr.
     pid = tl.program_id(0)
     e = tl.load(chunk_entry + pid)
     start = tl.load(chunk_start + pid)
@@ -106,17 +116,34 @@ def _adam_equal_step_kernel(
                 tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
     else:
         g_ptr = tl.load(ptrs + 4 * e + 1).to(g_proto.dtype)
-        m_ptr = tl.load(ptrs + 4 * e + 2).to(s_proto.dtype)
-        v_ptr = tl.load(ptrs + 4 * e + 3).to(s_proto.dtype)
+        m_ptr = tl.load(ptrs + 4 * e + 2).to(s_proto.dtype)  # Adam: exp_avg; SGD: momentum_buffer
+        v_ptr = tl.load(ptrs + 4 * e + 3).to(s_proto.dtype)  # Adam: exp_avg_sq; SGD: unused
         hp = hyper + 10 * row
-        lr_wd = tl.load(hp + 0)
-        wd = tl.load(hp + 1)
-        one_m_beta1 = tl.load(hp + 3)
-        beta2 = tl.load(hp + 4)
-        one_m_beta2 = tl.load(hp + 5)
-        eps = tl.load(hp + 6)
-        step_size = tl.load(hp + 7)
-        bc2_sqrt = tl.load(hp + 8)
+        if SGD:
+            lr = tl.load(hp + 0)
+            wd = tl.load(hp + 1)
+            buf_keep = tl.load(hp + 2)
+            buf_grad_w = tl.load(hp + 3)
+            grad_w = tl.load(hp + 4)
+            buf_w = tl.load(hp + 5)
+            has_buf = tl.load(hp + 6) != 0.0
+            # Masked loads move no bytes: entries without a buffer (momentum 0) never touch one, and
+            # phase 2 reads g only when the update needs it (Nesterov, no momentum). Masks by an
+            # end index rather than `mask & flag` (the interpreter cannot AND those).
+            buf_stop = tl.where(has_buf, stop, start)
+            if FIRST_PASS:
+                g_stop = stop
+            else:
+                g_stop = tl.where(grad_w != 0.0, stop, start)
+        else:
+            lr_wd = tl.load(hp + 0)
+            wd = tl.load(hp + 1)
+            one_m_beta1 = tl.load(hp + 3)
+            beta2 = tl.load(hp + 4)
+            one_m_beta2 = tl.load(hp + 5)
+            eps = tl.load(hp + 6)
+            step_size = tl.load(hp + 7)
+            bc2_sqrt = tl.load(hp + 8)
         sign = tl.load(hp + 9)
         # Entries outside every group keep the optimizer's update (scale 1).
         scale = tl.where(gid >= 0, tl.load(scales + tl.maximum(gid, 0)), 1.0)
@@ -128,23 +155,37 @@ def _adam_equal_step_kernel(
             # Everything is cast to fp32 right after the load: bf16 arithmetic is not exact (and is
             # wrong in the Triton interpreter).
             w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if FIRST_PASS:
-                g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * sign
-                if not DECOUPLED:
-                    g = g + wd * w
-                # torch.lerp with weight 1 − β1 < 0.5: m + w·(g − m)
-                m = m + one_m_beta1 * (g - m)
-                v = v * beta2 + one_m_beta2 * (g * g)
-                m_st = _cast_to(m, m_ptr, S_BY_HAND)
-                v_st = _cast_to(v, v_ptr, S_BY_HAND)
-                tl.store(m_ptr + idx, m_st, mask=mask)
-                tl.store(v_ptr + idx, v_st, mask=mask)
-                # Phase 2 reads the stored (rounded) moments: use them here too.
-                m = m_st.to(tl.float32)
-                v = v_st.to(tl.float32)
-            u = _adam_update(w, m, v, lr_wd, step_size, bc2_sqrt, eps, DECOUPLED)
+            if SGD:
+                buf_mask = idx < buf_stop
+                buf = tl.load(m_ptr + idx, mask=buf_mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + idx, mask=idx < g_stop, other=0.0).to(tl.float32)
+                g = g * sign + wd * w  # L2 weight decay, as torch.optim.SGD adds it to the gradient
+                if FIRST_PASS:
+                    # torch: buf ← clone(g) on the first step (buf_keep 0, buf_grad_w 1), then
+                    # buf ← momentum·buf + (1 − dampening)·g.
+                    buf_st = _cast_to(buf_keep * buf + buf_grad_w * g, m_ptr, S_BY_HAND)
+                    tl.store(m_ptr + idx, buf_st, mask=buf_mask)
+                    buf = tl.where(has_buf, buf_st.to(tl.float32), 0.0)
+                # Nesterov: g + momentum·buf; momentum: buf; none: g. Same ops in both phases.
+                u = -lr * (grad_w * g + buf_w * buf)
+            else:
+                m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                if FIRST_PASS:
+                    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * sign
+                    if not DECOUPLED:
+                        g = g + wd * w
+                    # torch.lerp with weight 1 − β1 < 0.5: m + w·(g − m)
+                    m = m + one_m_beta1 * (g - m)
+                    v = v * beta2 + one_m_beta2 * (g * g)
+                    m_st = _cast_to(m, m_ptr, S_BY_HAND)
+                    v_st = _cast_to(v, v_ptr, S_BY_HAND)
+                    tl.store(m_ptr + idx, m_st, mask=mask)
+                    tl.store(v_ptr + idx, v_st, mask=mask)
+                    # Phase 2 reads the stored (rounded) moments: use them here too.
+                    m = m_st.to(tl.float32)
+                    v = v_st.to(tl.float32)
+                u = _adam_update(w, m, v, lr_wd, step_size, bc2_sqrt, eps, DECOUPLED)
             if FIRST_PASS:
                 u_sq = tl.where(mask, u * u, 0.0)
                 acc_u += tl.sum(u_sq, axis=0).to(tl.float64)
@@ -187,15 +228,16 @@ class Tables:
     """Device tables of one dtype bucket (same dtypes of p, grad and states); see the module docstring."""
 
     def __init__(self, entries, chunk: int, device: torch.device):
-        # entries: list of (p, g, m, v, group, hyper_row) with plain (local) contiguous tensors;
-        # g, m, v are None for entries that are not stepped.
+        # entries: list of (p, g, s1, s2, group, hyper_row) with plain (local) contiguous tensors;
+        # g, s1, s2 are None for entries that are not stepped (s1, s2 also where the optimizer keeps no
+        # such state: SGD has at most s1, the momentum buffer).
         self.entries = entries
         self.chunk = chunk
         self.device = device
         stepped = [en for en in entries if en[5] >= 0]
         self.p_proto = entries[0][0]
         self.g_proto = stepped[0][1] if stepped else entries[0][0]
-        self.s_proto = stepped[0][2] if stepped else entries[0][0]
+        self.s_proto = next((en[2] for en in stepped if en[2] is not None), entries[0][0])
         chunk_entry, chunk_start = [], []
         for i, en in enumerate(entries):
             n = en[0].numel()
@@ -212,8 +254,10 @@ class Tables:
         self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64).to(device)
 
     def _ptr_table(self) -> torch.Tensor:
+        # A missing state tensor (SGD: no momentum buffer, no second state) points at the parameter: the
+        # kernel never reads it (masked), but the address stays valid.
         rows = [
-            [en[0].data_ptr(), gp, en[2].data_ptr() if en[2] is not None else 0, en[3].data_ptr() if en[3] is not None else 0]
+            [en[0].data_ptr(), gp, *(t.data_ptr() if t is not None else en[0].data_ptr() for t in en[2:4])]
             for en, gp in zip(self.entries, self.grad_ptrs)
         ]
         return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), self.device)
@@ -236,17 +280,17 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp32", mode: int = SINGLE,
-                decoupled: bool = True, block: int = 1024):
+                decoupled: bool = True, block: int = 1024, sgd: bool = False):
     """Compile the kernel ahead of time for a CUDA target (no GPU needed; TRITON_INTERPRET must be
     unset when this module is imported). Returns the compiled kernel; for checks on CPU-only machines."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _adam_equal_step_kernel
+    fn = _equal_step_kernel
     sig = dict(chunk_entry="*i32", chunk_start="*i64", ptrs="*i64", numel="*i64", group="*i32", hyper_row="*i32",
                hyper="*fp32", scales="*fp32", sums="*fp64", p_proto="*" + p_dtype, g_proto="*" + p_dtype,
                s_proto="*" + s_dtype, NUM_GROUPS="i32", CHUNK="i32")
-    consts = dict(FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, DECOUPLED=decoupled, BLOCK=block,
+    consts = dict(FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, SGD=sgd, DECOUPLED=decoupled, BLOCK=block,
                   P_BY_HAND=False, S_BY_HAND=False)
     sig.update({k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -254,15 +298,15 @@ def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp
 
 
 def launch(tables: Tables, mode: int, hyper: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
-           decoupled: bool, block: int, num_warps: int = 4) -> None:
+           decoupled: bool, block: int, sgd: bool = False, num_warps: int = 4) -> None:
     """One launch of the kernel over every chunk of ``tables``."""
     if tables.num_chunks == 0:
         return
-    _adam_equal_step_kernel[(tables.num_chunks,)](
+    _equal_step_kernel[(tables.num_chunks,)](
         tables.chunk_entry, tables.chunk_start, tables.ptrs, tables.numel, tables.group, tables.hyper_row,
         hyper, scales, sums, tables.p_proto, tables.g_proto, tables.s_proto,
         scales.numel(), tables.chunk,
-        FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, DECOUPLED=decoupled, BLOCK=block,
+        FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, SGD=sgd, DECOUPLED=decoupled, BLOCK=block,
         P_BY_HAND=_INTERPRET and tables.p_proto.dtype == torch.bfloat16,
         S_BY_HAND=_INTERPRET and tables.s_proto.dtype == torch.bfloat16,
         num_warps=num_warps,

@@ -11,19 +11,22 @@ from depthfast.memory import MemoryEstimate, check_fits, estimate_run_memory
 from depthfast.registry import lookup
 
 
-def test_static_parts_match_real_tensors_after_a_step():
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_static_parts_match_real_tensors_after_a_step(optimizer):
+    from depthfast.train import build_optimizer
+
     model, tokenizer = tiny_models.build("gpt2")
-    cfg = RunConfig(objective="clm", batch_size=4, max_length=16)
+    cfg = RunConfig(objective="clm", batch_size=4, max_length=16, optimizer=optimizer)
     estimate = estimate_run_memory(model, cfg, discover_layers(model).num_blocks)
-    optimizer = torch.optim.AdamW(model.parameters())
+    opt, _ = build_optimizer([("all", list(model.parameters()))], cfg)
     batch = tokenizer(["a b c d e f g h"] * 4, return_tensors="pt")
     model(**batch, labels=batch["input_ids"]).loss.backward()
-    optimizer.step()
+    opt.step()
     unique = {id(p): p for p in model.parameters()}.values()
     assert estimate.parts["weights"] == sum(p.numel() * p.element_size() for p in unique)
     assert estimate.parts["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in unique)
-    states = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
-    assert estimate.parts["optimizer (AdamW)"] == sum(t.numel() * t.element_size() for t in states)
+    states = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
+    assert estimate.parts["optimizer states"] == sum(t.numel() * t.element_size() for t in states) > 0
 
 
 def test_checkpointing_and_bf16_shrink_activations():

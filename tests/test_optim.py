@@ -101,9 +101,15 @@ def _run_pair(shapes, group_sizes, *, steps=3, opt_cls=torch.optim.AdamW, opt_kw
         assert math.isclose(fused.target_ratio, ref.target_ratio, rel_tol=1e-6)
         for p, r in zip(ps, rs):
             _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
-            for k in ("exp_avg", "exp_avg_sq"):
-                _assert_close(fused.state[p][k], ref.state[r][k], 2e-5, 1e-6, f"step {t} {k}")
-            assert float(fused.state[p]["step"]) == float(ref.state[r]["step"]) == t + 1
+            # The same state as the wrapped optimizer keeps it (Adam: step, exp_avg, exp_avg_sq; SGD with
+            # momentum: momentum_buffer; SGD without: nothing).
+            fs, rstate = fused.state.get(p, {}), ref.state.get(r, {})
+            assert set(fs) == set(rstate), f"step {t} state keys {set(fs)} vs {set(rstate)}"
+            for k, v in rstate.items():
+                if k == "step":
+                    assert float(fs[k]) == float(v) == t + 1
+                else:
+                    _assert_close(fs[k], v, 2e-5, 1e-6, f"step {t} {k}")
     return fused, ref
 
 
@@ -126,6 +132,80 @@ def test_fused_hundreds_of_small_tensors():
     shapes = [(int(n),) for n in torch.randint(1, 40, (300,), generator=gen)]
     fused, _ = _run_pair(shapes, [30] * 10, steps=2)
     assert sum(t.num_chunks for t, _ in fused._engine.buckets) == 300  # one launch, one program per tensor
+
+
+SGD_SETTINGS = {
+    "plain": dict(lr=0.05, weight_decay=0.1),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "dampening+wd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.1),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "maximize": dict(lr=0.05, momentum=0.8, weight_decay=0.1, maximize=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(SGD_SETTINGS))
+def test_fused_sgd_matches_reference(setting, monkeypatch):
+    # Three steps: the first creates the momentum buffers (a copy of the gradient, as torch does), the
+    # later ones update them. One tensor spans three programs (chunk 4096 < 9000).
+    _run_pair(ODD_SHAPES, [2, 3, 1], opt_cls=torch.optim.SGD, opt_kw=SGD_SETTINGS[setting],
+              monkeypatch=monkeypatch, chunk=4096)
+
+
+def test_fused_sgd_control_none_and_new_parameters_midway():
+    # control "none" leaves torch's SGD update as it is; a parameter whose first gradient arrives at
+    # step 2 gets its buffer then (torch's rule), while the others keep theirs.
+    ps = _params(ODD_SHAPES[:4])
+    rs = _f64_copy(ps)
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.1)
+    fused = EqualStep(torch.optim.SGD(ps, **kw), [ps[:2], ps[2:]], control="none", fused=True)
+    plain = torch.optim.SGD(rs, **kw)
+    for t in range(3):
+        active = slice(0, 4) if t else slice(0, 3)
+        for p in ps + rs:
+            p.grad = None
+        _set_grads(ps[active], rs[active], seed=t)
+        fused.step()
+        plain.step()
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
+            if p.grad is not None:
+                _assert_close(fused.state[p]["momentum_buffer"], plain.state[r]["momentum_buffer"], 2e-5, 1e-6, "buf")
+    assert torch.equal(fused.ratios_before, fused.ratios_after)
+    assert float(fused.ratios_before[1]) > 0
+
+
+def test_fused_sgd_bf16_params_like_torch():
+    ps = _params([(9, 4), (17,)], dtype=torch.bfloat16)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = EqualStep(torch.optim.SGD(ps, lr=0.05, momentum=0.9), [ps], control="none", fused=True)
+    plain = torch.optim.SGD(qs, lr=0.05, momentum=0.9)
+    for t in range(3):
+        _same_grads(ps, qs, seed=t)
+        fused.step()
+        plain.step()
+    for p, q in zip(ps, qs):
+        assert fused.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        # torch rounds buf·momentum and the sum separately: one bf16 ulp (up to 2^-6 relative near 2^k).
+        _assert_close(p, q, 2.0**-6, 1e-30, "bf16 params vs torch SGD")
+
+
+def test_fused_sgd_state_continues_on_torch_and_reference():
+    # Two fused steps, then torch's own SGD (through the reference EqualStep) continues from the state.
+    ps = _params(ODD_SHAPES[:3])
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True)
+    a = EqualStep(torch.optim.SGD(ps, **kw), [ps[:1], ps[1:]], fused=True)
+    b = EqualStep(torch.optim.SGD(qs, **kw), [qs[:1], qs[1:]], fused=False)
+    for t in range(4):
+        if t == 2:
+            sa = a.state_dict()
+            a = EqualStep(torch.optim.SGD(ps, **kw), [ps[:1], ps[1:]], fused=False)
+            a.load_state_dict(sa)
+        _same_grads(ps, qs, seed=t)
+        a.step()
+        b.step()
+        for p, q in zip(ps, qs):
+            _assert_close(p, q, 1e-5, 1e-6, f"step {t}")
 
 
 def test_fused_zero_norm_and_zero_update_groups():
@@ -314,8 +394,10 @@ def test_kernel_compiles_for_sm90():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import depthfast.kernels.optim as K\n"
-            "for p, s, mode in [('fp32', 'fp32', K.PHASE1), ('bf16', 'fp32', K.PHASE2), ('bf16', 'bf16', K.SINGLE)]:\n"
-            "    c = K.compile_for(90, p, s, mode)\n"
+            "for p, s, mode, sgd in [('fp32', 'fp32', K.PHASE1, False), ('bf16', 'fp32', K.PHASE2, False),\n"
+            "                        ('bf16', 'bf16', K.SINGLE, False), ('fp32', 'fp32', K.PHASE1, True),\n"
+            "                        ('bf16', 'bf16', K.PHASE2, True)]:\n"
+            "    c = K.compile_for(90, p, s, mode, sgd=sgd)\n"
             "    assert 'atom.global' in c.asm['ptx'] or mode == K.PHASE2\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -326,8 +408,10 @@ def test_kernel_compiles_for_sm90():
 
 def test_fused_bad_arguments():
     ps = _params([(3, 3)])
-    with pytest.raises(ValueError, match="SGD"):
-        EqualStep(torch.optim.SGD(ps, lr=0.1, momentum=0.9), [ps], fused=True)
+    with pytest.raises(ValueError, match="RMSprop"):
+        EqualStep(torch.optim.RMSprop(ps, lr=0.1), [ps], fused=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        EqualStep(torch.optim.SGD(ps, lr=0.1, momentum=0.9, differentiable=True), [ps], fused=True)
     with pytest.raises(ValueError, match="amsgrad"):
         EqualStep(torch.optim.AdamW(ps, amsgrad=True), [ps], fused=True)
     with pytest.raises(ValueError, match="single-pass"):

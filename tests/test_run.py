@@ -63,10 +63,14 @@ def test_end_to_end_on_saved_tiny_model(checkpoints, tmp_path, family, objective
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path):
+@pytest.mark.parametrize("optimizer", [[], ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]],
+                         ids=["adamw", "sgd"])
+def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path, optimizer):
     out = str(tmp_path / "eq")
     assert main(["--model", checkpoints("gpt2"), "--objective", "clm", "--control", "equal-step", "--out", out,
-                 *FAST]) == 0
+                 *FAST, *optimizer]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["optimizer"] == ("sgd" if optimizer else "adamw")
     with open(os.path.join(out, "train_log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
