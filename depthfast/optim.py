@@ -408,6 +408,9 @@ class _FusedEqualStep:
         # Interpreter: each program and each loop iteration costs milliseconds: large blocks and chunks.
         self.block = int(os.environ.get("DEPTHFAST_OPTIM_BLOCK", 1024 if on_gpu else 4096))
         self.chunk = int(os.environ.get("DEPTHFAST_OPTIM_CHUNK", 64 * self.block if on_gpu else 16 * self.block))
+        if self.block < 16 or self.block & (self.block - 1) or self.chunk % self.block:
+            raise ValueError(f"DEPTHFAST_OPTIM_BLOCK must be a power of two ≥ 16 and DEPTHFAST_OPTIM_CHUNK a "
+                             f"multiple of it; got {self.block} and {self.chunk}")
         self.dtensor = dtensor_type()
         self.process_group = None
         self._key = None
@@ -463,22 +466,24 @@ class _FusedEqualStep:
             raise ValueError(f"parameters moved to {sorted(map(str, devices))}; the fused path was set up on {self.device}")
         self.process_group = self._process_group([en[6] for en in entries])
 
-        # Buckets of equal dtypes (one launch per phase each); unstepped entries join a bucket with
-        # their parameter dtype, since only W is read for them.
+        # Buckets of equal dtypes and vector alignment (one launch per phase each; a tensor at an odd
+        # offset or of odd size must not stop the others' 16-byte accesses); unstepped entries join a
+        # bucket with their parameter dtype, since only W is read for them.
+        entries = [en[:1] + (self._checked_grad(en[6].grad, en[0]) if en[5] >= 0 else None,) + en[2:] for en in entries]
         buckets: dict[tuple, list] = {}
         for en in entries:
             if en[5] >= 0:
                 state_dtype = en[2].dtype if en[2] is not None else en[0].dtype
-                buckets.setdefault((en[0].dtype, en[6].grad.dtype, state_dtype), []).append(en)
+                key = (en[0].dtype, en[1].dtype, state_dtype, self.k.vector_aligned(en[:4]))
+                buckets.setdefault(key, []).append(en)
         for en in entries:
             if en[5] < 0:
-                key = next((k for k in buckets if k[0] == en[0].dtype), (en[0].dtype, None, None))
+                aligned = self.k.vector_aligned(en[:1])
+                key = next((k for k in buckets if k[0] == en[0].dtype and k[3] == aligned),
+                           (en[0].dtype, None, None, aligned))
                 buckets.setdefault(key, []).append(en)
-        self.buckets = []
-        for members in buckets.values():
-            grads = [self._checked_grad(en[6].grad, en[0]) if en[5] >= 0 else None for en in members]
-            rows = [en[:1] + (g,) + en[2:6] for en, g in zip(members, grads)]
-            self.buckets.append((self.k.Tables(rows, self.chunk, self.device), [en[7] for en in members]))
+        self.buckets = [(self.k.Tables([en[:6] for en in members], self.chunk, self.device), [en[7] for en in members])
+                        for members in buckets.values()]
 
     def _checked_grad(self, grad, w):
         g = local_shard(grad)
@@ -518,7 +523,9 @@ class _FusedEqualStep:
             local = [(local_shard(grads[i]) if i >= 0 else None) for i in flat_idx]
             if [g.data_ptr() if g is not None else 0 for g in local] != tables.grad_ptrs:
                 local = [self._checked_grad(g, en[0]) if g is not None else None for g, en in zip(local, tables.entries)]
-                tables.refresh_grads(local)
+                if not tables.refresh_grads(local):  # a gradient lost the alignment its bucket relies on
+                    self._build(flat)
+                    return
 
     # -- step ---------------------------------------------------------------------------------------
     def _launch(self, mode, hyper, scales, sums):

@@ -89,7 +89,7 @@ def _equal_step_kernel(
     p_proto, g_proto, s_proto,
     NUM_GROUPS, CHUNK,
     FIRST_PASS: tl.constexpr, WRITE_W: tl.constexpr, SGD: tl.constexpr, DECOUPLED: tl.constexpr,
-    BLOCK: tl.constexpr, P_BY_HAND: tl.constexpr, S_BY_HAND: tl.constexpr,
+    BLOCK: tl.constexpr, P_BY_HAND: tl.constexpr, S_BY_HAND: tl.constexpr, VEC: tl.constexpr,
 ):
     # FIRST_PASS: read g, update the optimizer state, accumulate Σu², ΣW² (PHASE1, SINGLE). WRITE_W:
     # write W + s·u (PHASE2, SINGLE). SGD selects the algorithm (Adam/AdamW otherwise). Flags rather
@@ -99,9 +99,17 @@ def _equal_step_kernel(
     start = tl.load(chunk_start + pid)
     n = tl.load(numel + e)
     stop = tl.minimum(start + CHUNK, n)
+    if VEC > 0:
+        # The host promises (Tables.vec): every address of this launch is 16-byte aligned and every numel
+        # and chunk start a multiple of VEC elements. Pointers read from a table carry no alignment, so
+        # without these hints every access is a 4-byte one; with them, 16-byte vector loads and stores.
+        start = tl.multiple_of(start, VEC)
+        stop = tl.multiple_of(stop, VEC)
     gid = tl.load(group + e)
     row = tl.load(hyper_row + e)
     w_ptr = tl.load(ptrs + 4 * e).to(p_proto.dtype)
+    if VEC > 0:  # hints written inline: inside a helper @triton.jit function they are lost
+        w_ptr = tl.multiple_of(w_ptr, 16)  # bytes
     lane = tl.arange(0, BLOCK)
 
     if row < 0:
@@ -111,6 +119,8 @@ def _equal_step_kernel(
                 acc_w = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
                 for off in range(start, stop, BLOCK):
                     idx = off + lane
+                    if VEC > 0:
+                        idx = tl.max_contiguous(tl.multiple_of(idx, VEC), VEC)
                     w = tl.load(w_ptr + idx, mask=idx < stop, other=0.0).to(tl.float32)
                     acc_w += tl.sum(w * w, axis=0).to(tl.float64)
                 tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
@@ -118,6 +128,10 @@ def _equal_step_kernel(
         g_ptr = tl.load(ptrs + 4 * e + 1).to(g_proto.dtype)
         m_ptr = tl.load(ptrs + 4 * e + 2).to(s_proto.dtype)  # Adam: exp_avg; SGD: momentum_buffer
         v_ptr = tl.load(ptrs + 4 * e + 3).to(s_proto.dtype)  # Adam: exp_avg_sq; SGD: unused
+        if VEC > 0:
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
         hp = hyper + 10 * row
         if SGD:
             lr = tl.load(hp + 0)
@@ -135,6 +149,9 @@ def _equal_step_kernel(
                 g_stop = stop
             else:
                 g_stop = tl.where(grad_w != 0.0, stop, start)
+            if VEC > 0:
+                buf_stop = tl.multiple_of(buf_stop, VEC)
+                g_stop = tl.multiple_of(g_stop, VEC)
         else:
             lr_wd = tl.load(hp + 0)
             wd = tl.load(hp + 1)
@@ -151,6 +168,8 @@ def _equal_step_kernel(
         acc_w = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
         for off in range(start, stop, BLOCK):
             idx = off + lane
+            if VEC > 0:
+                idx = tl.max_contiguous(tl.multiple_of(idx, VEC), VEC)
             mask = idx < stop
             # Everything is cast to fp32 right after the load: bf16 arithmetic is not exact (and is
             # wrong in the Triton interpreter).
@@ -224,6 +243,17 @@ def interpreter_runs_loops() -> bool:
     return _interpreter_verdict
 
 
+ALIGN_ELEMENTS = 8  # numel multiple of this: 16 bytes of 2-byte elements, 32 of fp32
+
+
+def vector_aligned(tensors) -> bool:
+    """Whether an entry's tensors (p, grad, states; None skipped) may use 16-byte vector accesses:
+    every address 16-byte aligned, and a numel that is a multiple of ALIGN_ELEMENTS (chunk starts are
+    too), so that each 16-byte vector is wholly inside or wholly outside the tensor."""
+    present = [t for t in tensors if t is not None]
+    return present[0].numel() % ALIGN_ELEMENTS == 0 and all(t.data_ptr() % 16 == 0 for t in present)
+
+
 class Tables:
     """Device tables of one dtype bucket (same dtypes of p, grad and states); see the module docstring."""
 
@@ -234,6 +264,11 @@ class Tables:
         self.entries = entries
         self.chunk = chunk
         self.device = device
+        # Vector width promised to the kernel (VEC): elements per 16 bytes of the narrowest dtype, when
+        # every entry is vector_aligned; 0 (4-byte accesses) otherwise.
+        tensors = [t for en in entries for t in en[:4] if t is not None]
+        aligned = chunk % ALIGN_ELEMENTS == 0 and all(vector_aligned(en[:4]) for en in entries)
+        self.vec = min(ALIGN_ELEMENTS, 16 // min(t.element_size() for t in tensors)) if aligned else 0
         stepped = [en for en in entries if en[5] >= 0]
         self.p_proto = entries[0][0]
         self.g_proto = stepped[0][1] if stepped else entries[0][0]
@@ -262,13 +297,18 @@ class Tables:
         ]
         return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), self.device)
 
-    def refresh_grads(self, grads) -> None:
-        """Point the table at this step's gradient tensors (they move when grads are re-allocated)."""
+    def refresh_grads(self, grads) -> bool:
+        """Point the table at this step's gradient tensors (they move when grads are re-allocated).
+        Returns False, changing nothing, when a new gradient breaks the vector alignment promised to
+        the kernel (the caller rebuilds the tables)."""
         new = [g.data_ptr() if g is not None else 0 for g in grads]
+        if self.vec and any(p % 16 for p in new):
+            return False
         if new != self.grad_ptrs:
             self.grad_ptrs = new
             self.entries = [en[:1] + (g,) + en[2:] for en, g in zip(self.entries, grads)]
             self.ptrs = self._ptr_table()
+        return True
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -280,7 +320,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp32", mode: int = SINGLE,
-                decoupled: bool = True, block: int = 1024, sgd: bool = False):
+                decoupled: bool = True, block: int = 1024, sgd: bool = False, vec: int = 0):
     """Compile the kernel ahead of time for a CUDA target (no GPU needed; TRITON_INTERPRET must be
     unset when this module is imported). Returns the compiled kernel; for checks on CPU-only machines."""
     from triton.backends.compiler import GPUTarget
@@ -291,7 +331,7 @@ def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp
                hyper="*fp32", scales="*fp32", sums="*fp64", p_proto="*" + p_dtype, g_proto="*" + p_dtype,
                s_proto="*" + s_dtype, NUM_GROUPS="i32", CHUNK="i32")
     consts = dict(FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, SGD=sgd, DECOUPLED=decoupled, BLOCK=block,
-                  P_BY_HAND=False, S_BY_HAND=False)
+                  P_BY_HAND=False, S_BY_HAND=False, VEC=vec)
     sig.update({k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", target_arch, 32), options=dict(num_warps=4))
@@ -309,5 +349,6 @@ def launch(tables: Tables, mode: int, hyper: torch.Tensor, scales: torch.Tensor,
         FIRST_PASS=mode != PHASE2, WRITE_W=mode != PHASE1, SGD=sgd, DECOUPLED=decoupled, BLOCK=block,
         P_BY_HAND=_INTERPRET and tables.p_proto.dtype == torch.bfloat16,
         S_BY_HAND=_INTERPRET and tables.s_proto.dtype == torch.bfloat16,
+        VEC=tables.vec,
         num_warps=num_warps,
     )

@@ -131,7 +131,38 @@ def test_fused_hundreds_of_small_tensors():
     gen = torch.Generator().manual_seed(1)
     shapes = [(int(n),) for n in torch.randint(1, 40, (300,), generator=gen)]
     fused, _ = _run_pair(shapes, [30] * 10, steps=2)
-    assert sum(t.num_chunks for t, _ in fused._engine.buckets) == 300  # one launch, one program per tensor
+    # One program per tensor; two launches per phase: sizes that are multiples of 8 take 16-byte accesses.
+    assert sum(t.num_chunks for t, _ in fused._engine.buckets) == 300
+    assert sorted(t.vec for t, _ in fused._engine.buckets) == [0, 4]
+
+
+def test_vector_alignment_is_promised_only_where_it_holds():
+    # Views at odd offsets (4 bytes into a buffer) and sizes that are not multiples of 8 go to a bucket
+    # without 16-byte accesses; on a GPU a wrong promise would read and write out of bounds. The fused
+    # step must still match the reference for all of them, and a gradient that loses the alignment
+    # later moves its tensor (the tables are rebuilt).
+    flat = torch.randn(1 + 64 + 24 + 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    flat = flat.to(device=DEVICE, dtype=torch.float32)
+    ps = [torch.nn.Parameter(flat[1:65].view(8, 8)), torch.nn.Parameter(torch.randn(24, device=DEVICE)),
+          torch.nn.Parameter(torch.randn(7, device=DEVICE)), torch.nn.Parameter(torch.randn(4, 8, device=DEVICE))]
+    assert ps[0].data_ptr() % 16 == 4
+    rs = _f64_copy(ps)
+    fused = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:2], ps[2:]], fused=True)
+    ref = EqualStep(torch.optim.AdamW(rs, lr=1e-2), [rs[:2], rs[2:]], fused=False)
+    for t in range(3):
+        _set_grads(ps, rs, seed=t)
+        if t == 2:  # p3's gradient now a view 4 bytes into a buffer
+            g = torch.zeros(33, device=DEVICE)
+            g[1:].copy_(ps[3].grad.flatten())
+            ps[3].grad = g[1:].view(4, 8)
+        fused.step()
+        ref.step()
+        by_vec = {tuple(sorted(p.data_ptr() for p, *_ in t.entries)): t.vec for t, _ in fused._engine.buckets}
+        aligned = {ps[1].data_ptr(), ps[3].data_ptr()} if t < 2 else {ps[1].data_ptr()}
+        assert by_vec[tuple(sorted(aligned))] == 4
+        assert all(v == 0 for k, v in by_vec.items() if set(k) != aligned)
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
 
 
 SGD_SETTINGS = {
@@ -394,11 +425,13 @@ def test_kernel_compiles_for_sm90():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import depthfast.kernels.optim as K\n"
-            "for p, s, mode, sgd in [('fp32', 'fp32', K.PHASE1, False), ('bf16', 'fp32', K.PHASE2, False),\n"
-            "                        ('bf16', 'bf16', K.SINGLE, False), ('fp32', 'fp32', K.PHASE1, True),\n"
-            "                        ('bf16', 'bf16', K.PHASE2, True)]:\n"
-            "    c = K.compile_for(90, p, s, mode, sgd=sgd)\n"
+            "for p, s, mode, sgd, vec in [('fp32', 'fp32', K.PHASE1, False, 4), ('bf16', 'fp32', K.PHASE2, False, 8),\n"
+            "                             ('bf16', 'bf16', K.SINGLE, False, 0), ('fp32', 'fp32', K.PHASE1, True, 0),\n"
+            "                             ('bf16', 'bf16', K.PHASE2, True, 8)]:\n"
+            "    c = K.compile_for(90, p, s, mode, sgd=sgd, vec=vec)\n"
             "    assert 'atom.global' in c.asm['ptx'] or mode == K.PHASE2\n"
+            "    # The alignment hints must turn the data accesses into 16-byte ones (a bandwidth-bound step).\n"
+            "    assert ('ld.global.v4' in c.asm['ptx'] and 'st.global.v4' in c.asm['ptx']) == (vec > 0), (p, s, mode, vec)\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if "No module named 'triton.backends.nvidia'" in out.stderr:
