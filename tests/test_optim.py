@@ -14,6 +14,7 @@ gradients. Tolerances per dtype:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -205,40 +206,6 @@ def test_fused_sgd_control_none_and_new_parameters_midway():
     assert float(fused.ratios_before[1]) > 0
 
 
-def test_fused_sgd_bf16_params_like_torch():
-    ps = _params([(9, 4), (17,)], dtype=torch.bfloat16)
-    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    fused = EqualStep(torch.optim.SGD(ps, lr=0.05, momentum=0.9), [ps], control="none", fused=True)
-    plain = torch.optim.SGD(qs, lr=0.05, momentum=0.9)
-    for t in range(3):
-        _same_grads(ps, qs, seed=t)
-        fused.step()
-        plain.step()
-    for p, q in zip(ps, qs):
-        assert fused.state[p]["momentum_buffer"].dtype == torch.bfloat16
-        # torch rounds buf·momentum and the sum separately: one bf16 ulp (up to 2^-6 relative near 2^k).
-        _assert_close(p, q, 2.0**-6, 1e-30, "bf16 params vs torch SGD")
-
-
-def test_fused_sgd_state_continues_on_torch_and_reference():
-    # Two fused steps, then torch's own SGD (through the reference EqualStep) continues from the state.
-    ps = _params(ODD_SHAPES[:3])
-    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    kw = dict(lr=0.05, momentum=0.9, nesterov=True)
-    a = EqualStep(torch.optim.SGD(ps, **kw), [ps[:1], ps[1:]], fused=True)
-    b = EqualStep(torch.optim.SGD(qs, **kw), [qs[:1], qs[1:]], fused=False)
-    for t in range(4):
-        if t == 2:
-            sa = a.state_dict()
-            a = EqualStep(torch.optim.SGD(ps, **kw), [ps[:1], ps[1:]], fused=False)
-            a.load_state_dict(sa)
-        _same_grads(ps, qs, seed=t)
-        a.step()
-        b.step()
-        for p, q in zip(ps, qs):
-            _assert_close(p, q, 1e-5, 1e-6, f"step {t}")
-
-
 def test_fused_zero_norm_and_zero_update_groups():
     # group 1 is zero-initialised (r = +inf, scale 1), group 2 gets zero grads and no weight decay (r = 0).
     fused, ref = _run_pair([(6, 4), (5,), (8,), (3, 3)], [1, 1, 1, 1], opt_kw=dict(lr=1e-2, weight_decay=0.0),
@@ -320,18 +287,22 @@ def test_fused_bf16_params_fp32_states():
         _assert_close(fused.ratios_before, ref.ratios_before, 1e-5, 0.0, f"step {t} ratios")
 
 
-def test_fused_bf16_states_like_torch():
+@pytest.mark.parametrize("make,state_key", [
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-2), "exp_avg"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), "momentum_buffer"),
+], ids=["adamw", "sgd"])
+def test_fused_bf16_states_like_torch(make, state_key):
     # Default state dtype follows the parameter (as torch does), so torch can take over the state.
     ps = _params([(9, 4), (17,)], dtype=torch.bfloat16)
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    fused = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps], control="none", fused=True)
-    plain = torch.optim.AdamW(qs, lr=1e-2)
-    for t in range(2):
+    fused = EqualStep(make(ps), [ps], control="none", fused=True)
+    plain = make(qs)
+    for t in range(3):
         _same_grads(ps, qs, seed=t)
         fused.step()
         plain.step()
     for p, q in zip(ps, qs):
-        assert fused.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert fused.state[p][state_key].dtype == torch.bfloat16
         # torch rounds every intermediate to bf16: allow one bf16 ulp (2^-7 relative, up to 2^-6 near 2^k).
         _assert_close(p, q, 2.0**-6, 1e-30, "bf16 params vs torch")
 
@@ -363,16 +334,20 @@ def test_single_pass_uses_previous_scales():
         prev = r_g
 
 
-def test_state_dict_round_trip_and_switching_paths():
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True)],
+                         ids=["adamw", "sgd"])
+def test_state_dict_round_trip_and_switching_paths(make):
     ps = _params(ODD_SHAPES[:3])
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    a = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:]], fused=True)
-    b = EqualStep(torch.optim.AdamW(qs, lr=1e-2), [qs[:1], qs[1:]], fused=False)
+    a = EqualStep(make(ps), [ps[:1], ps[1:]], fused=True)
+    b = EqualStep(make(qs), [qs[:1], qs[1:]], fused=False)
+    adam = isinstance(a.optimizer, torch.optim.AdamW)
     for t in range(4):
         if t == 2:  # continue a's run on the reference path, b's on the fused one, through state dicts
             sa, sb = a.state_dict(), b.state_dict()
-            a = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:]], fused=False)
-            b = EqualStep(torch.optim.AdamW(qs, lr=1e-2), [qs[:1], qs[1:]], fused=True)
+            a = EqualStep(make(ps), [ps[:1], ps[1:]], fused=False)
+            b = EqualStep(make(qs), [qs[:1], qs[1:]], fused=True)
             a.load_state_dict(sa)
             b.load_state_dict(sb)
         _same_grads(ps, qs, seed=t)
@@ -380,12 +355,20 @@ def test_state_dict_round_trip_and_switching_paths():
         b.step()
         for p, q in zip(ps, qs):
             _assert_close(p, q, 1e-5, 1e-6, f"step {t}")
-            assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == t + 1
-    # Reloading a state dict into the same fused wrapper is noticed (new state tensors).
-    b.load_state_dict(a.state_dict())
+            if adam:
+                assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == t + 1
+    # Reloading a state dict into the same fused wrapper is noticed: stale tables would step the old
+    # state tensors. (A copy: torch's state_dict holds a's own tensors, which load_state_dict would share.)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
     _same_grads(ps, qs, seed=9)
+    a.step()
     b.step()
-    assert float(b.state[qs[0]]["step"]) == 5
+    for p, q in zip(ps, qs):
+        _assert_close(p, q, 1e-5, 1e-6, "after reloading")
+        for k, v in a.state[p].items():  # the reloaded tensors are the ones stepped
+            _assert_close(b.state[q][k], v, 1e-5, 1e-6, f"state {k} after reloading")
+    if adam:
+        assert float(b.state[qs[0]]["step"]) == 5
 
 
 def test_state_works_with_torch_fused_adamw():
