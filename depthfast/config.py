@@ -48,6 +48,7 @@ class RunConfig:
     estimator: str = "exact"
     mlm_probability: float = 0.15
     equal_step_target: str = "mean"
+    equal_step_head: bool = False
     device: str = "auto"
     precision: str = "fp32"
     parallel: str = "ddp"

@@ -11,7 +11,9 @@ steps".
 
 Groups that cannot be rescaled keep the optimizer's update and stay out of the mean: a group whose
 update is zero this step (r_g = 0: nothing to scale) and a group with ‖W_g(t)‖ = 0 (a zero-initialised
-head: r_g is infinite). Their ratios are reported as 0 and +inf; never NaN.
+head: r_g is infinite). Their ratios are reported as 0 and +inf; never NaN. Groups named ``free`` are
+treated the same way whatever their ratio: the runner frees the head (task head, final norm, pooler),
+which is not one of the profile's layers.
 
 Two implementations behind one class, :class:`EqualStep`:
 
@@ -68,6 +70,8 @@ class EqualStep:
     first step is exact). Measured on a char-level GPT-2 (d 64, 4 layers, AdamW lr 3e-3, 60 steps, CPU):
     max_g |r_g / mean r − 1| per step had median 0.10 and worst 1.47 (a step where one block's ratio
     jumped ×3), against 1.29 / 2.57 without control and ~1e-7 in exact mode.
+    free: indices of groups that are measured (their ratios are reported) but keep the optimizer's
+    update and stay out of the mean target, e.g. a task head that is not one of the profile's layers.
     state_dtype (fused path only): dtype of freshly created exp_avg / exp_avg_sq (SGD: momentum_buffer), e.g. torch.float32 for
     bf16 parameters (torch's own Adam cannot step such a state, so this pins the fused path).
 
@@ -90,6 +94,7 @@ class EqualStep:
         fused: bool | None = None,
         mode: str = "exact",
         state_dtype: torch.dtype | None = None,
+        free: Sequence[int] = (),
     ) -> None:
         if control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}; got {control!r}")
@@ -103,6 +108,11 @@ class EqualStep:
         self.groups = [list(g) for g in groups]
         if not self.groups or any(len(g) == 0 for g in self.groups):
             raise ValueError("groups must be a non-empty list of non-empty parameter lists")
+        free = tuple(sorted(set(free)))
+        if any(not isinstance(i, int) or not 0 <= i < len(self.groups) for i in free):
+            raise ValueError(f"free must hold group indices in 0..{len(self.groups) - 1}; got {free!r}")
+        self.free = free
+        self._allowed = torch.tensor([i not in free for i in range(len(self.groups))])
         seen: set[int] = set()
         for g in self.groups:
             for p in g:
@@ -127,7 +137,7 @@ class EqualStep:
         self._engine = None
         if self.fused:
             engine = _FusedSgd if type(optimizer) is torch.optim.SGD else _FusedAdam
-            self._engine = engine(optimizer, self.groups, target, control, mode, state_dtype)
+            self._engine = engine(optimizer, self.groups, target, control, mode, state_dtype, self._allowed)
 
         num_groups = len(self.groups)
         self.ratios_before = torch.zeros(num_groups, dtype=torch.float64)
@@ -179,8 +189,8 @@ class EqualStep:
         else:
             loss = self.optimizer.step()
         self.ratios_before = _reference_ratios(self.groups, before)
-        self.scales = equal_step_scales(self.ratios_before, self.target)
-        self._target_ratio = _target_of(self.ratios_before, self.target)
+        self.scales = equal_step_scales(self.ratios_before, self.target, self._allowed)
+        self._target_ratio = _target_of(self.ratios_before, self.target, self._allowed)
         if self.control == "equal-step":
             for g, b, s in zip(self.groups, before, self.scales.tolist()):
                 if s != 1.0:
@@ -226,6 +236,7 @@ class EqualStepAdamW(EqualStep):
         fused: bool | None = None,
         mode: str = "exact",
         state_dtype: torch.dtype | None = None,
+        free: Sequence[int] = (),
     ) -> None:
         groups = [list(g) for g in groups]
         params = [p for g in groups for p in g] if params is None else list(params)
@@ -233,7 +244,7 @@ class EqualStepAdamW(EqualStep):
             raise ValueError("EqualStepAdamW needs parameters (params or groups)")
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(optimizer, groups, target=target, control=control, fused=fused, mode=mode,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, free=free)
 
 
 class ForeachEqualStep:
@@ -346,22 +357,25 @@ def ratios_from_sums(delta_sq: torch.Tensor, weight_sq: torch.Tensor) -> torch.T
     return torch.where(delta_sq > 0, r, torch.zeros_like(r))
 
 
-def _rescalable(ratios: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(ratios) & (ratios > 0)
+def _rescalable(ratios: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    ok = torch.isfinite(ratios) & (ratios > 0)
+    return ok if allowed is None else ok & allowed
 
 
-def _target_of(ratios: torch.Tensor, target: str | float) -> float:
-    ok = _rescalable(ratios)
+def _target_of(ratios: torch.Tensor, target: str | float, allowed: torch.Tensor | None = None) -> float:
+    ok = _rescalable(ratios, allowed)
     if not bool(ok.any()):
         return 0.0
     return float(ratios[ok].mean()) if target == "mean" else float(target)
 
 
-def device_target_and_scales(ratios: torch.Tensor, target: str | float = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+def device_target_and_scales(ratios: torch.Tensor, target: str | float = "mean",
+                             allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r*, s) without a host sync: r* a 0-dim float64 tensor (0 when no group is rescalable) and
-    s_g = r*/r_g (float64 (G,)), 1 for groups that cannot be rescaled."""
+    s_g = r*/r_g (float64 (G,)), 1 for groups that cannot be rescaled or are not ``allowed`` (bool (G,),
+    on the ratios' device; None: all)."""
     ratios = ratios.to(torch.float64)
-    ok = _rescalable(ratios)
+    ok = _rescalable(ratios, allowed)
     count = ok.sum()
     if target == "mean":
         r_star = torch.where(ok, ratios, torch.zeros_like(ratios)).sum() / count.clamp(min=1)
@@ -373,9 +387,11 @@ def device_target_and_scales(ratios: torch.Tensor, target: str | float = "mean")
     return r_star, scales
 
 
-def equal_step_scales(ratios: torch.Tensor, target: str | float = "mean") -> torch.Tensor:
-    """Per-group scale s_g = r* / r_g (float64 (G,)); 1 for groups that cannot be rescaled."""
-    return device_target_and_scales(ratios, target)[1]
+def equal_step_scales(ratios: torch.Tensor, target: str | float = "mean",
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group scale s_g = r* / r_g (float64 (G,)); 1 for groups that cannot be rescaled or are
+    not ``allowed``."""
+    return device_target_and_scales(ratios, target, allowed)[1]
 
 
 class _FusedEqualStep:
@@ -390,7 +406,7 @@ class _FusedEqualStep:
 
     SGD = False  # the kernel's algorithm flag
 
-    def __init__(self, optimizer, groups, target, control, mode, state_dtype):
+    def __init__(self, optimizer, groups, target, control, mode, state_dtype, allowed):
         from depthfast.kernels import optim as kernels
 
         self.k = kernels
@@ -417,6 +433,7 @@ class _FusedEqualStep:
         self._next_scales = None  # single-pass: r*/r_g of the previous step (float64 (G,), device)
         self._next_target = None
         self._ones = torch.ones(self.num_groups, dtype=torch.float32, device=self.device)
+        self.allowed = allowed.to(self.device)
 
     # -- the algorithm (subclasses) -------------------------------------------------------------------
     decoupled = False
@@ -550,17 +567,17 @@ class _FusedEqualStep:
             self._launch(k.SINGLE, hyper, self._ones, sums)
             ratios = self._ratios(sums)
             # As the reference: the scales that the control would apply are reported, not applied.
-            r_star, scales = device_target_and_scales(ratios, self.target)
+            r_star, scales = device_target_and_scales(ratios, self.target, self.allowed)
             return ratios, ratios.clone(), scales, r_star
         if self.mode == "single-pass" and self._next_scales is not None:
             scales, r_star = self._next_scales, self._next_target
             self._launch(k.SINGLE, hyper, scales.to(torch.float32), sums)
             ratios = self._ratios(sums)
-            self._next_target, self._next_scales = device_target_and_scales(ratios, self.target)
+            self._next_target, self._next_scales = device_target_and_scales(ratios, self.target, self.allowed)
             return ratios, ratios * scales, scales, r_star
         self._launch(k.PHASE1, hyper, self._ones, sums)
         ratios = self._ratios(sums)
-        r_star, scales = device_target_and_scales(ratios, self.target)
+        r_star, scales = device_target_and_scales(ratios, self.target, self.allowed)
         self._launch(k.PHASE2, hyper, scales.to(torch.float32), sums)
         self._next_target, self._next_scales = r_star, scales
         return ratios, ratios * scales, scales, r_star

@@ -24,7 +24,8 @@ HELP = {
     "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
     "objective": "cls: sequence classification (fresh head); mlm: masked LM (encoders); clm: causal LM (decoders)",
     "control": "none: the optimizer's own steps; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
-    "optimizer": "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2)",
+    "optimizer": "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2, and usually "
+                 "--weight-decay 0: with momentum, decay shrinks every weight by ~lr·wd/(1 − momentum) per step)",
     "momentum": "SGD momentum (default 0.9; ignored by adamw)",
     "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
     "out": "results directory (written atomically)",
@@ -35,6 +36,8 @@ HELP = {
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
+    "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
+                       "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
 }
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": POOLINGS, "estimator": ESTIMATORS,
            "parallel": PARALLEL, "precision": PRECISIONS, "optimizer": OPTIMIZERS}

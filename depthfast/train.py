@@ -142,7 +142,11 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
     # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
     target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
-    control = EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control)
+    # The control equalizes the profile's layers; the head (a fresh task head, whose relative steps are
+    # tens of times the blocks', plus the final norm / pooler) would otherwise pull the mean target.
+    free = [] if cfg.equal_step_head else [i for i, (name, _) in enumerate(named_groups) if name == "head"]
+    control = EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control,
+                        free=free)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):

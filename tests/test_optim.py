@@ -75,15 +75,17 @@ def _assert_close(a, b, rtol, atol, what):
 
 
 def _run_pair(shapes, group_sizes, *, steps=3, opt_cls=torch.optim.AdamW, opt_kw=None, control="equal-step",
-              target="mean", zero_w=(), zero_g=(), lrs=None, monkeypatch=None, chunk=None):
+              target="mean", zero_w=(), zero_g=(), lrs=None, monkeypatch=None, chunk=None, free=()):
     """Fused fp32 EqualStep vs the float64 reference on the same gradients; compares after every step."""
     if chunk is not None:
         monkeypatch.setenv("DEPTHFAST_OPTIM_CHUNK", str(chunk))
     opt_kw = dict(lr=1e-2, weight_decay=0.1) if opt_kw is None else opt_kw
     ps = _params(shapes, zero=zero_w)
     rs = _f64_copy(ps)
-    fused = EqualStep(opt_cls(ps, **opt_kw), _split(ps, group_sizes), target=target, control=control, fused=True)
-    ref = EqualStep(opt_cls(rs, **opt_kw), _split(rs, group_sizes), target=target, control=control, fused=False)
+    fused = EqualStep(opt_cls(ps, **opt_kw), _split(ps, group_sizes), target=target, control=control, fused=True,
+                      free=free)
+    ref = EqualStep(opt_cls(rs, **opt_kw), _split(rs, group_sizes), target=target, control=control, fused=False,
+                    free=free)
     assert fused.fused and not ref.fused
     for t in range(steps):
         if lrs is not None:
@@ -237,6 +239,21 @@ def test_fused_param_groups_with_different_hyperparameters():
 def test_fused_control_none_records_ratios_and_steps_like_adamw():
     fused, ref = _run_pair(ODD_SHAPES, [3, 3], control="none", steps=2)
     assert torch.equal(fused.ratios_before, fused.ratios_after)  # scales: reported, not applied
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_free_group_keeps_its_update_and_stays_out_of_the_target(opt_cls):
+    # Group 2 (a stand-in for a fresh task head, lr-wise the fastest mover) is free: scale 1, its ratio
+    # reported, the target the mean of groups 0 and 1 only; fused and reference agree.
+    kw = dict(lr=0.05, momentum=0.9) if opt_cls is torch.optim.SGD else dict(lr=1e-2)
+    fused, ref = _run_pair(ODD_SHAPES, [2, 3, 1], opt_cls=opt_cls, opt_kw=kw, free=(2,))
+    for e in (fused, ref):
+        before, after = e.ratios_before.cpu(), e.ratios_after.cpu()
+        assert float(e.scales[2]) == 1.0 and float(after[2]) == pytest.approx(float(before[2]), rel=1e-9)
+        assert e.target_ratio == pytest.approx(float(before[:2].mean()), rel=1e-9)
+        _assert_close(after[:2], torch.full((2,), e.target_ratio, dtype=torch.float64), 1e-6, 0.0, "equalized")
+    with pytest.raises(ValueError, match="free"):
+        EqualStep(opt_cls(_params([(2,)]), **kw), [_params([(2,)])], free=(1,))
 
 
 def test_fused_fixed_target():
