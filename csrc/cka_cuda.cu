@@ -168,10 +168,30 @@ __device__ __forceinline__ void block_sum3_atomic_add(double a, double b, double
   }
 }
 
+// One warp's 32 × 32 share of a kTile × kTile block tile (4 warps in a 2 × 2 grid): 2 × 2 fragments.
+using WarpAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>[2][2];
+
+__device__ __forceinline__ void zero_warp_tile(WarpAcc& acc) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+}
+
+// Stores this warp's fragments into its corner of the shared block tile s (row-major, kTile + 4 wide).
+__device__ __forceinline__ void store_warp_tile(const WarpAcc& acc, float (*s)[kTile + 4]) {
+  const int warp = threadIdx.x / 32;
+  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(&s[wr + 16 * i][wc + 16 * j], acc[i][j], kTile + 4, nvcuda::wmma::mem_row_major);
+}
+
 template <typename T>
 __device__ void accumulate_gram_tile(const T* __restrict__ a, int64_t n, int64_t d, int64_t i0, int64_t j0,
-                                     T (*sa)[kKStep + 8], T (*sb)[kKStep + 8],
-                                     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2]) {
+                                     T (*sa)[kKStep + 8], T (*sb)[kKStep + 8], WarpAcc& acc) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
@@ -217,28 +237,13 @@ __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y,
   __shared__ __align__(32) float sk[kTile][kTile + 4];
   __shared__ __align__(32) float sl[kTile][kTile + 4];
 
-  const int warp = threadIdx.x / 32;
-  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  WarpAcc acc;
+  zero_warp_tile(acc);
   accumulate_gram_tile<T>(xg, n, d1, I * kTile, J * kTile, sa, sb, acc);
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(&sk[wr + 16 * i][wc + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
-      wmma::fill_fragment(acc[i][j], 0.f);
-    }
+  store_warp_tile(acc, sk);
+  zero_warp_tile(acc);
   accumulate_gram_tile<T>(yg, n, d2, I * kTile, J * kTile, sa, sb, acc);
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sl[wr + 16 * i][wc + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
+  store_warp_tile(acc, sl);
   __syncthreads();
 
   // Off-diagonal entries only (K̃, L̃); rows past n are zero and add nothing.
@@ -282,11 +287,8 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
   __shared__ __align__(32) float sc[kTile][kTile + 4];
   const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  WarpAcc acc;
+  zero_warp_tile(acc);
 
   auto z = [&](int64_t row, int64_t col) -> T {
     if (row >= n || col >= D) return from_f32<T>(0.f);
@@ -314,11 +316,7 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sc[wr + 16 * i][wc + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
+  store_warp_tile(acc, sc);
   __syncthreads();
 
   const bool mirror = I != J;

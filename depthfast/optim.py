@@ -608,27 +608,23 @@ class _FusedAdam(_FusedEqualStep):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype != v.dtype:
             raise ValueError("exp_avg and exp_avg_sq differ in dtype")
+        # One step count per param group, checked here and then tracked on the host.
+        st = state["step"]
+        t = int(float(st))
+        if self.steps.setdefault(h, t) != t:
+            raise ValueError(
+                f"param group {h} holds parameters at different step counts ({self.steps[h]} and {t}); "
+                "the fused path needs one step count per param group (use fused=False)"
+            )
+        self.step_tensors.append(st)
+        # One CPU step tensor per param group, read every step to notice outside changes cheaply.
+        if h not in self.step_probe and st.device.type == "cpu":
+            self.step_probe[h] = st
         return m, v, h
 
     def _build(self, flat):
+        self.steps, self.step_tensors, self.step_probe = {}, [], {}  # refilled by _states
         super()._build(flat)
-        # One step count per param group, checked here and then tracked on the host.
-        self.steps, self.step_tensors, self.step_probe = {}, [], {}
-        for h, pg in enumerate(self.optimizer.param_groups):
-            for p in pg["params"]:
-                if p.grad is None:
-                    continue
-                st = self.optimizer.state[p]["step"]
-                t = int(float(st))
-                if self.steps.setdefault(h, t) != t:
-                    raise ValueError(
-                        f"param group {h} holds parameters at different step counts ({self.steps[h]} and {t}); "
-                        "the fused path needs one step count per param group (use fused=False)"
-                    )
-                self.step_tensors.append(st)
-                # One CPU step tensor per param group, read every step to notice outside changes cheaply.
-                if h not in self.step_probe and st.device.type == "cpu":
-                    self.step_probe[h] = st
 
     def _stale(self):
         return any(int(float(t)) != self.steps[h] for h, t in self.step_probe.items())
