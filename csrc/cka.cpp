@@ -57,8 +57,20 @@ void check_group(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
 // weights) on the CPU, where it is otherwise never taken.
 bool g_emulate_tensor_cores = false;
 
+// Whether x's group runs the custom kernels of cka_cuda.cu: CUDA tensors, or, in a build of those
+// kernels for the CPU emulator (DEPTHFAST_CUDA_EMULATION, tests/cuda_emu), every tensor.
+bool runs_cuda_kernels(const at::Tensor& x) {
+#ifdef DEPTHFAST_CUDA_EMULATION
+  (void)x;
+  return true;
+#else
+  return x.is_cuda();
+#endif
+}
+
 bool use_tensor_cores(const at::Tensor& x) {
-  return (x.is_cuda() || g_emulate_tensor_cores) && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+  return (runs_cuda_kernels(x) || g_emulate_tensor_cores) &&
+         (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
 // CPU: one pass per layer over the input — shift, mask, fp32 operand, row norms and column sums
@@ -97,7 +109,7 @@ void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, f
 
 Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask) {
 #ifdef DEPTHFAST_WITH_CUDA
-  if (xs[0].is_cuda() && xs[0].scalar_type() != at::kDouble) return prepare_cuda(xs, shift, mask);
+  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble) return prepare_cuda(xs, shift, mask);
 #endif
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {
@@ -295,7 +307,7 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
   bool done = false;
 #ifdef DEPTHFAST_WITH_CUDA
   const char* syrk = std::getenv("DEPTHFAST_CKA_SYRK");
-  if (syrk != nullptr && std::string(syrk) == "1" && px.op.is_cuda() && px.op.scalar_type() != at::kFloat &&
+  if (syrk != nullptr && std::string(syrk) == "1" && runs_cuda_kernels(px.op) && px.op.scalar_type() != at::kFloat &&
       sxx.is_contiguous() && syy.is_contiguous() && syx.is_contiguous()) {
     syrk_accumulate_cuda(px.op, py.op, sxx, syy, syx, skip_xx);  // full matrices: mirroring is then a no-op
     done = true;
@@ -346,7 +358,7 @@ void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Te
   if (feature) {
     at::Tensor sq;  // (G, 3): ‖Y'ᵀX'‖², ‖X'ᵀX'‖², ‖Y'ᵀY'‖²
 #ifdef DEPTHFAST_WITH_CUDA
-    if (xs[0].is_cuda() && use_tensor_cores(xs[0])) {
+    if (runs_cuda_kernels(xs[0]) && use_tensor_cores(xs[0])) {
       sq = at::zeros({g, 3}, acc.options());
       gram_sqnorms_cuda(px.op, py.op, sq);
     }
@@ -359,7 +371,7 @@ void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Te
     off = sq - at::stack({(px.k * py.k).sum(1), (px.k * px.k).sum(1), (py.k * py.k).sum(1)}, 1);
   } else {
 #ifdef DEPTHFAST_WITH_CUDA
-    if (use_tensor_cores(xs[0])) {
+    if (runs_cuda_kernels(xs[0]) && use_tensor_cores(xs[0])) {  // CPU tensors under _set_emulate_tensor_cores stay on ATen
       off = at::zeros({g, 3}, acc.options());
       offdiag_sums_cuda(px.op, py.op, off);
     } else

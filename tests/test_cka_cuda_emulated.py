@@ -1,0 +1,259 @@
+"""The CUDA kernels of csrc/cka_cuda.cu, run on the CPU by an emulator, against the float64 references.
+
+No GPU has run these kernels yet. tests/cuda_emu builds depthfast._C with them compiled for a CPU
+emulator of the CUDA features they use (threads as fibers, __syncthreads / warp-collective calls
+checked for divergence, WMMA m16n16k16 with its alignment and ldm rules), and swaps it in for
+depthfast._C: StreamingCKA then takes exactly the dispatch a CUDA build takes, with CPU tensors.
+What this checks: indexing, tiling and tile-pair decoding, bounds and zero padding, masks, row
+strides, layer chunking, barriers, shuffles and reductions. What it cannot check is listed in
+tests/cuda_emu/cuda_emu.h (timing, memory-model races, tensor-core summation order).
+
+Tolerances are those of the CUDA path in test_cka.py: tol_16bit for 16-bit inputs (operands
+rounded to the input format after the shift), TOL_F32 for fp32 inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import test_cka as T
+from depthfast import _ext, cka
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_DIR = os.environ.get("DEPTHFAST_EMU_BUILD", os.path.join(REPO, "build", "cuda_emu"))
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available(),
+    reason="needs a C++ compiler and ninja to build the emulated extension",
+)
+
+
+@pytest.fixture(scope="module")
+def emulated_module():
+    import cuda_emu
+
+    return cuda_emu.build(BUILD_DIR)
+
+
+@pytest.fixture
+def emu(emulated_module, monkeypatch):
+    """depthfast._C replaced by the emulated CUDA build for one test; yields a launch counter."""
+    monkeypatch.setattr(_ext, "_C", emulated_module)
+    lib = ctypes.CDLL(emulated_module.__file__)
+    lib.cuda_emu_launches.restype = ctypes.c_int64
+    lib.cuda_emu_launches.argtypes = [ctypes.c_char_p]
+    return lambda name: int(lib.cuda_emu_launches(name.encode()))
+
+
+def _selfcheck(module, case, a=None, b=None, out=None):
+    lib = ctypes.CDLL(module.__file__)
+    err = ctypes.create_string_buffer(512)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
+    rc = lib.cuda_emu_selfcheck(case.encode(), ptr(a), ptr(b), ptr(out), err, len(err))
+    return rc, err.value.decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulator itself: it reports the rules it claims to check, and computes what CUDA defines
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,message", [
+    ("syncthreads_in_divergent_branch", "__syncthreads reached by 64 of 128 threads"),
+    ("shuffle_in_divergent_branch", "warp 0 diverged: 16 of 32 lanes"),
+    ("misaligned_wmma_load", "load_matrix_sync: pointer not 256-bit aligned"),
+])
+def test_emulator_reports_broken_rules(emulated_module, case, message):
+    out = torch.zeros(64)
+    rc, err = _selfcheck(emulated_module, case, out=out)
+    assert rc == 1 and message in err, err
+
+
+def test_emulator_shuffles_and_wmma_compute_what_cuda_defines(emulated_module):
+    out = torch.zeros(1, dtype=torch.float64)
+    assert _selfcheck(emulated_module, "shuffle_block_sum", out=out) == (0, "")
+    assert float(out) == 3 * sum(range(128))  # three blocks, each Σ threadIdx.x over 128 threads
+
+    g = T.gen(1)
+    a = torch.randn(16 * 24, generator=g).half()
+    b = torch.randn(16 * 24, generator=g).half()
+    out = torch.zeros(256)
+    assert _selfcheck(emulated_module, "wmma_product", a, b, out) == (0, "")
+    a_mat = a.double().view(16, 24)[:, :16]  # row-major, ldm 24
+    b_mat = b.double().view(16, 24)[:, :16].T  # column-major: element (k, j) at j·24 + k
+    # 16 exact fp16 products summed in fp32: |error| ≤ 16·u32·Σ|a_ik b_kj|.
+    want = a_mat @ b_mat + 1
+    bound = 16 * T.U32 * (a_mat.abs() @ b_mat.abs() + 1)
+    assert ((out.double().view(16, 16) - want).abs() <= bound).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine through the CUDA kernels vs the float64 references
+# ---------------------------------------------------------------------------------------------
+
+
+def _tolerance(dtype, n):
+    return T.TOL_F32 if dtype == torch.float32 else T.tol_16bit(dtype, n)
+
+
+def _compare(x, y, dtype, estimator, batch, layers=2):
+    xs, ys = [x.to(dtype)] * layers, [y.to(dtype)] * layers
+    ref = cka.StreamingCKA(layers, estimator=estimator, backend="reference")
+    got = cka.StreamingCKA(layers, estimator=estimator, backend="extension")
+    for a in range(0, x.shape[0], batch):
+        for m in (ref, got):
+            m.update([t[a:a + batch] for t in xs], [t[a:a + batch] for t in ys])
+    measures = cka.MEASURES if estimator == "exact" else ("linear",)
+    return {m: float((got.compute(m) - ref.compute(m)).abs().max()) for m in measures}
+
+
+def integer_pair(n, d1, d2, seed, pad=0):
+    """x (n + pad, d1), y (n + pad, d2), float64 holding small integers, every column summing to
+    zero over the first n rows (pairs of rows ±v); the last `pad` rows are padding full of NaN.
+
+    Centering then subtracts exactly 0, each operand is exact in bf16/fp16, every Gram entry and
+    product sum is an integer far below 2^24, so fp32 tensor-core accumulation and the kernels'
+    float64 reductions are exact: the engine must agree with float64 to its final roundoff."""
+    g = T.gen(seed)
+    a = torch.randint(-3, 4, (n // 2, d1), generator=g, dtype=torch.float64)
+    b = a[:, torch.arange(d2) % d1] + torch.randint(-2, 3, (n // 2, d2), generator=g, dtype=torch.float64)
+    perm = torch.randperm(n, generator=g)
+    x, y = torch.cat([a, -a])[perm], torch.cat([b, -b])[perm]
+    nan = lambda d: torch.full((pad, d), float("nan"), dtype=torch.float64)  # noqa: E731
+    return torch.cat([x, nan(d1)]), torch.cat([y, nan(d2)])
+
+
+# Relative error of the float64 combination of exact integer moments (a few dozen roundings of 2^-53).
+TOL_EXACT_INTEGERS = 1e-10
+
+
+@pytest.mark.parametrize("space,n,d1,d2", [("sample", 150, 100, 90), ("feature", 300, 70, 131)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unbiased_moments_are_exact_on_integer_inputs(emu, space, n, d1, d2, dtype):
+    """HSIC₁(K,L), HSIC₁(K,K), HSIC₁(L,L) of one minibatch: sample space runs offdiag_kernel over
+    3 × 3 row tiles (n = 150: a partial one), feature space syrk_kernel<reduce> over D = 201 (tiles
+    straddling the X|Y border); 7 padded NaN rows are masked out."""
+    x, y = integer_pair(n, d1, d2, seed=74, pad=7)
+    mask = torch.cat([torch.ones(n), torch.zeros(7)])
+    xc, yc = x[:n], y[:n]
+    k, l = xc @ xc.T, yc @ yc.T
+    want = torch.tensor([float(cka.hsic1(k, l)), float(cka.hsic1(k, k)), float(cka.hsic1(l, l))], dtype=torch.float64)
+    kernel = "offdiag_kernel" if space == "sample" else "syrk_kernel"
+    before = emu(kernel)
+    acc = torch.zeros(2, 3, dtype=torch.float64)
+    _ext.extension().unbiased_update([x.to(dtype)] * 2, [y.to(dtype)] * 2, mask, acc, n, False, space)
+    assert emu(kernel) - before == 1
+    rel = ((acc - want).abs() / want.abs()).max()
+    assert rel < TOL_EXACT_INTEGERS, (acc, want)
+
+
+@pytest.mark.parametrize("syrk", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_statistics_are_exact_on_integer_inputs(emu, syrk, dtype, monkeypatch):
+    """Exact estimator, cuBLAS-role bmm (SYRK 0) or syrk_kernel storing Sxx, Syy, Syx (SYRK 1), over
+    two passes: the second after reset_tuned, which keeps XᵀX and skips its tiles (skip_xx)."""
+    monkeypatch.setenv("DEPTHFAST_CKA_SYRK", syrk)
+    n, d1, d2 = 160, 70, 131
+    # Two batches, each summing to zero: the shift (the first batch's mean) is exactly 0.
+    x, y1 = (torch.cat(t) for t in zip(integer_pair(n // 2, d1, d2, 75), integer_pair(n // 2, d1, d2, 76)))
+    y2 = torch.cat([integer_pair(n // 2, d1, d2, 77)[1], integer_pair(n // 2, d1, d2, 78)[1]])
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    got = cka.StreamingCKA(3, estimator="exact", backend="extension")
+    before = emu("syrk_kernel")
+    for y in (y1, y2):
+        if y is y2:
+            got.reset_tuned()
+        for h in halves:
+            got.update([x[h].to(dtype)] * 3, [y[h].to(dtype)] * 3)
+        for measure, fn in (("linear", cka.linear_cka), ("debiased", cka.debiased_cka),
+                            ("procrustes", cka.procrustes_distance)):
+            want = float(fn(x, y))
+            err = float((got.compute(measure) - want).abs().max())
+            assert err < TOL_EXACT_INTEGERS * max(1.0, abs(want)), (measure, err)
+    assert emu("syrk_kernel") - before == (4 if syrk == "1" else 0)
+
+
+# (hostile input, batch): exact → prepare_kernel (+ cuBLAS-role bmm); unbiased → prepare_kernel and
+# syrk_kernel<reduce> when d1 + d2 ≤ batch (feature space), offdiag_kernel otherwise (sample space).
+CASES = {
+    "massive_offsets": 256,  # feature space, widths multiples of the 64 tile
+    "d_not_multiple_of_tile": 350,  # feature space, D = 201: a partial tile; n = 700 = 2 × 350
+    "n_lt_d": 20,  # sample space, one partial 64-row tile
+    "rank_deficient": 80,  # sample space, d1 + d2 = 88 > 80: two row tiles, a partial one
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_kernels_match_reference(emu, name, dtype):
+    x, y = T.hostile(name, seed=70)
+    batch = CASES[name]
+    x, y = x[: 2 * batch], y[: 2 * batch]
+    d1, d2 = x.shape[1], y.shape[1]
+    before = {k: emu(k) for k in ("prepare_kernel", "syrk_kernel", "offdiag_kernel")}
+    errors = {"exact": _compare(x, y, dtype, "exact", batch), "unbiased": _compare(x, y, dtype, "unbiased", batch)}
+    ran = {k: emu(k) - v for k, v in before.items()}
+    tol = _tolerance(dtype, batch)
+    assert all(e < tol for est in errors.values() for e in est.values()), (errors, tol)
+    assert ran["prepare_kernel"] == 2 * 2 * 2  # (x, y) × 2 batches × 2 estimators; 2 layers in one launch
+    sixteen_bit = dtype != torch.float32
+    feature = d1 + d2 <= batch
+    assert ran["syrk_kernel"] == (2 if sixteen_bit and feature else 0), ran
+    assert ran["offdiag_kernel"] == (2 if sixteen_bit and not feature else 0), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_syrk_exact_path_and_reused_base_statistics(emu, dtype, monkeypatch):
+    """DEPTHFAST_CKA_SYRK=1: the one-launch symmetric Gram kernel stores Sxx, Syy, Syx; after
+    reset_tuned it skips the tiles of the kept XᵀX (skip_xx) and must still give the same CKA."""
+    monkeypatch.setenv("DEPTHFAST_CKA_SYRK", "1")
+    x, y = T.hostile("d_not_multiple_of_tile", seed=71)  # D = 70 + 131: tiles straddle the X|Y border
+    x, y = x[:400].to(dtype), y[:400].to(dtype)
+    y2 = (0.5 * y.double() + 0.5 * torch.randn(y.shape, generator=T.gen(72), dtype=torch.float64)).to(dtype)
+    before = emu("syrk_kernel")
+    got = cka.StreamingCKA(3, estimator="exact", backend="extension")
+    ref = cka.StreamingCKA(3, estimator="exact", backend="reference")
+    for tuned in (y, y2):
+        for m in (got, ref):
+            if tuned is y2:
+                m.reset_tuned()
+            for a in range(0, 400, 200):
+                m.update([x[a:a + 200]] * 3, [tuned[a:a + 200]] * 3)
+        for measure in cka.MEASURES:
+            err = float((got.compute(measure) - ref.compute(measure)).abs().max())
+            assert err < T.tol_16bit(dtype, 200), (measure, err)
+    assert emu("syrk_kernel") - before == 4
+
+
+def test_prepare_many_layers_strided_rows_and_nan_padding(emu):
+    """66 layers (two launches of at most 64), rows with a stride wider than d, padding holding NaN
+    and inf: prepare_kernel reads each layer through its own row stride and never counts padding."""
+    g = T.gen(73)
+    layers, b, s, d1, d2 = 66, 3, 20, 40, 24
+    wide = (torch.randn(layers, b, s, d1 + 9, generator=g) + 200.0 * (torch.arange(d1 + 9) < 2)).bfloat16()
+    xs = [w[..., :d1] for w in wide]  # views: row stride d1 + 9
+    ys = [(x[..., :d2].float() + 0.5 * torch.randn(b, s, d2, generator=g)).bfloat16() for x in xs]
+    assert xs[0].stride(1) == d1 + 9
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, 15:] = 0
+    mask[2, 12:] = 0
+    for x, y in zip(xs, ys):
+        x[mask == 0] = float("nan")
+        y[mask == 0] = float("inf")
+    before = emu("prepare_kernel")
+    for estimator in ("exact", "unbiased"):
+        ref = cka.StreamingCKA(layers, estimator=estimator, backend="reference")
+        got = cka.StreamingCKA(layers, estimator=estimator, backend="extension")
+        for m in (ref, got):
+            m.update([x[:2] for x in xs], [y[:2] for y in ys], mask[:2])
+            m.update([x[2:] for x in xs], [y[2:] for y in ys], mask[2:])
+        r, o = ref.compute(), got.compute()
+        assert torch.isfinite(o).all()
+        assert float((o - r).abs().max()) < T.tol_16bit(torch.bfloat16, 20), estimator
+    assert emu("prepare_kernel") - before == 2 * 2 * 2 * 2  # estimators × updates × (x, y) × 2 launches
