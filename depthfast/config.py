@@ -12,7 +12,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OBJECTIVES = ("cls", "mlm", "clm")
 CONTROLS = ("none", "equal-step")
 PRECISIONS = ("fp32", "bf16")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "hsdp")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -52,6 +52,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     parallel: str = "ddp"
+    shard_size: int = 0
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     tensorboard: bool = False
@@ -85,6 +86,7 @@ class RunConfig:
             (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}; got {self.parallel!r}"),
+            (self.shard_size >= 0, f"shard size must be ≥ 0 (0 = the processes of one node); got {self.shard_size}"),
             (self.grad_accum >= 1, f"grad accum must be ≥ 1; got {self.grad_accum}"),
             (self.checkpoint_every >= 0, f"checkpoint every must be ≥ 0 (0 = never); got {self.checkpoint_every}"),
             (_is_step_list(self.measure_at, self.steps),

@@ -55,9 +55,10 @@ def human_bytes(size: float) -> str:
 
 
 def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_processes: int = 1,
-                        fused_control: bool = False, sharded: bool = False) -> MemoryEstimate:
-    """Per-process estimate; under FSDP2 (``sharded``) weights, gradients, optimizer states, the
-    control's snapshot and the θ₀ copy are divided over the processes."""
+                        fused_control: bool = False, shards: int = 1) -> MemoryEstimate:
+    """Per-process estimate; sharded over ``shards`` processes (FSDP2: all of them; HSDP: one shard
+    group), weights, gradients, optimizer states, the control's snapshot and the θ₀ copy are divided
+    over them."""
     config = model.config
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -86,9 +87,9 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
         "logits": 3 * tokens * vocab * 4,
         "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
     }
-    if sharded:
+    if shards > 1:
         for name in ("weights", "gradients", "optimizer states", "control snapshot", "θ₀ copy"):
-            parts[name] //= num_processes
+            parts[name] //= shards
     return MemoryEstimate(parts)
 
 

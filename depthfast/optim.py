@@ -48,7 +48,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from depthfast.distributed import dtensor_type, group_sums_of_squares, local_shard
+from depthfast.distributed import group_sums_of_squares, local_shard, shard_process_groups, sum_over_shards
 
 CONTROLS = ("equal-step", "none")
 # Exactly these classes (not subclasses, whose step may differ) run on the fused kernels.
@@ -399,8 +399,9 @@ class _FusedEqualStep:
 
     Per step, Python work is O(number of tensors) (like torch's own optimizer), device work is one
     (control "none", single-pass) or two (exact) kernel launches per dtype bucket plus a handful of
-    (G,)-sized ops; nothing waits for the device. Under FSDP2 (DTensor parameters sharded on a 1-D
-    mesh) each rank works on its local shards and the (2G,) partial sums are all-reduced once.
+    (G,)-sized ops; nothing waits for the device. Under FSDP2 or HSDP (DTensor parameters) each
+    rank works on its local shards and the (2G,) partial sums are all-reduced once, over the mesh
+    dimension the parameters are sharded on (HSDP: not over the replicas).
     Subclasses supply the algorithm: its state tensors, its hyperparameter rows and its kernel flag.
     """
 
@@ -427,8 +428,7 @@ class _FusedEqualStep:
         if self.block < 16 or self.block & (self.block - 1) or self.chunk % self.block:
             raise ValueError(f"DEPTHFAST_OPTIM_BLOCK must be a power of two ≥ 16 and DEPTHFAST_OPTIM_CHUNK a "
                              f"multiple of it; got {self.block} and {self.chunk}")
-        self.dtensor = dtensor_type()
-        self.process_group = None
+        self.process_groups = None
         self._key = None
         self._next_scales = None  # single-pass: r*/r_g of the previous step (float64 (G,), device)
         self._next_target = None
@@ -481,7 +481,7 @@ class _FusedEqualStep:
         devices = {en[0].device for en in entries}
         if devices != {self.device}:
             raise ValueError(f"parameters moved to {sorted(map(str, devices))}; the fused path was set up on {self.device}")
-        self.process_group = self._process_group([en[6] for en in entries])
+        self.process_groups = self._process_groups([en[6] for en in entries])
 
         # Buckets of equal dtypes and vector alignment (one launch per phase each; a tensor at an odd
         # offset or of odd size must not stop the others' 16-byte accesses); unstepped entries join a
@@ -508,21 +508,11 @@ class _FusedEqualStep:
             raise ValueError(f"gradient of shape {tuple(g.shape)} on {g.device} for a parameter of shape {tuple(w.shape)} on {w.device}")
         return g if g.is_contiguous() else g.contiguous()
 
-    def _process_group(self, params):
-        dt = self.dtensor
-        if dt is None or not any(isinstance(p, dt) for p in params):
-            return None
-        from torch.distributed.tensor.placement_types import Shard
-
-        meshes = {id(p.device_mesh) for p in params if isinstance(p, dt)}
-        p0 = next(p for p in params if isinstance(p, dt))
-        if len(meshes) != 1 or p0.device_mesh.ndim != 1 or any(
-            isinstance(p, dt) and not all(isinstance(pl, Shard) for pl in p.placements) for p in params
-        ):
-            raise ValueError("the fused path supports DTensor parameters sharded (Shard) on one 1-D mesh (FSDP2); use fused=False")
-        if any(not isinstance(p, dt) for p in params):
-            raise ValueError("a mix of DTensor and plain parameters: plain ones would be counted on every rank")
-        return p0.device_mesh.get_group()
+    def _process_groups(self, params):
+        try:
+            return shard_process_groups(params)
+        except ValueError as exc:
+            raise ValueError(f"the fused path cannot reduce these parameters' norms: {exc}; use fused=False") from None
 
     def _layout(self):
         # Per-step Python cost O(tensors) with a small constant; the tables are rebuilt only when the
@@ -550,10 +540,7 @@ class _FusedEqualStep:
             self.k.launch(tables, mode, hyper, scales, sums, self.decoupled, self.block, sgd=self.SGD)
 
     def _ratios(self, sums):
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(sums, group=self.process_group)
+        sum_over_shards(sums, self.process_groups)
         g = self.num_groups
         return ratios_from_sums(sums[:g], sums[g:])
 

@@ -31,7 +31,9 @@ HELP = {
     "out": "results directory (written atomically)",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
     "keep_checkpoints": "keep the last checkpoint after a successful run",
-    "parallel": "with several processes: ddp (replicated model) or fsdp (FSDP2, parameters sharded by block)",
+    "parallel": "with several processes: ddp (replicated model), fsdp (FSDP2, parameters sharded by block over "
+                "all processes) or hsdp (sharded within groups of --shard-size processes, replicated across them)",
+    "shard_size": "hsdp: processes per shard group (default 0: the processes of one node, LOCAL_WORLD_SIZE)",
     "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
@@ -87,7 +89,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
     from depthfast.distance import gradient_alignment_at_init
-    from depthfast.distributed import reshard, shard_model
+    from depthfast.distributed import reshard, shard_mesh, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import measure_probe, weight_changes
     from depthfast.memory import check_fits, estimate_run_memory
@@ -113,10 +115,11 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     alignment = None
     if main and not cfg.no_objective_distance:  # before any step, on the unsharded model
         alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
-    sharded = cfg.parallel == "fsdp" and accelerator.num_processes > 1
+    sharded = cfg.parallel in ("fsdp", "hsdp") and accelerator.num_processes > 1
+    mesh = shard_mesh(cfg.parallel, cfg.shard_size, accelerator.num_processes, device) if sharded else None
     fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None  # EqualStep's own choice
     estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes,
-                                   fused_control=fused, sharded=sharded)
+                                   fused_control=fused, shards=mesh.size(-1) if sharded else 1)
     if main and progress:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
@@ -128,8 +131,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         base = copy.deepcopy(model).eval()
         base_layers = discover_layers(base)
         if sharded:
-            shard_model(base, base_layers.blocks)
-            shard_model(model, layers.blocks)
+            shard_model(base, base_layers.blocks, mesh)
+            shard_model(model, layers.blocks, mesh)
         base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
         probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
                               cfg.max_length, cfg.mlm_probability, cfg.seed)

@@ -1,5 +1,5 @@
-"""Several processes (DDP over gloo, launched by torchrun) and gradient accumulation give the
-single-process result.
+"""Several processes (DDP, FSDP2 and HSDP over gloo, launched by torchrun) and gradient
+accumulation give the single-process result.
 
 The tiny GPT-NeoX has no dropout, and classification averages per-sequence losses over equal
 shards, so the runs differ only by the order of floating-point reductions: CKA agrees to 1e-6
@@ -39,8 +39,8 @@ def assert_same_run(a, b):
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
-def torchrun(*args):
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "depthfast.run", *args], capture_output=True,
+def torchrun(*args, processes=2):
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", str(processes), "-m", "depthfast.run", *args], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -71,16 +71,32 @@ def test_two_processes_equal_one(neox, tmp_path, single_process, parallel, contr
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-def test_sharded_checkpoint_resumes(neox, tmp_path, single_process):
-    """FSDP2 gathers full state dicts into the checkpoint; resuming from it ends where the whole run did."""
-    out = str(tmp_path / "fsdp")
-    common = ["--model", neox, "--out", out, *ARGS, "--parallel", "fsdp", "--checkpoint-every", "2"]
-    torchrun(*common, "--keep-checkpoints")  # leaves the step-2 checkpoint behind
+@pytest.mark.parametrize("parallel,processes", [("fsdp", 2), ("hsdp", 4)])
+def test_sharded_checkpoint_resumes(neox, tmp_path, single_process, parallel, processes):
+    """FSDP2 and HSDP (2 replicas × shard groups of 2) gather full state dicts into the checkpoint;
+    the whole run and a run resumed from its step-2 checkpoint both end where one process does."""
+    out = str(tmp_path / parallel)
+    common = ["--model", neox, "--out", out, *ARGS, "--parallel", parallel, "--shard-size", "2",
+              "--checkpoint-every", "2"]
+    torchrun(*common, "--keep-checkpoints", processes=processes)  # leaves the step-2 checkpoint behind
+    whole = results(out)
+    assert whole["num_processes"] == processes
+    assert_same_run(whole, single_process("equal-step"))
     os.remove(os.path.join(out, "results.json"))
-    torchrun(*common, "--resume")
+    torchrun(*common, "--resume", processes=processes)
     resumed = results(out)
     assert resumed["resumed_from_step"] == 2
     assert_same_run(resumed, single_process("equal-step"))
+
+
+def test_hsdp_shard_size_must_divide_the_processes():
+    import torch
+
+    from depthfast.distributed import shard_mesh
+    from depthfast.errors import DepthfastError
+
+    with pytest.raises(DepthfastError, match="4 processes do not split into shard groups of 3"):
+        shard_mesh("hsdp", 3, 4, torch.device("cpu"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(neox, tmp_path):

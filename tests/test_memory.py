@@ -40,6 +40,12 @@ def test_checkpointing_and_bf16_shrink_activations():
                                                 gradient_checkpointing=True), 24)
     assert lean.parts["activations"] < full.parts["activations"] / 20
     assert full.parts["weights"] == pytest.approx(1.41e9 * 4, rel=0.01)  # 1.41 B fp32 parameters
+    # FSDP2 over 8 processes, or HSDP with shard groups of 8: per-process model state is 1/8; the
+    # activations (this process's share of the batch) are not sharded.
+    sharded = estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=2048), 24, shards=8)
+    for name in ("weights", "gradients", "optimizer states", "control snapshot", "θ₀ copy"):
+        assert sharded.parts[name] == full.parts[name] // 8, name
+    assert sharded.parts["activations"] == full.parts["activations"]
 
 
 def test_a_run_that_cannot_fit_is_refused():
