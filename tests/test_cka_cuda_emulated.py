@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import cuda_emu  # first: puts the interpreter's bin directory (pip's ninja) on PATH
 import test_cka as T
 from depthfast import _ext, cka
 
@@ -36,8 +37,6 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def emulated_module():
-    import cuda_emu
-
     return cuda_emu.build(BUILD_DIR)
 
 

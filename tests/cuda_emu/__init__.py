@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# torch finds ninja on PATH only; the pip package (requirements.txt) installs it beside the
+# interpreter, which is not on PATH when tests run as .venv/bin/python -m pytest.
+_bin = os.path.dirname(sys.executable)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 CSRC = os.path.join(HERE, "..", "..", "csrc")
 
 CUDA_INCLUDE = re.compile(r"(?m)^#include <(c10/cuda/\w+\.h|cuda_bf16\.h|cuda_fp16\.h|mma\.h)>\n")

@@ -1,5 +1,5 @@
 // A CPU emulator for exactly the CUDA features csrc/cka_cuda.cu uses, so that its kernels run, as
-// written, on a machine without a GPU (tests/test_cka_cuda_emulated.py builds it; see cuda_emu.py).
+// written, on a machine without a GPU (built by tests/cuda_emu/__init__.py for test_cka_cuda_emulated.py).
 //
 // What it models:
 //   * a launch <<<grid, block>>> runs every block in turn; the threads of a block are fibers
