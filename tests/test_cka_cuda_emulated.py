@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,3 +258,24 @@ def test_prepare_many_layers_strided_rows_and_nan_padding(emu):
         assert torch.isfinite(o).all()
         assert float((o - r).abs().max()) < T.tol_16bit(torch.bfloat16, 20), estimator
     assert emu("prepare_kernel") - before == 2 * 2 * 2 * 2  # estimators × updates × (x, y) × 2 launches
+
+
+# ---------------------------------------------------------------------------------------------
+# the same tests under AddressSanitizer: no kernel reads or writes outside its buffers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("DEPTHFAST_EMU_ASAN") == "1", reason="this is the sanitized run itself")
+def test_kernels_stay_inside_their_buffers_under_asan():
+    """Every global access of the kernels lands in a torch CPU allocation and every __shared__ array
+    is a static: ASan aborts at the first byte outside them (≈ 90 s: its own build, then this file)."""
+    cxx = os.environ.get("CXX", "c++")
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{cxx} has no AddressSanitizer runtime")
+    script = os.path.join(REPO, "tests", "cuda_emu", "sanitize.sh")
+    env = {k: v for k, v in os.environ.items() if k != "DEPTHFAST_EMU_BUILD"}  # its own build directory
+    res = subprocess.run(["bash", script], env=dict(env, PYTHON=sys.executable), capture_output=True, text=True,
+                         timeout=1200)
+    report = res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and " passed" in res.stdout and "AddressSanitizer: " not in report, report

@@ -56,12 +56,16 @@ def build(build_dir: str, verbose: bool = False):
     if not os.path.exists(emu_cpp) or open(emu_cpp, encoding="utf-8").read() != source:
         with open(emu_cpp, "w", encoding="utf-8") as f:
             f.write(source)
+    # DEPTHFAST_EMU_ASAN=1: AddressSanitizer, so any read or write of a kernel outside its tensors
+    # or its __shared__ arrays stops the test (run with LD_PRELOAD of libasan; see sanitize.sh).
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if os.environ.get("DEPTHFAST_EMU_ASAN") == "1" else []
     return cpp_extension.load(
         name="depthfast_C_cuda_emulated",
         sources=[os.path.join(CSRC, "cka.cpp"), emu_cpp, os.path.join(HERE, "selfcheck.cpp")],
         extra_include_paths=[HERE, os.path.abspath(CSRC)],
         # -O1: the emulated kernels are short loops; compile time dominates.
-        extra_cflags=["-O1", "-DDEPTHFAST_WITH_CUDA", "-DDEPTHFAST_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O1", "-DDEPTHFAST_WITH_CUDA", "-DDEPTHFAST_CUDA_EMULATION", "-Wno-unknown-pragmas", *sanitize],
+        extra_ldflags=sanitize,
         build_directory=build_dir,
         verbose=verbose,
     )

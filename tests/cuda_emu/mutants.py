@@ -1,9 +1,9 @@
 """Do the emulated CUDA tests catch broken kernels? Each mutant is one plausible bug in
 csrc/cka_cuda.cu (an index, a bound, a weight, a missing barrier); every one must make
-tests/test_cka_cuda_emulated.py fail. The source tree is not touched: each mutant is written to a
+tests/test_cka_cuda_emulated.py fail (a read past a buffer's end may need its AddressSanitizer run). The source tree is not touched: each mutant is written to a
 temporary file and built through DEPTHFAST_EMU_CU into its own build directory.
 
-    python tests/cuda_emu/mutants.py            # all mutants, ≈ 2–3 min on 2 cores
+    python tests/cuda_emu/mutants.py            # all mutants, ≈ 3–4 min on 2 cores
     python tests/cuda_emu/mutants.py tile_pair  # some of them
 
 Exit status 1 if any mutant survives (or no longer applies to the source).
@@ -31,6 +31,7 @@ MUTANTS = {
                                  "for (int off = 8; off > 0; off /= 2) row_part"),
     "column_sums_unsynced": ("col_smem[warp][lane + 32 * j] = col_part[j];\n  __syncthreads();",
                              "col_smem[warp][lane + 32 * j] = col_part[j];"),
+    "gram_tile_row_bound": ("sa[r][cc] = (ri < n && col < d) ? a[ri * d + col]", "sa[r][cc] = (col < d) ? a[ri * d + col]"),
     "gram_tile_column_bound": ("sa[r][cc] = (ri < n && col < d) ? a[ri * d + col]", "sa[r][cc] = (ri < n) ? a[ri * d + col]"),
     "gram_staging_unsynced": (
         "      sb[r][cc] = (rj < n && col < d) ? a[rj * d + col] : from_f32<T>(0.f);\n    }\n    __syncthreads();",
