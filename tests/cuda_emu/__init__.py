@@ -49,8 +49,7 @@ def build(build_dir: str, verbose: bool = False):
     from torch.utils import cpp_extension
 
     os.makedirs(build_dir, exist_ok=True)
-    # DEPTHFAST_EMU_CU: another version of the kernels (mutants.py feeds deliberately broken ones).
-    with open(os.environ.get("DEPTHFAST_EMU_CU") or os.path.join(CSRC, "cka_cuda.cu"), encoding="utf-8") as f:
+    with open(os.path.join(CSRC, "cka_cuda.cu"), encoding="utf-8") as f:
         source = emulated_source(f.read())
     emu_cpp = os.path.join(build_dir, "cka_cuda_emulated.cpp")
     if not os.path.exists(emu_cpp) or open(emu_cpp, encoding="utf-8").read() != source:
