@@ -8,6 +8,8 @@ all-reduce.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -105,8 +107,6 @@ def shard_mesh(parallel: str, shard_size: int, world: int, device: torch.device)
     (replicate, shard) with ``shard_size`` processes per shard group (0: the processes of one node,
     LOCAL_WORLD_SIZE), so that parameters are gathered within a node and gradients are all-reduced
     across nodes."""
-    import os
-
     from torch.distributed.device_mesh import init_device_mesh
 
     from depthfast.errors import DepthfastError
