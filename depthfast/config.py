@@ -53,6 +53,7 @@ class RunConfig:
     precision: str = "fp32"
     parallel: str = "ddp"
     shard_size: int = 0
+    theta0_offload: bool = False
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     tensorboard: bool = False

@@ -93,6 +93,7 @@ def group_sums_of_squares(after, before) -> torch.Tensor:
     for g, (tensors, references) in enumerate(zip(after, before)):
         for a, b in zip(tensors, references):
             a, b = local_shard(a), local_shard(b)
+            b = b.to(a.device, non_blocking=True)  # θ₀ kept in host memory (--theta0-offload)
             sums[g, 0] += float(torch.linalg.vector_norm(a - b, dtype=torch.float64)) ** 2
             sums[g, 1] += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
     groups = shard_process_groups([a for tensors in after for a in tensors])
@@ -127,6 +128,16 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], mesh=None
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def offload_to_host(model: torch.nn.Module, device: torch.device) -> None:
+    """Keep ``model``'s weights in host memory and run it on ``device``: each module's weights move to
+    the device for its own forward and are dropped after it (accelerate's cpu_offload hooks). The
+    parameters become meta tensors; references taken to them before the call keep the host weights.
+    Costs one host → device copy of the model per forward: meant for θ₀, used only to measure."""
+    from accelerate import cpu_offload
+
+    cpu_offload(model, execution_device=device)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

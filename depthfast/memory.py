@@ -7,7 +7,8 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
     gradients          P · b
     optimizer states   k P · b                        AdamW: k = 2 (exp_avg, exp_avg_sq); SGD: k = 1 with momentum
     control snapshot   P · b                          the reference EqualStep copies the weights each step
-    θ₀ copy            = weights                      the pretrained model, kept to measure against (main process)
+    θ₀ copy            = weights                      the pretrained model, kept to measure against (main process);
+                                                      0 on the device with --theta0-offload (host memory instead)
     activations        L · t · (18 h + 2.5 a s) · e   saved for backward (Korthikanti et al. 2022's count for a
                                                       transformer block, e = 2 under bf16 autocast, else 4;
                                                       the a·s score term only for eager attention);
@@ -55,7 +56,7 @@ def human_bytes(size: float) -> str:
 
 
 def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_processes: int = 1,
-                        fused_control: bool = False, shards: int = 1) -> MemoryEstimate:
+                        fused_control: bool = False, shards: int = 1, theta0_on_device: bool = True) -> MemoryEstimate:
     """Per-process estimate; sharded over ``shards`` processes (FSDP2: all of them; HSDP: one shard
     group), weights, gradients, optimizer states, the control's snapshot and the θ₀ copy are divided
     over them."""
@@ -82,7 +83,7 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
         "gradients": num_trainable * b,
         "optimizer states": optimizer_states(cfg) * num_trainable * b,
         "control snapshot": 0 if fused_control else num_trainable * b,
-        "θ₀ copy": weights,
+        "θ₀ copy": weights if theta0_on_device else 0,
         "activations": int(activations),
         "logits": 3 * tokens * vocab * 4,
         "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
@@ -118,6 +119,6 @@ def check_fits(estimate: MemoryEstimate, device: torch.device) -> None:
     if estimate.total > available:
         raise DepthfastError(
             f"estimated memory {estimate.total / GiB:.1f} GiB exceeds the {available / GiB:.1f} GiB of {device}: "
-            "use --gradient-checkpointing, --precision bf16, a smaller --batch-size or --max-length, more "
+            "use --gradient-checkpointing, --precision bf16, --theta0-offload, a smaller --batch-size or --max-length, more "
             "processes, or --no-memory-check to try anyway"
         )

@@ -34,6 +34,9 @@ HELP = {
     "parallel": "with several processes: ddp (replicated model), fsdp (FSDP2, parameters sharded by block over "
                 "all processes) or hsdp (sharded within groups of --shard-size processes, replicated across them)",
     "shard_size": "hsdp: processes per shard group (default 0: the processes of one node, LOCAL_WORLD_SIZE)",
+    "theta0_offload": "keep θ₀ (the pretrained copy measured against) in host memory: its weights stream to the "
+                      "device module by module during each measurement, saving one model's worth of device memory "
+                      "(one process or ddp)",
     "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
@@ -89,7 +92,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
     from depthfast.distance import gradient_alignment_at_init
-    from depthfast.distributed import reshard, shard_mesh, shard_model
+    from depthfast.distributed import offload_to_host, reshard, shard_mesh, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import measure_probe, weight_changes
     from depthfast.memory import check_fits, estimate_run_memory
@@ -110,16 +113,22 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if accelerator.process_index:
         torch.manual_seed(cfg.seed + 1_000 * accelerator.process_index)  # own dropout draws per process
     prepare_for_measurement(model)
+    sharded = cfg.parallel in ("fsdp", "hsdp") and accelerator.num_processes > 1
+    if cfg.theta0_offload and sharded:
+        raise DepthfastError("--theta0-offload runs with one process or --parallel ddp: under fsdp/hsdp θ₀ is "
+                             "sharded over the processes already")
+    # θ₀ for host memory is copied before the model moves: never two device copies at once.
+    theta0_host = copy.deepcopy(model).eval() if cfg.theta0_offload and main else None
     model.to(device)
     layers = discover_layers(model)
     alignment = None
     if main and not cfg.no_objective_distance:  # before any step, on the unsharded model
         alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
-    sharded = cfg.parallel in ("fsdp", "hsdp") and accelerator.num_processes > 1
     mesh = shard_mesh(cfg.parallel, cfg.shard_size, accelerator.num_processes, device) if sharded else None
     fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None  # EqualStep's own choice
     estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes,
-                                   fused_control=fused, shards=mesh.size(-1) if sharded else 1)
+                                   fused_control=fused, shards=mesh.size(-1) if sharded else 1,
+                                   theta0_on_device=not cfg.theta0_offload)
     if main and progress:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
@@ -128,12 +137,14 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     base = base_layers = base_groups = probe = None
     if main or sharded:  # θ₀ (fresh head included, so step 0 compares identical models) on the measuring
         # process(es): the main one, or under FSDP2 all of them, each holding a shard of both models
-        base = copy.deepcopy(model).eval()
+        base = theta0_host if theta0_host is not None else copy.deepcopy(model).eval()
         base_layers = discover_layers(base)
         if sharded:
             shard_model(base, base_layers.blocks, mesh)
             shard_model(model, layers.blocks, mesh)
         base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
+        if theta0_host is not None:
+            offload_to_host(base, device)  # base_groups keep the host tensors
         probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
                               cfg.max_length, cfg.mlm_probability, cfg.seed)
     depths = layers.normalized_depths

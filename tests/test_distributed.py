@@ -89,6 +89,15 @@ def test_sharded_checkpoint_resumes(neox, tmp_path, single_process, parallel, pr
     assert_same_run(resumed, single_process("equal-step"))
 
 
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_theta0_offload_is_refused_when_sharded(neox, tmp_path):
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "depthfast.run", "--model", neox, "--out",
+                           str(tmp_path / "x"), *ARGS, "--parallel", "fsdp", "--theta0-offload"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "--theta0-offload runs with one process or --parallel ddp" in proc.stderr
+
+
 def test_hsdp_shard_size_must_divide_the_processes():
     import torch
 

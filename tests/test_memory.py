@@ -46,6 +46,9 @@ def test_checkpointing_and_bf16_shrink_activations():
     for name in ("weights", "gradients", "optimizer states", "control snapshot", "θ₀ copy"):
         assert sharded.parts[name] == full.parts[name] // 8, name
     assert sharded.parts["activations"] == full.parts["activations"]
+    host = estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=2048), 24,
+                               theta0_on_device=False)  # --theta0-offload
+    assert host.parts["θ₀ copy"] == 0 and host.total == full.total - full.parts["θ₀ copy"]
 
 
 def test_a_run_that_cannot_fit_is_refused():

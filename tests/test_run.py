@@ -229,3 +229,32 @@ def test_bf16_run_measures_in_its_own_precision(checkpoints, tmp_path):
     results = read_results(out)
     assert [r["change"] for r in results["trajectory"][0]["layers"]] == [0.0] * 4
     assert all(r["change"] > 0 for r in results["layers"][1:])
+
+
+@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm")])
+def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, objective, monkeypatch):
+    """θ₀ in host memory, run through accelerate's offload hooks (here host and device are both the CPU,
+    so what is checked is the plumbing: hooks, captured activations, weight change against host
+    tensors, trajectory reuse; GPT-2's LM head is tied to its embeddings)."""
+    import depthfast.distributed as distributed
+
+    offloaded = []
+
+    def offload_and_check(model, device):
+        distributed_offload(model, device)
+        assert all(p.device.type == "meta" for p in model.parameters())  # weights only in the hooks' host map
+        offloaded.append(model)
+
+    distributed_offload = distributed.offload_to_host
+    monkeypatch.setattr(distributed, "offload_to_host", offload_and_check)
+    runs = {}
+    for name, extra in (("device", []), ("host", ["--theta0-offload"])):
+        out = str(tmp_path / name)
+        assert main(["--model", checkpoints(family), "--objective", objective, "--measure-at", "0,2", "--out", out,
+                     *FAST, *extra]) == 0
+        runs[name] = read_results(out)
+        assert len(offloaded) == (name == "host")
+    for key in ("cka", "weight_change"):
+        assert [r[key] for r in runs["host"]["layers"]] == [r[key] for r in runs["device"]["layers"]], key
+    assert runs["host"]["trajectory"] == runs["device"]["trajectory"]
+    assert runs["host"]["group_weight_change"] == runs["device"]["group_weight_change"]
