@@ -87,7 +87,9 @@ def fits_pythia_6_9b(device: torch.device, seq: int) -> str:
             model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         torch.cuda.synchronize()
-        return f"fits: one {seq}-token step, peak {torch.cuda.max_memory_allocated() / GiB:.1f} GiB"
+        theta0 = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+        return (f"fits: one {seq}-token step, peak {torch.cuda.max_memory_allocated() / GiB:.1f} GiB; a depthfast "
+                f"run adds θ₀ ({theta0:.1f} GiB) on the device, or nothing there with --theta0-offload")
     except torch.cuda.OutOfMemoryError:
         return "does not fit (out of memory): needs FSDP over several GPUs or smaller optimizer states"
 
