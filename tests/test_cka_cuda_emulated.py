@@ -42,18 +42,23 @@ def emulated_module():
     return cuda_emu.build(BUILD_DIR)
 
 
-@pytest.fixture
-def emu(emulated_module, monkeypatch):
-    """depthfast._C replaced by the emulated CUDA build for one test; yields a launch counter."""
-    monkeypatch.setattr(_ext, "_C", emulated_module)
+@pytest.fixture(scope="module")
+def emulated_lib(emulated_module):
+    """The module's plain C symbols (launch counter, self-checks), through ctypes."""
     lib = ctypes.CDLL(emulated_module.__file__)
     lib.cuda_emu_launches.restype = ctypes.c_int64
     lib.cuda_emu_launches.argtypes = [ctypes.c_char_p]
-    return lambda name: int(lib.cuda_emu_launches(name.encode()))
+    return lib
 
 
-def _selfcheck(module, case, a=None, b=None, out=None):
-    lib = ctypes.CDLL(module.__file__)
+@pytest.fixture
+def emu(emulated_module, emulated_lib, monkeypatch):
+    """depthfast._C replaced by the emulated CUDA build for one test; yields a launch counter."""
+    monkeypatch.setattr(_ext, "_C", emulated_module)
+    return lambda name: int(emulated_lib.cuda_emu_launches(name.encode()))
+
+
+def _selfcheck(lib, case, a=None, b=None, out=None):
     err = ctypes.create_string_buffer(512)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
     rc = lib.cuda_emu_selfcheck(case.encode(), ptr(a), ptr(b), ptr(out), err, len(err))
@@ -70,22 +75,22 @@ def _selfcheck(module, case, a=None, b=None, out=None):
     ("shuffle_in_divergent_branch", "warp 0 diverged: 16 of 32 lanes"),
     ("misaligned_wmma_load", "load_matrix_sync: pointer not 256-bit aligned"),
 ])
-def test_emulator_reports_broken_rules(emulated_module, case, message):
+def test_emulator_reports_broken_rules(emulated_lib, case, message):
     out = torch.zeros(64)
-    rc, err = _selfcheck(emulated_module, case, out=out)
+    rc, err = _selfcheck(emulated_lib, case, out=out)
     assert rc == 1 and message in err, err
 
 
-def test_emulator_shuffles_and_wmma_compute_what_cuda_defines(emulated_module):
+def test_emulator_shuffles_and_wmma_compute_what_cuda_defines(emulated_lib):
     out = torch.zeros(1, dtype=torch.float64)
-    assert _selfcheck(emulated_module, "shuffle_block_sum", out=out) == (0, "")
+    assert _selfcheck(emulated_lib, "shuffle_block_sum", out=out) == (0, "")
     assert float(out) == 3 * sum(range(128))  # three blocks, each Σ threadIdx.x over 128 threads
 
     g = T.gen(1)
     a = torch.randn(16 * 24, generator=g).half()
     b = torch.randn(16 * 24, generator=g).half()
     out = torch.zeros(256)
-    assert _selfcheck(emulated_module, "wmma_product", a, b, out) == (0, "")
+    assert _selfcheck(emulated_lib, "wmma_product", a, b, out) == (0, "")
     a_mat = a.double().view(16, 24)[:, :16]  # row-major, ldm 24
     b_mat = b.double().view(16, 24)[:, :16].T  # column-major: element (k, j) at j·24 + k
     # 16 exact fp16 products summed in fp32: |error| ≤ 16·u32·Σ|a_ik b_kj|.

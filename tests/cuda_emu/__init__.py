@@ -14,13 +14,13 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "..", "..", "csrc")
 
 # torch finds ninja on PATH only; the pip package (requirements.txt) installs it beside the
 # interpreter, which is not on PATH when tests run as .venv/bin/python -m pytest.
 _bin = os.path.dirname(sys.executable)
 if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
-CSRC = os.path.join(HERE, "..", "..", "csrc")
 
 CUDA_INCLUDE = re.compile(r"(?m)^#include <(c10/cuda/\w+\.h|cuda_bf16\.h|cuda_fp16\.h|mma\.h)>\n")
 LAUNCH = re.compile(r"(?m)^(?P<indent>[ \t]*)(?P<kernel>[A-Za-z_]\w*(?:<[^;{}()<>]*>)?)<<<(?P<cfg>[^;<>]*)>>>\(")
@@ -52,7 +52,11 @@ def build(build_dir: str, verbose: bool = False):
     with open(os.path.join(CSRC, "cka_cuda.cu"), encoding="utf-8") as f:
         source = emulated_source(f.read())
     emu_cpp = os.path.join(build_dir, "cka_cuda_emulated.cpp")
-    if not os.path.exists(emu_cpp) or open(emu_cpp, encoding="utf-8").read() != source:
+    previous = None
+    if os.path.exists(emu_cpp):
+        with open(emu_cpp, encoding="utf-8") as f:
+            previous = f.read()
+    if previous != source:  # an unchanged file keeps ninja from recompiling it
         with open(emu_cpp, "w", encoding="utf-8") as f:
             f.write(source)
     # DEPTHFAST_EMU_ASAN=1: AddressSanitizer, so any read or write of a kernel outside its tensors
