@@ -9,11 +9,21 @@ is missing or unreadable are kept as rows with their status and listed in report
 Output (default RUNS_DIR/report/):
     runs.csv (and runs.parquet if pyarrow imports)   one row per run: status, config, metrics, scores
     report.md                                        counts, problem runs, grouped tables, correlations
-    profiles.png        change vs depth, one panel per block type (colour: control, line: objective)
-    slopes.png          locality gradient per run with bootstrap CIs, by block type × objective, per control
-    steepness_vs_distance.png   steepness vs each objective distance, Pearson r with bootstrap CI over runs
-    width.png           width fraction and depth spread by architecture / block type
+    profiles.png        change vs depth, one row per estimator, one panel per block type
+    slopes.png          one panel per headline estimator (runs, seed-group mean with its t-CI over seeds) and
+                        one for the per-text estimator (runs with their bootstrap CI over probe texts);
+                        x: block type × objective × tied embeddings, colour: control
+    steepness_vs_distance.png   steepness vs each objective distance, per estimator, Pearson r with bootstrap CI
+    width.png           width fraction and depth spread by architecture / block type, per estimator
     trajectory.png      change profile over training, for runs whose results.json has "trajectory"
+
+One estimator per comparison: the headline slope ("locality_gradient", the run's own --estimator and
+--pooling, labelled "estimator/pooling" from metrics["slope_estimator"] or the config) and the per-text
+slope ("slope_per_text", token HSIC₁ per probe text, with a bootstrap CI over texts) are different
+estimators; no table column, row group or figure panel holds both, and runs of different headline
+estimators are in separate tables. The headline slope's uncertainty is the spread over seeds of a seed
+group (``seed_groups``: same settings but the seed), and the equal-step vs none verdict follows
+``depthfast.metrics.PERSISTENCE_RULE``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from dataclasses import dataclass, field, fields
 
 from depthfast.config import RunConfig
 from depthfast.errors import DepthfastError
-from depthfast.metrics import OBJECTIVE_DISTANCE_KEYS, pearson_ci, profile_metrics
+from depthfast.metrics import (OBJECTIVE_DISTANCE_KEYS, PER_TEXT_ESTIMATOR, PERSISTENCE_RULE, pearson_ci,
+                               persistence_verdict, profile_metrics, ratio_ci, seed_summary, slope_estimator_label)
 from depthfast.results import atomic_write_bytes, atomic_write_csv
 from depthfast.sweep import format_table
 
@@ -49,6 +60,7 @@ class RunRecord:
     results: dict | None = None
     metrics: dict = field(default_factory=dict)
     metrics_source: str = ""
+    has_config: bool = False  # config.json was read (its missing newer fields then take their defaults)
 
     @property
     def ok(self) -> bool:
@@ -105,6 +117,7 @@ def load_run(directory: str, root: str) -> RunRecord:
     config, problem = _load_json(os.path.join(directory, "config.json"))
     if isinstance(config, dict):
         record.config = {k: v for k, v in config.items() if k != "out"}
+        record.has_config = True
     results, problem = _load_json(os.path.join(directory, "results.json"))
     if problem == "missing":
         record.status, record.problem = "missing results", _missing_reason(directory)
@@ -187,6 +200,9 @@ def row_of(record: RunRecord) -> dict:
     for key, value in record.metrics.items():  # metrics this version does not know yet
         row.setdefault(key, value)
     row["metrics_source"] = record.metrics_source
+    row["slope_estimator"] = estimator_of(record) if record.ok else None  # what locality_gradient is
+    row["tied_embeddings"] = res.get("tied_embeddings")
+    row["tied_embeddings_group"] = res.get("tied_embeddings_group")
     return {k: _finite_or_none(v) if not isinstance(v, (dict, list)) else json.dumps(v) for k, v in row.items()}
 
 
@@ -223,8 +239,18 @@ def write_table(out: str, header: list[str], rows: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Grouped numbers
+# Grouped numbers: one estimator per table, figure panel and comparison
 # ------------------------------------------------------------------------------------------------
+
+# Config fields that do not change what a run measures: runs differing only in these (and the seed)
+# are seeds of one group.
+NOT_A_SETTING = ("out", "seed", "device", "tensorboard", "no_memory_check", "checkpoint_every", "keep_checkpoints",
+                 "measure_at", "theta0_offload")
+# Shown in their own columns, so left out of the "settings" text.
+OWN_COLUMNS = ("model", "objective", "control", "estimator", "pooling")
+PER_TEXT_COLUMN = f"slope_per_text ({PER_TEXT_ESTIMATOR}) [95% CI over texts]"
+SEED_CI = "95% CI over seeds (t)"
+
 
 def _mean(values):
     values = [v for v in values if v is not None]
@@ -247,42 +273,213 @@ def _fmt(value, spec: str = ".3g") -> str:
     return str(value)
 
 
-def _slope_point(record: RunRecord):
-    """(slope, low, high): the per-text estimator with its bootstrap CI when measured, else the plain slope."""
+def _ci(low, high, spec: str = "+.2e") -> str:
+    return f"[{_fmt(low, spec)}, {_fmt(high, spec)}]" if low is not None and high is not None else "—"
+
+
+def estimator_of(record: RunRecord) -> str:
+    """The headline slope's estimator, "<estimator>/<pooling>": metrics["slope_estimator"] when the run
+    recorded it, else the run's config (or results) estimator and pooling, else "unknown"."""
+    label = record.metrics.get("slope_estimator")
+    if isinstance(label, str) and label:
+        return label
+    est, pool = record.get("estimator"), record.get("pooling")
+    return slope_estimator_label(est, pool) if est and pool else "unknown"
+
+
+def headline_slope(record: RunRecord):
+    """The locality gradient of the run's own estimator (``estimator_of``)."""
+    value = record.metrics.get("locality_gradient")
+    return value if value is not None else (record.results or {}).get("locality_gradient")
+
+
+def per_text_point(record: RunRecord):
+    """(slope, low, high) of the per-text estimator (token HSIC₁ per text) with its bootstrap CI over
+    probe texts; Nones where the run did not measure it."""
     m = record.metrics
-    if m.get("slope_ci_low") is not None and m.get("slope_per_text") is not None:
-        return m["slope_per_text"], m["slope_ci_low"], m["slope_ci_high"]
-    return m.get("locality_gradient"), None, None
+    low = m.get("slope_per_text_ci_low", m.get("slope_ci_low"))
+    high = m.get("slope_per_text_ci_high", m.get("slope_ci_high"))
+    return m.get("slope_per_text"), low, high
+
+
+def tied_of(record: RunRecord) -> str:
+    """"tied (<group>)", "untied" or "unknown" (results.json before the field existed)."""
+    res = record.results or {}
+    tied = res.get("tied_embeddings")
+    if tied is True:
+        group = res.get("tied_embeddings_group")
+        return f"tied ({group})" if group else "tied"
+    return "untied" if tied is False else "unknown"
+
+
+def _settings_of(record: RunRecord) -> dict:
+    config = dict(record.config)
+    if record.has_config:  # fields added later default to what the older run did
+        config = {**RunConfig().to_dict(), **config}
+    return {k: v for k, v in config.items() if k not in NOT_A_SETTING}
+
+
+def _varying(records: list[RunRecord]) -> list[str]:
+    """Settings (other than the own-column ones) whose value differs between the ok runs."""
+    seen: dict[str, set] = {}
+    for r in records:
+        for k, v in _settings_of(r).items():
+            seen.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+    return sorted(k for k, vs in seen.items() if len(vs) > 1 and k not in OWN_COLUMNS)
+
+
+@dataclass
+class SeedGroup:
+    """Runs that share model, objective, control and every other setting: they differ in the seed only."""
+
+    estimator: str
+    model: str
+    block_type: str
+    architecture: str
+    objective: str
+    control: str
+    tied: str
+    settings: str  # the varying settings other than the own columns, "lr=5e-05, steps=30"
+    key: str  # everything but the control: the pairing key of the control comparison
+    runs: list[RunRecord]
+    slope: dict  # seed_summary of the headline slopes
+
+    @property
+    def seeds(self) -> list:
+        return sorted((r.get("seed") for r in self.runs), key=lambda s: (s is None, s))
+
+
+def seed_groups(records: list[RunRecord]) -> list[SeedGroup]:
+    ok = [r for r in records if r.ok]
+    varying = _varying(ok)
+    groups: dict[str, list[RunRecord]] = {}
+    for r in ok:
+        settings = _settings_of(r)
+        ident = {**settings, "_estimator": estimator_of(r), "_block_type": r.get("block_type"), "_tied": tied_of(r)}
+        groups.setdefault(json.dumps(ident, sort_keys=True, default=str), []).append(r)
+    out = []
+    for ident, rs in groups.items():
+        first = rs[0]
+        settings = _settings_of(first)
+        key = json.loads(ident)
+        key.pop("control", None)
+        out.append(SeedGroup(
+            estimator=estimator_of(first), model=str(first.get("model") or "?"),
+            block_type=str(first.get("block_type") or "?"), architecture=str(first.get("architecture") or "?"),
+            objective=str(first.get("objective") or "?"), control=str(first.get("control") or "?"),
+            tied=tied_of(first), settings=", ".join(f"{k}={_fmt(settings.get(k))}" for k in varying) or "—",
+            key=json.dumps(key, sort_keys=True), runs=rs, slope=seed_summary([headline_slope(r) for r in rs])))
+    return sorted(out, key=lambda g: (g.estimator, g.block_type, g.objective, g.control, g.model, g.tied, g.settings))
+
+
+def _by_estimator(items, estimator=lambda item: item.estimator) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for item in items:
+        out.setdefault(estimator(item), []).append(item)
+    return dict(sorted(out.items()))
+
+
+def _seed_cells(s: dict) -> list[str]:
+    """mean, SD, SE, CI cells of a seed_summary: "n/a (1 seed)" where there is one seed."""
+    if s["n"] == 1:
+        return [_fmt(s["mean"], "+.3e"), "n/a (1 seed)", "n/a (1 seed)", "n/a (1 seed)"]
+    return [_fmt(s["mean"], "+.3e"), _fmt(s["sd"], ".2e"), _fmt(s["se"], ".2e"), _ci(s["ci_low"], s["ci_high"])]
+
+
+def group_tables(records: list[RunRecord]) -> dict[str, tuple[list[str], list[list]]]:
+    """Per headline estimator: one row per seed group with the slope's mean, SD, SE and t-CI over seeds."""
+    out = {}
+    for est, groups in _by_estimator(seed_groups(records)).items():
+        header = ["model", "block_type", "objective", "control", "tied embeddings", "settings", "seeds",
+                  f"slope [{est}] mean", "SD over seeds", "SE", SEED_CI, f"steepness [{est}]",
+                  f"width fraction [{est}]"]
+        rows = [[g.model, g.block_type, g.objective, g.control, g.tied, g.settings, len(g.runs), *_seed_cells(g.slope),
+                 _fmt(_mean([r.metrics.get("steepness") for r in g.runs])),
+                 _fmt(_mean([r.metrics.get("width_fraction") for r in g.runs]))] for g in groups]
+        out[est] = (header, rows)
+    return out
 
 
 def group_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    """Per (block type, objective, control): runs, mean slope, SD over runs, mean CI bounds, steepness, width."""
-    groups: dict[tuple, list[RunRecord]] = {}
-    for r in records:
-        if r.ok:
-            key = (r.get("block_type") or "?", r.get("objective") or "?", r.get("control") or "?")
-            groups.setdefault(key, []).append(r)
-    header = ["block_type", "objective", "control", "runs", "slope mean", "slope sd", "CI low (mean)",
-              "CI high (mean)", "steepness", "width fraction"]
+    """The study's design table: per headline estimator × block type × objective × control × tied
+    embeddings, the slope over runs (all models and seeds of the cell). The estimator is a column here
+    and never shares a number column: rows of different estimators carry them in separate columns."""
+    ok = [r for r in records if r.ok]
+    ests = sorted({estimator_of(r) for r in ok})
+    cells: dict[tuple, list[RunRecord]] = {}
+    for r in ok:
+        key = (estimator_of(r), r.get("block_type") or "?", r.get("objective") or "?", r.get("control") or "?",
+               tied_of(r))
+        cells.setdefault(key, []).append(r)
+    header = ["estimator", "block_type", "objective", "control", "tied embeddings", "runs", "models"]
+    for est in ests:
+        header += [f"slope [{est}] mean over runs", f"slope [{est}] SD over runs"]
     rows = []
-    for key in sorted(groups):
-        rs = groups[key]
-        points = [_slope_point(r) for r in rs]
-        rows.append([*key, len(rs), _fmt(_mean([p[0] for p in points]), "+.3e"), _fmt(_sd([p[0] for p in points]), ".2e"),
-                     _fmt(_mean([p[1] for p in points]), "+.3e"), _fmt(_mean([p[2] for p in points]), "+.3e"),
-                     _fmt(_mean([r.metrics.get("steepness") for r in rs])),
-                     _fmt(_mean([r.metrics.get("width_fraction") for r in rs]))])
+    for key in sorted(cells):
+        rs = cells[key]
+        slopes = [headline_slope(r) for r in rs]
+        row = [*key, len(rs), len({r.get("model") for r in rs})]
+        for est in ests:
+            row += [_fmt(_mean(slopes), "+.3e"), _fmt(_sd(slopes), ".2e")] if est == key[0] else ["", ""]
+        rows.append(row)
     return header, rows
 
 
+@dataclass
+class Comparison:
+    estimator: str
+    none: SeedGroup
+    equal: SeedGroup
+    ratio: dict
+    verdict: str
+    reason: str
+
+
+def comparisons(records: list[RunRecord]) -> list[Comparison]:
+    """Equal-step vs none for every pair of seed groups that differ in the control only."""
+    groups = seed_groups(records)
+    pairs: dict[str, dict[str, SeedGroup]] = {}
+    for g in groups:
+        pairs.setdefault(g.key, {})[g.control] = g
+    out = []
+    for sides in pairs.values():
+        if "none" in sides and "equal-step" in sides:
+            none, eq = sides["none"], sides["equal-step"]
+            ratio = ratio_ci(eq.slope, none.slope)
+            verdict, reason = persistence_verdict(eq.slope, none.slope, ratio)
+            out.append(Comparison(none.estimator, none, eq, ratio, verdict, reason))
+    return sorted(out, key=lambda c: (c.estimator, c.none.block_type, c.none.objective, c.none.model, c.none.tied))
+
+
+def control_tables(records: list[RunRecord]) -> dict[str, tuple[list[str], list[list]]]:
+    """Per headline estimator: none vs equal-step per pair of seed groups, R with its CI and the verdict."""
+    out = {}
+    for est, comps in _by_estimator(comparisons(records)).items():
+        header = ["model", "block_type", "objective", "tied embeddings", "settings", "seeds (none / equal-step)",
+                  f"slope [{est}] none: mean {SEED_CI}", f"slope [{est}] equal-step: mean {SEED_CI}",
+                  "R = equal-step / none", "R 95% CI (delta, t)", "verdict", "why"]
+        rows = []
+        for c in comps:
+            cell = lambda s: (f"{_fmt(s['mean'], '+.3e')} " + ("n/a (1 seed)" if s["n"] == 1  # noqa: E731
+                                                                else _ci(s["ci_low"], s["ci_high"])))
+            rows.append([c.none.model, c.none.block_type, c.none.objective, c.none.tied, c.none.settings,
+                         f"{len(c.none.runs)} / {len(c.equal.runs)}", cell(c.none.slope), cell(c.equal.slope),
+                         _fmt(c.ratio["ratio"], "+.3f"), _ci(c.ratio["ci_low"], c.ratio["ci_high"], "+.3f"),
+                         c.verdict, c.reason])
+        out[est] = (header, rows)
+    return out
+
+
 def control_comparison(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    """Per (block type, objective): mean slope without control and under equal-step, and their ratio."""
+    """Per estimator × block type × objective × tied: the mean slope over all none runs and all
+    equal-step runs, and their ratio (the coarse view; verdicts are in ``control_tables``)."""
     slopes: dict[tuple, dict[str, list]] = {}
     for r in records:
         if r.ok:
-            key = (r.get("block_type") or "?", r.get("objective") or "?")
-            slopes.setdefault(key, {}).setdefault(r.get("control"), []).append(_slope_point(r)[0])
-    header = ["block_type", "objective", "slope (none)", "slope (equal-step)", "equal-step / none"]
+            key = (estimator_of(r), r.get("block_type") or "?", r.get("objective") or "?", tied_of(r))
+            slopes.setdefault(key, {}).setdefault(r.get("control"), []).append(headline_slope(r))
+    header = ["estimator", "block_type", "objective", "tied embeddings", "slope (none) mean over runs",
+              "slope (equal-step) mean over runs", "equal-step / none"]
     rows = []
     for key in sorted(slopes):
         none, eq = _mean(slopes[key].get("none", [])), _mean(slopes[key].get("equal-step", []))
@@ -291,20 +488,40 @@ def control_comparison(records: list[RunRecord]) -> tuple[list[str], list[list]]
     return header, rows
 
 
+def width_tables(records: list[RunRecord]) -> dict[str, tuple[list[str], list[list]]]:
+    """Per headline estimator: width fraction and depth spread by architecture / block type × control."""
+    out = {}
+    for est, rs in _by_estimator([r for r in records if r.ok], estimator_of).items():
+        cells: dict[tuple, list[RunRecord]] = {}
+        for r in rs:
+            cells.setdefault((r.get("architecture") or "?", r.get("block_type") or "?", r.get("control") or "?"),
+                             []).append(r)
+        header = ["architecture", "block_type", "control", "runs", f"width fraction [{est}] mean", "SD",
+                  f"depth spread [{est}] mean", "SD"]
+        rows = []
+        for key in sorted(cells):
+            w = [r.metrics.get("width_fraction") for r in cells[key]]
+            s = [r.metrics.get("depth_spread") for r in cells[key]]
+            rows.append([*key, len(cells[key]), _fmt(_mean(w), ".3f"), _fmt(_sd(w), ".3f"), _fmt(_mean(s), ".3f"),
+                         _fmt(_sd(s), ".3f")])
+        out[est] = (header, rows)
+    return out
+
+
 def correlations(records: list[RunRecord], resamples: int) -> list[dict]:
-    """Pearson r of steepness with each objective distance over the ok runs, with a bootstrap CI."""
-    ok = [r for r in records if r.ok]
+    """Per headline estimator, Pearson r of steepness with each objective distance over the ok runs,
+    with a bootstrap CI over runs. Each dict: {"estimator", "distance", "r", "ci_low", "ci_high", "n", …}."""
     out = []
-    for key in OBJECTIVE_DISTANCE_KEYS:
-        xs = [r.metrics.get(key) for r in ok]
-        ys = [r.metrics.get("steepness") for r in ok]
-        stats = pearson_ci(xs, ys, num_resamples=resamples)
-        out.append({"distance": key, **stats})
+    for est, ok in _by_estimator([r for r in records if r.ok], estimator_of).items():
+        for key in OBJECTIVE_DISTANCE_KEYS:
+            xs = [r.metrics.get(key) for r in ok]
+            ys = [r.metrics.get("steepness") for r in ok]
+            out.append({"estimator": est, "distance": key, **pearson_ci(xs, ys, num_resamples=resamples)})
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# Figures
+# Figures: one panel (or row of panels) per estimator
 # ------------------------------------------------------------------------------------------------
 
 def _plt():
@@ -325,91 +542,119 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _short_label(r: RunRecord) -> str:
-    return f"{r.get('objective')} · {r.get('control')} · seed {r.get('seed')}"
-
-
 def plot_profiles(records: list[RunRecord], path: str) -> str | None:
     ok = [r for r in records if r.ok]
     if not ok:
         return None
     plt = _plt()
+    by_est = _by_estimator(ok, estimator_of)
     types = sorted({r.get("block_type") or "?" for r in ok})
-    fig, axes = plt.subplots(1, len(types), figsize=(5.2 * len(types), 3.8), dpi=110, squeeze=False)
-    for ax, block_type in zip(axes[0], types):
-        seen = set()
-        for r in [r for r in ok if (r.get("block_type") or "?") == block_type]:
-            rows = r.results["layers"]
-            label = f"{r.get('objective')} · {r.get('control')}"
-            ax.plot([row["depth"] for row in rows], [row["change"] for row in rows], marker="o", ms=3,
-                    color=CONTROL_COLORS.get(r.get("control"), "gray"),
-                    linestyle=OBJECTIVE_STYLES.get(r.get("objective"), "-"), alpha=0.75,
-                    label=None if label in seen else label)
-            seen.add(label)
-        models = sorted({r.get("model_type") or "?" for r in ok if (r.get("block_type") or "?") == block_type})
-        ax.set_title(f"block type {block_type} ({', '.join(models)})", fontsize=9)
-        ax.set_xlabel("normalized depth ℓ / L")
-        ax.set_ylabel("1 − CKA")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(by_est), len(types), figsize=(5.2 * len(types), 3.8 * len(by_est)), dpi=110,
+                             squeeze=False)
+    for row, (est, rs_est) in zip(axes, by_est.items()):
+        for ax, block_type in zip(row, types):
+            seen = set()
+            rs = [r for r in rs_est if (r.get("block_type") or "?") == block_type]
+            for r in rs:
+                rows = r.results["layers"]
+                label = f"{r.get('objective')} · {r.get('control')}"
+                ax.plot([x["depth"] for x in rows], [x["change"] for x in rows], marker="o", ms=3,
+                        color=CONTROL_COLORS.get(r.get("control"), "gray"),
+                        linestyle=OBJECTIVE_STYLES.get(r.get("objective"), "-"), alpha=0.75,
+                        label=None if label in seen else label)
+                seen.add(label)
+            models = sorted({r.get("model_type") or "?" for r in rs})
+            ax.set_title(f"[{est}] block type {block_type} ({', '.join(models) or 'no runs'})", fontsize=9)
+            ax.set_xlabel("normalized depth ℓ / L")
+            ax.set_ylabel(f"1 − CKA [{est}]")
+            ax.grid(alpha=0.3)
+            if seen:
+                ax.legend(fontsize=7)
     return _save(fig, path)
 
 
+def _category(r: RunRecord) -> tuple:
+    return (r.get("block_type") or "?", r.get("objective") or "?", tied_of(r))
+
+
 def plot_slopes(records: list[RunRecord], path: str) -> str | None:
-    ok = [r for r in records if r.ok and _slope_point(r)[0] is not None]
-    if not ok:
+    """One panel per headline estimator (runs as dots, seed-group mean with its t-CI over seeds) and one
+    for the per-text estimator (runs with their bootstrap CI over texts); x: block type × objective ×
+    tied embeddings, colour: control."""
+    ok = [r for r in records if r.ok]
+    panels = []  # (title, ylabel, [(category, control, points, (mean, lo, hi) or None)])
+    for est, groups in _by_estimator(seed_groups(records)).items():
+        items = [(_category(g.runs[0]), g.control, [(headline_slope(r), None, None) for r in g.runs],
+                  (g.slope["mean"], g.slope["ci_low"], g.slope["ci_high"])) for g in groups]
+        panels.append((f"headline slope [{est}]: runs (dots), seed-group mean and {SEED_CI} (bars)",
+                       f"locality gradient [{est}]", items))
+    per_text = [r for r in ok if per_text_point(r)[0] is not None]
+    if per_text:
+        panels.append((f"slope_per_text ({PER_TEXT_ESTIMATOR}): runs with 95% bootstrap CI over probe texts",
+                       f"slope_per_text ({PER_TEXT_ESTIMATOR})",
+                       [(_category(r), r.get("control") or "?", [per_text_point(r)], None) for r in per_text]))
+    panels = [p for p in panels if any(pt[0] is not None for it in p[2] for pt in it[2])]
+    if not panels:
         return None
     plt = _plt()
-    cats = sorted({(r.get("block_type") or "?", r.get("objective") or "?") for r in ok})
-    controls = sorted({r.get("control") or "?" for r in ok})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cats) + 2), 4.0), dpi=110)
-    width = 0.6 / max(1, len(controls))
-    for j, control in enumerate(controls):
-        offset = (j - (len(controls) - 1) / 2) * width
-        labelled = False
-        for i, cat in enumerate(cats):
-            rs = [r for r in ok if (r.get("block_type") or "?", r.get("objective") or "?") == cat
-                  and (r.get("control") or "?") == control]
-            for k, r in enumerate(rs):
-                y, lo, hi = _slope_point(r)
-                x = i + offset + (k - (len(rs) - 1) / 2) * width * 0.25
-                err = [[y - lo], [hi - y]] if lo is not None else None
-                ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=2, color=CONTROL_COLORS.get(control, "gray"),
-                            label=None if labelled else control)
-                labelled = True
-            if rs:
-                ax.hlines(_mean([_slope_point(r)[0] for r in rs]), i + offset - width * 0.4, i + offset + width * 0.4,
-                          color=CONTROL_COLORS.get(control, "gray"), linewidth=2)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(cats)))
-    ax.set_xticklabels([f"{b}\n{o}" for b, o in cats], fontsize=8)
-    ax.set_ylabel("locality gradient, per-text estimator\n(slope of 1 − CKA on depth)")
-    ax.set_title("locality gradient per run (95 % bootstrap CI over probe texts\n"
-                 "where measured); bar = mean over runs", fontsize=8)
-    ax.legend(title="control", fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.8 * len({it[0] for p in panels for it in p[2]}) + 2),
+                                                       4.0 * len(panels)), dpi=110, squeeze=False)
+    for ax, (title, ylabel, items) in zip(axes[:, 0], panels):
+        cats = sorted({it[0] for it in items})
+        controls = sorted({it[1] for it in items})
+        width = 0.6 / max(1, len(controls))
+        labelled = set()
+        for category, control, points, summary in items:
+            i, j = cats.index(category), controls.index(control)
+            x0 = i + (j - (len(controls) - 1) / 2) * width
+            color = CONTROL_COLORS.get(control, "gray")
+            for k, (y, lo, hi) in enumerate(points):
+                if y is None:
+                    continue
+                x = x0 + (k - (len(points) - 1) / 2) * width * 0.15
+                err = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
+                ax.errorbar(x, y, yerr=err, fmt="o", ms=3 if summary else 4, capsize=2, color=color, alpha=0.6,
+                            label=None if control in labelled else control)
+                labelled.add(control)
+            if summary and summary[0] is not None:
+                mean, lo, hi = summary
+                ax.hlines(mean, x0 - width * 0.4, x0 + width * 0.4, color=color, linewidth=2)
+                if lo is not None:
+                    ax.vlines(x0 + width * 0.35, lo, hi, color=color, linewidth=1.2)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(cats)))
+        ax.set_xticklabels([f"{b}\n{o}\n{t}" for b, o, t in cats], fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=8)
+        ax.legend(title="control", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 
 def plot_steepness_vs_distance(records: list[RunRecord], stats: list[dict], path: str) -> str | None:
-    ok = [r for r in records if r.ok]
     usable = [s for s in stats if s["n"] >= 2]
     if not usable:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(usable), figsize=(4.6 * len(usable), 3.8), dpi=110, squeeze=False)
-    for ax, s in zip(axes[0], usable):
-        key = s["distance"]
-        for r in ok:
-            x, y = r.metrics.get(key), r.metrics.get("steepness")
-            if x is not None and y is not None:
-                ax.plot(x, y, linestyle="none", color=CONTROL_COLORS.get(r.get("control"), "gray"),
-                        marker={"cls": "o", "mlm": "s", "clm": "^"}.get(r.get("objective"), "o"), alpha=0.8)
-        ci = f" [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]" if s["ci_low"] is not None else ""
-        ax.set_title(f"r = {_fmt(s['r'], '+.2f')}{ci}, n = {s['n']}", fontsize=9)
-        ax.set_xlabel(key.replace("_", " "))
-        ax.set_ylabel("steepness ln(top/bottom)")
-        ax.grid(alpha=0.3)
+    by_est = _by_estimator(usable, lambda s: s["estimator"])
+    cols = max(len(v) for v in by_est.values())
+    fig, axes = plt.subplots(len(by_est), cols, figsize=(4.6 * cols, 3.8 * len(by_est)), dpi=110, squeeze=False)
+    for row, (est, ss) in zip(axes, by_est.items()):
+        ok = [r for r in records if r.ok and estimator_of(r) == est]
+        for ax, s in zip(row, ss):
+            key = s["distance"]
+            for r in ok:
+                x, y = r.metrics.get(key), r.metrics.get("steepness")
+                if x is not None and y is not None:
+                    ax.plot(x, y, linestyle="none", color=CONTROL_COLORS.get(r.get("control"), "gray"),
+                            marker={"cls": "o", "mlm": "s", "clm": "^"}.get(r.get("objective"), "o"), alpha=0.8)
+            ci = f" [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]" if s["ci_low"] is not None else ""
+            ax.set_title(f"[{est}] r = {_fmt(s['r'], '+.2f')}{ci}, n = {s['n']}", fontsize=9)
+            ax.set_xlabel(key.replace("_", " "))
+            ax.set_ylabel(f"steepness ln(top/bottom) [{est}]")
+            ax.grid(alpha=0.3)
+        for ax in row[len(ss):]:
+            ax.axis("off")
     return _save(fig, path)
 
 
@@ -418,22 +663,25 @@ def plot_width(records: list[RunRecord], path: str) -> str | None:
     if not ok:
         return None
     plt = _plt()
+    by_est = _by_estimator(ok, estimator_of)
     cats = sorted({f"{r.get('architecture') or '?'}/{r.get('block_type') or '?'}" for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.2 * len(cats) + 4), 3.6), dpi=110)
-    for ax, key, label in ((axes[0], "width_fraction", "fraction of blocks ≥ ½ max change"),
-                           (axes[1], "depth_spread", "depth spread around the centroid")):
-        for i, cat in enumerate(cats):
-            rs = [r for r in ok if f"{r.get('architecture') or '?'}/{r.get('block_type') or '?'}" == cat]
-            for k, r in enumerate(rs):
-                v = r.metrics.get(key)
-                if v is not None:
-                    ax.plot(i + (k - (len(rs) - 1) / 2) * 0.06, v, "o", alpha=0.8,
-                            color=CONTROL_COLORS.get(r.get("control"), "gray"))
-        ax.set_xticks(range(len(cats)))
-        ax.set_xticklabels(cats, fontsize=8)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylim(0, 1.05)
+    fig, axes = plt.subplots(len(by_est), 2, figsize=(max(7.0, 2.2 * len(cats) + 4), 3.6 * len(by_est)), dpi=110,
+                             squeeze=False)
+    for row, (est, rs_est) in zip(axes, by_est.items()):
+        for ax, key, label in ((row[0], "width_fraction", "fraction of blocks ≥ ½ max change"),
+                               (row[1], "depth_spread", "depth spread around the centroid")):
+            for i, cat in enumerate(cats):
+                rs = [r for r in rs_est if f"{r.get('architecture') or '?'}/{r.get('block_type') or '?'}" == cat]
+                for k, r in enumerate(rs):
+                    v = r.metrics.get(key)
+                    if v is not None:
+                        ax.plot(i + (k - (len(rs) - 1) / 2) * 0.06, v, "o", alpha=0.8,
+                                color=CONTROL_COLORS.get(r.get("control"), "gray"))
+            ax.set_xticks(range(len(cats)))
+            ax.set_xticklabels(cats, fontsize=8)
+            ax.set_ylabel(f"{label} [{est}]", fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+        row[0].set_ylim(0, 1.05)
     return _save(fig, path)
 
 
@@ -477,7 +725,7 @@ def plot_trajectories(records: list[RunRecord], path: str, max_panels: int = 12)
         last = max(1, traj[-1][0])
         for step, depths, changes in traj:
             ax.plot(depths, changes, color=cmap(step / last), marker=".", ms=3, label=f"step {step}")
-        ax.set_title(f"{r.name}", fontsize=7)
+        ax.set_title(f"{r.name} [{estimator_of(r)}]", fontsize=7)
         ax.set_xlabel("normalized depth")
         ax.set_ylabel("1 − CKA")
         ax.grid(alpha=0.3)
@@ -486,6 +734,8 @@ def plot_trajectories(records: list[RunRecord], path: str, max_panels: int = 12)
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     return _save(fig, path)
+
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,50 +749,83 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def run_rows(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    # Two estimators, both named: the run's headline slope (exact CKA over all probe tokens) and the
-    # per-text estimator that the bootstrap CI belongs to.
-    header = ["run", "status", "block", "objective", "control", "seed", "slope (exact)", "slope (per-text)",
-              "per-text 95% CI", "steepness", "width", "acc/loss tuned"]
-    rows = []
-    for r in records:
-        if not r.ok:
-            rows.append([r.name, r.status, "", _fmt(r.get("objective")), _fmt(r.get("control")), _fmt(r.get("seed")),
-                         "", "", "", "", "", ""])
-            continue
-        y, lo, hi = _slope_point(r)
-        probe = r.results.get("probe") or {}
-        score = probe.get("accuracy_tuned") if probe.get("accuracy_tuned") is not None else probe.get("loss_tuned")
-        rows.append([r.name, r.status, r.get("block_type"), r.get("objective"), r.get("control"), r.get("seed"),
-                     _fmt(r.results.get("locality_gradient"), "+.3e"), _fmt(y, "+.3e"), f"[{_fmt(lo, '+.2e')}, {_fmt(hi, '+.2e')}]" if lo is not None else "—",
-                     _fmt(r.metrics.get("steepness"), "+.3f"), _fmt(r.metrics.get("width_fraction"), ".2f"),
-                     _fmt(score, ".3f")])
-    return header, rows
+def run_tables(records: list[RunRecord]) -> dict[str, tuple[list[str], list[list]]]:
+    """Per headline estimator: every run (failed ones too) with its headline slope and, in its own
+    column, the per-text estimator with its bootstrap CI over probe texts."""
+    out = {}
+    for est, rs in _by_estimator(records, estimator_of).items():
+        header = ["run", "status", "block", "objective", "control", "tied embeddings", "seed", f"slope [{est}]",
+                  PER_TEXT_COLUMN, f"steepness [{est}]", f"width [{est}]", "acc/loss tuned"]
+        rows = []
+        for r in rs:
+            if not r.ok:
+                rows.append([r.name, r.status, "", _fmt(r.get("objective")), _fmt(r.get("control")), "",
+                             _fmt(r.get("seed")), "", "", "", "", ""])
+                continue
+            y, lo, hi = per_text_point(r)
+            probe = r.results.get("probe") or {}
+            score = probe.get("accuracy_tuned") if probe.get("accuracy_tuned") is not None else probe.get("loss_tuned")
+            rows.append([r.name, r.status, r.get("block_type"), r.get("objective"), r.get("control"), tied_of(r),
+                         r.get("seed"), _fmt(headline_slope(r), "+.3e"),
+                         f"{_fmt(y, '+.3e')} {_ci(lo, hi)}" if y is not None else "—",
+                         _fmt(r.metrics.get("steepness"), "+.3f"), _fmt(r.metrics.get("width_fraction"), ".2f"),
+                         _fmt(score, ".3f")])
+        out[est] = (header, rows)
+    return out
+
+
+def _sections(title: str, tables: dict[str, tuple[list[str], list[list]]], note: str = "") -> list[str]:
+    parts = []
+    for est, (header, rows) in tables.items():
+        parts += [f"### {title} — headline estimator {est}", ""]
+        if note:
+            parts += [note, ""]
+        parts += [_md_table(header, rows), ""]
+    return parts
 
 
 def markdown(records: list[RunRecord], stats: list[dict], figures: list[str], tables: list[str], runs_dir: str) -> str:
     ok = [r for r in records if r.ok]
     bad = [r for r in records if not r.ok]
+    ests = sorted({estimator_of(r) for r in ok})
     parts = [f"# depthfast report: {runs_dir}", "",
-             f"{len(records)} run directories: {len(ok)} with results, {len(bad)} missing or corrupt.", ""]
+             f"{len(records)} run directories: {len(ok)} with results, {len(bad)} missing or corrupt.", "",
+             "## Estimators", "",
+             "Every number is labelled with its estimator and no table column, row group or figure panel mixes "
+             "two. The *headline* slope is the locality gradient of the run's own CKA (`--estimator`/`--pooling`, "
+             f"written `estimator/pooling`; here: {', '.join(ests) or 'none'}); its uncertainty is the spread over "
+             "seeds (runs that share model, objective, control and every other setting): mean, SD, SE and a "
+             "Student-t 95 % CI, \"n/a (1 seed)\" with one seed. "
+             f"`slope_per_text ({PER_TEXT_ESTIMATOR})` is a different estimator — the ratio of sums of token-level "
+             "HSIC₁ per probe text, whatever the run's pooling — with a 95 % bootstrap CI over probe texts; it is "
+             "shown in its own column and its own figure panel only.", ""]
     if bad:
         parts += ["## Runs without usable results", "",
                   _md_table(["run", "status", "problem"], [[r.name, r.status, r.problem] for r in bad]), ""]
     computed = [r.name for r in ok if r.metrics_source == "computed"]
     if computed:
         parts += [f"Metrics computed by the report from the per-layer rows (results.json has no \"metrics\"; "
-                  f"no bootstrap CI): {len(computed)} run(s).", ""]
-    parts += ["## Locality gradient by block type, objective and control", "",
-              "Slope of 1 − CKA on normalized depth over the blocks; where results carry per-text HSIC₁ the slope "
-              "is the per-text ratio-of-sums estimator with its 95 % bootstrap CI over probe texts.", "",
-              _md_table(*group_table(records)), "", "## Equal-step control vs none", "",
-              _md_table(*control_comparison(records)), "",
-              "## Steepness vs objective distance (Pearson r over runs, 95 % bootstrap CI)", "",
-              _md_table(["distance", "n", "r", "CI"],
-                        [[s["distance"], s["n"], _fmt(s["r"], "+.3f"),
+                  f"no per-text CI): {len(computed)} run(s).", ""]
+    unknown = [r.name for r in ok if tied_of(r) == "unknown"]
+    if unknown:
+        parts += [f"Tied embeddings unknown (results.json predates the field): {len(unknown)} run(s).", ""]
+    parts += ["## Locality gradient by block type × objective × control × tied embeddings", "",
+              "Mean and SD over every run of the cell (all models and seeds); one estimator per column.", "",
+              _md_table(*group_table(records)), "",
+              "## Seed groups: headline slope over seeds", ""]
+    parts += _sections("Seed groups", group_tables(records))
+    parts += ["## Equal-step control vs none: does the slope persist?", "", f"Rule: {PERSISTENCE_RULE}", ""]
+    parts += _sections("Equal-step vs none", control_tables(records))
+    parts += ["Coarse view (means over all runs of a cell, no uncertainty):", "",
+              _md_table(*control_comparison(records)), ""]
+    parts += ["## Width by architecture", ""]
+    parts += _sections("Width", width_tables(records))
+    parts += ["## Steepness vs objective distance (Pearson r over runs, 95 % bootstrap CI over runs)", "",
+              _md_table(["estimator", "distance", "n", "r", "CI"],
+                        [[s["estimator"], s["distance"], s["n"], _fmt(s["r"], "+.3f"),
                           f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]" if s["ci_low"] is not None else "—"]
-                         for s in stats]), "",
-              "## Runs", "", _md_table(*run_rows(records)), ""]
+                         for s in stats]), "", "## Runs", ""]
+    parts += _sections("Runs", run_tables(records))
     parts += ["## Files", ""] + [f"- [{os.path.basename(p)}]({os.path.basename(p)})" for p in tables]
     parts += [f"- ![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]
     return "\n".join(parts)
@@ -564,8 +847,14 @@ def report(runs_dir: str, out: str | None = None, resamples: int = 2000, echo=pr
         plot_trajectories(records, os.path.join(out, "trajectory.png")),
     ) if p]
     atomic_write_bytes(os.path.join(out, "report.md"), markdown(records, stats, figures, tables, runs_dir).encode())
-    echo(format_table(*run_rows(records)))
-    echo("")
+    for est, (h, rs) in run_tables(records).items():
+        echo(f"runs — headline estimator {est}")
+        echo(format_table(h, rs))
+        echo("")
+    for est, (h, rs) in control_tables(records).items():
+        echo(f"equal-step vs none — headline estimator {est}")
+        echo(format_table(h[:-1], [r[:-1] for r in rs]))
+        echo("")
     echo(format_table(*group_table(records)))
     bad = [r for r in records if not r.ok]
     if bad:

@@ -188,10 +188,15 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
     """Profile shape (blocks only, like the locality gradient) and the objective distances at θ₀."""
-    from depthfast.metrics import chance_normalized_loss, kernel_target_alignment, profile_metrics
+    from depthfast.metrics import (PER_TEXT_ESTIMATOR, chance_normalized_loss, kernel_target_alignment,
+                                   profile_metrics, slope_estimator_label)
 
     per_text = measured.per_text_hsic[:, 1:] if measured.per_text_hsic is not None else None
     metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed)
+    # Which estimator each slope is, so a report never compares two as one (locality_gradient is the
+    # headline, from the run's own CKA; slope_per_text is token-level HSIC₁ per probe text).
+    metrics["slope_estimator"] = slope_estimator_label(cfg.estimator, cfg.pooling)
+    metrics["slope_per_text_estimator"] = PER_TEXT_ESTIMATOR if per_text is not None else None
     chance = task.num_labels if cfg.objective == "cls" else model.config.vocab_size
     metrics["initial_loss_normalized"] = chance_normalized_loss(measured.loss_base, chance)
     metrics["gradient_alignment_distance"] = alignment

@@ -113,13 +113,15 @@ def test_report_writes_everything(runs, tmp_path):
     assert stats["kernel_target_alignment"]["n"] == 0
     terminal = "\n".join(lines)
     assert "corrupt results" in terminal and "3 run(s) without usable results" in terminal
-    # ratio of mean slopes, equal-step over none
+    # ratio of mean headline slopes, equal-step over none (the per-text slope never enters it)
     records = rp.collect(str(runs), exclude=str(out))
     header, table_rows = rp.control_comparison(records)
-    enc = [r for r in table_rows if r[0] == "sequential" and r[1] == "cls"][0]
-    slope = {(r.get("control"), r.get("seed")): r.metrics["slope_per_text"] for r in records if r.ok}
+    enc = [r for r in table_rows if r[:4] == ["exact/token", "sequential", "cls", "unknown"]][0]
+    slope = {(r.get("control"), r.get("seed")): r.metrics["locality_gradient"] for r in records if r.ok}
     expected = (slope["equal-step", 0] + slope["equal-step", 1]) / (slope["none", 0] + slope["none", 1])
-    assert float(enc[4]) == pytest.approx(expected, abs=1e-3)
+    assert float(enc[6]) == pytest.approx(expected, abs=1e-3)
+    # old results (no tied_embeddings, no slope_estimator): labelled from the config, tied "unknown"
+    assert "headline estimator exact/token" in md and "Tied embeddings unknown" in md
     try:
         import pyarrow.parquet as pq
     except ImportError:
