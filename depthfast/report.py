@@ -297,8 +297,9 @@ def per_text_point(record: RunRecord):
     """(slope, low, high) of the per-text estimator (token HSIC₁ per text) with its bootstrap CI over
     probe texts; Nones where the run did not measure it."""
     m = record.metrics
-    low = m.get("slope_per_text_ci_low", m.get("slope_ci_low"))
-    high = m.get("slope_per_text_ci_high", m.get("slope_ci_high"))
+    low, high = m.get("slope_per_text_ci_low"), m.get("slope_per_text_ci_high")
+    if low is None or high is None:  # results written before the CI keys were named per text
+        low, high = m.get("slope_ci_low"), m.get("slope_ci_high")
     return m.get("slope_per_text"), low, high
 
 
@@ -577,41 +578,57 @@ def _category(r: RunRecord) -> tuple:
     return (r.get("block_type") or "?", r.get("objective") or "?", tied_of(r))
 
 
-def plot_slopes(records: list[RunRecord], path: str) -> str | None:
-    """One panel per headline estimator (runs as dots, seed-group mean with its t-CI over seeds) and one
-    for the per-text estimator (runs with their bootstrap CI over texts); x: block type × objective ×
-    tied embeddings, colour: control."""
+def slope_panels(records: list[RunRecord]) -> list[dict]:
+    """The panels of slopes.png: one per headline estimator, then one for the per-text estimator.
+
+    Each {"estimator", "title", "ylabel", "items"}; an item is (category, control, runs, points, summary)
+    with category = (block type, objective, tied embeddings), points [(y, low, high)] one per run, and
+    summary (mean, CI low, CI high) over seeds or None. A panel holds one estimator only.
+    """
     ok = [r for r in records if r.ok]
-    panels = []  # (title, ylabel, [(category, control, points, (mean, lo, hi) or None)])
+    panels = []
     for est, groups in _by_estimator(seed_groups(records)).items():
-        items = [(_category(g.runs[0]), g.control, [(headline_slope(r), None, None) for r in g.runs],
+        items = [(_category(g.runs[0]), g.control, g.runs, [(headline_slope(r), None, None) for r in g.runs],
                   (g.slope["mean"], g.slope["ci_low"], g.slope["ci_high"])) for g in groups]
-        panels.append((f"headline slope [{est}]: runs (dots), seed-group mean and {SEED_CI} (bars)",
-                       f"locality gradient [{est}]", items))
+        panels.append({"estimator": est, "items": items, "ylabel": f"locality gradient [{est}]",
+                       "title": f"headline slope [{est}]: runs (dots), seed-group mean and {SEED_CI} (bars)"})
     per_text = [r for r in ok if per_text_point(r)[0] is not None]
     if per_text:
-        panels.append((f"slope_per_text ({PER_TEXT_ESTIMATOR}): runs with 95% bootstrap CI over probe texts",
-                       f"slope_per_text ({PER_TEXT_ESTIMATOR})",
-                       [(_category(r), r.get("control") or "?", [per_text_point(r)], None) for r in per_text]))
-    panels = [p for p in panels if any(pt[0] is not None for it in p[2] for pt in it[2])]
+        panels.append({"estimator": PER_TEXT_ESTIMATOR, "ylabel": f"slope_per_text ({PER_TEXT_ESTIMATOR})",
+                       "title": f"slope_per_text ({PER_TEXT_ESTIMATOR}): runs with 95% bootstrap CI over probe texts",
+                       "items": [(_category(r), r.get("control") or "?", [r], [per_text_point(r)], None)
+                                 for r in per_text]})
+    return [p for p in panels if any(pt[0] is not None for it in p["items"] for pt in it[3])]
+
+
+def plot_slopes(records: list[RunRecord], path: str) -> str | None:
+    """slopes.png from ``slope_panels``; x: block type × objective × tied embeddings, colour: control."""
+    panels = slope_panels(records)
     if not panels:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.8 * len({it[0] for p in panels for it in p[2]}) + 2),
-                                                       4.0 * len(panels)), dpi=110, squeeze=False)
-    for ax, (title, ylabel, items) in zip(axes[:, 0], panels):
+    width_in = max(6.0, 1.8 * len({it[0] for p in panels for it in p["items"]}) + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 4.0 * len(panels)), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        title, ylabel, items = panel["title"], panel["ylabel"], panel["items"]
         cats = sorted({it[0] for it in items})
         controls = sorted({it[1] for it in items})
         width = 0.6 / max(1, len(controls))
         labelled = set()
-        for category, control, points, summary in items:
+        slots: dict[tuple, list] = {}  # the points of one (category, control), spread side by side
+        for item in items:
+            slots.setdefault((item[0], item[1]), []).extend(item[3])
+        placed: dict[tuple, int] = {}
+        for category, control, _runs, points, summary in items:
             i, j = cats.index(category), controls.index(control)
             x0 = i + (j - (len(controls) - 1) / 2) * width
             color = CONTROL_COLORS.get(control, "gray")
-            for k, (y, lo, hi) in enumerate(points):
+            total = len(slots[category, control])
+            for y, lo, hi in points:
+                k = placed[category, control] = placed.get((category, control), -1) + 1
                 if y is None:
                     continue
-                x = x0 + (k - (len(points) - 1) / 2) * width * 0.15
+                x = x0 + (k - (total - 1) / 2) * width * 0.15
                 err = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
                 ax.errorbar(x, y, yerr=err, fmt="o", ms=3 if summary else 4, capsize=2, color=color, alpha=0.6,
                             label=None if control in labelled else control)

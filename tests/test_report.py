@@ -151,3 +151,109 @@ def test_report_cli_errors(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("depthfast: error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- one estimator per comparison; seed-to-seed uncertainty; the persists/collapses rule -------------
+
+def _slope_run(root, name, slope, model="m", control="none", seed=0, estimator="exact", pooling="token",
+               tied=None, per_text=None, new_fields=True):
+    """A run whose headline slope is ``slope`` (profile: change = slope · depth over 4 blocks)."""
+    depths = [0.25, 0.5, 0.75, 1.0]
+    changes = [0.2 + slope * (d - 0.625) for d in depths]  # positive, OLS slope exactly ``slope``
+    m = profile_metrics(depths, changes)
+    if new_fields:
+        m["slope_estimator"] = f"{estimator}/{pooling}"
+    if per_text is not None:
+        m.update(slope_per_text=per_text[0], slope_per_text_ci_low=per_text[1], slope_per_text_ci_high=per_text[2])
+    results = _results([0.0] + changes, control=control, metrics=m)
+    results.update(model=model, estimator=estimator, pooling=pooling)
+    if tied is not None:
+        results.update(tied_embeddings=tied, tied_embeddings_group="head" if tied else None)
+    return _write_run(root, name, results, config={"model": model, "control": control, "seed": seed,
+                                                    "estimator": estimator, "pooling": pooling})
+
+
+# Slopes over 3 seeds per side; the verdict each pair must get under PERSISTENCE_RULE.
+BRANCHES = {
+    "persists": ([0.10, 0.11, 0.12], [0.090, 0.095, 0.100]),        # R ≈ 0.86, tight: CI low > 0.5
+    "collapses-zero": ([0.10, 0.11, 0.12], [-0.01, 0.00, 0.012]),   # equal-step CI includes 0
+    "collapses-ratio": ([0.10, 0.11, 0.12], [0.019, 0.020, 0.021]),  # CI excludes 0, but R ≈ 0.18: CI high < 0.5
+    "inconclusive": ([0.10, 0.11, 0.12], [0.04, 0.06, 0.08]),        # R ≈ 0.55 with a CI across 0.5
+    "none-flat": ([-0.05, 0.00, 0.06], [0.05, 0.06, 0.07]),          # no slope without control
+}
+EXPECTED = {"persists": "persists", "collapses-zero": "collapses", "collapses-ratio": "collapses",
+            "inconclusive": "inconclusive", "none-flat": "inconclusive"}
+
+
+@pytest.fixture
+def branch_runs(tmp_path):
+    root = tmp_path / "branches"
+    for model, (none, eq) in BRANCHES.items():
+        for control, slopes in (("none", none), ("equal-step", eq)):
+            for seed, slope in enumerate(slopes):
+                _slope_run(root, f"{model}__{control}__seed{seed}", slope, model=model, control=control, seed=seed)
+    _slope_run(root, "single__none__seed0", 0.1, model="single", control="none")
+    _slope_run(root, "single__equal-step__seed0", 0.09, model="single", control="equal-step")
+    return root
+
+
+def test_persistence_rule_branches_on_run_directories(branch_runs):
+    comps = {c.none.model: c for c in rp.comparisons(rp.collect(str(branch_runs)))}
+    assert set(comps) == set(BRANCHES) | {"single"}
+    for model, verdict in EXPECTED.items():
+        assert comps[model].verdict == verdict, (model, comps[model].reason, comps[model].ratio)
+    assert comps["collapses-zero"].reason == "equal-step CI includes 0"
+    assert "R CI high" in comps["collapses-ratio"].reason and "no slope" in comps["none-flat"].reason
+    assert comps["single"].verdict == "n/a (1 seed)"
+    # the numbers behind a verdict: mean over seeds, t-CI with df = 2, R = ratio of the means
+    p = comps["persists"]
+    assert p.none.slope["mean"] == pytest.approx(0.11) and p.none.slope["sd"] == pytest.approx(0.01)
+    assert p.none.slope["ci_low"] == pytest.approx(0.11 - 4.302653 * 0.01 / 3 ** 0.5, rel=1e-5)
+    assert p.ratio["ratio"] == pytest.approx(0.095 / 0.11) and p.ratio["df"] == 2
+    header, rows = rp.control_tables(rp.collect(str(branch_runs)))["exact/token"]
+    single = [r for r in rows if r[0] == "single"][0]
+    assert "n/a (1 seed)" in single[6] and single[header.index("verdict")] == "n/a (1 seed)"
+    rp.report(str(branch_runs), resamples=50, echo=lambda *_: None)
+    md = (branch_runs / "report" / "report.md").read_text()
+    assert "Rule: R = mean slope(equal-step) / mean slope(none)" in md and "collapses" in md and "persists" in md
+    seed_header, seed_rows = rp.group_tables(rp.collect(str(branch_runs)))["exact/token"]
+    assert [r[seed_header.index("SD over seeds")] for r in seed_rows if r[0] == "single"] == ["n/a (1 seed)"] * 2
+
+
+def test_estimators_are_never_mixed(tmp_path):
+    """An unbiased and an exact run of the same model, with per-text CIs and one tied model: separate
+    tables, separate columns, separate figure panels, every header naming its estimator."""
+    root = tmp_path / "mixed"
+    for seed in (0, 1):
+        _slope_run(root, f"ex__none__seed{seed}", 0.10 + 0.01 * seed, seed=seed, per_text=(0.5, 0.4, 0.6), tied=False)
+        _slope_run(root, f"ub__none__seed{seed}", 0.30 + 0.01 * seed, seed=seed, estimator="unbiased",
+                   per_text=(0.5, 0.4, 0.6), tied=True)
+    _slope_run(root, "old__none__seed0", 0.2, model="old", new_fields=False, pooling="mean")  # labelled from config
+    records = rp.collect(str(root))
+    assert sorted(rp.group_tables(records)) == ["exact/mean", "exact/token", "unbiased/token"]
+    for est, (header, rows) in rp.group_tables(records).items():
+        assert f"slope [{est}] mean" in header
+        want = {"exact/token": [0.105], "unbiased/token": [0.305], "exact/mean": [0.2]}[est]
+        assert [float(r[header.index(f"slope [{est}] mean")]) for r in rows] == pytest.approx(want, abs=1e-6)
+    for est, (header, rows) in rp.run_tables(records).items():
+        assert header[7] == f"slope [{est}]" and header[8] == rp.PER_TEXT_COLUMN
+        assert all(r[8].startswith("+5.000e-01 [+4.00e-01, +6.00e-01]") or r[8] == "—" for r in rows)
+    header, rows = rp.group_table(records)
+    for row in rows:  # the design table: each row fills only its own estimator's columns
+        filled = [h for h, v in zip(header, row) if h.startswith("slope [") and v != ""]
+        assert filled and all(h.startswith(f"slope [{row[0]}]") for h in filled)
+    tied = {row[0]: row[4] for row in rows}
+    assert tied == {"exact/token": "untied", "unbiased/token": "tied (head)", "exact/mean": "unknown"}
+    panels = rp.slope_panels(records)
+    assert [p["estimator"] for p in panels] == ["exact/mean", "exact/token", "unbiased/token", rp.PER_TEXT_ESTIMATOR]
+    for panel in panels[:-1]:
+        assert all(rp.estimator_of(r) == panel["estimator"] for item in panel["items"] for r in item[2])
+        assert panel["estimator"] in panel["title"] and panel["estimator"] in panel["ylabel"]
+    assert all(pt == (0.5, 0.4, 0.6) for item in panels[-1]["items"] for pt in item[3])
+    assert {s["estimator"] for s in rp.correlations(records, 20)} == {"exact/mean", "exact/token", "unbiased/token"}
+    rp.report(str(root), resamples=20, echo=lambda *_: None)
+    md = (root / "report" / "report.md").read_text()
+    assert "### Seed groups — headline estimator unbiased/token" in md and "n/a (1 seed)" in md
+    with open(root / "report" / "runs.csv") as f:
+        est = {r["run"]: r["slope_estimator"] for r in csv.DictReader(f)}
+    assert est["ub__none__seed0"] == "unbiased/token" and est["old__none__seed0"] == "exact/mean"
