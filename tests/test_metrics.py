@@ -165,6 +165,28 @@ def test_bootstrap_edge_cases():
     assert r["num_valid_resamples"] < 200 and r["slope"] is None
     m = metrics.profile_metrics([0.3, 0.6, 1.0], [0.1, 0.2, 0.3], per_text_hsic=h, num_resamples=100)
     assert m["slope_ci_texts"] == 5 and m["slope_ci_low"] <= m["slope_per_text"] <= m["slope_ci_high"]
+    # the per-text CI under keys named for its estimator (the older names stay for old readers)
+    assert (m["slope_per_text_ci_low"], m["slope_per_text_ci_high"]) == (m["slope_ci_low"], m["slope_ci_high"])
+
+
+def test_run_metrics_names_each_slope_estimator():
+    from types import SimpleNamespace
+
+    from depthfast.config import RunConfig
+    from depthfast.run import run_metrics
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.rand(6, 4, 3, dtype=torch.float64, generator=g) + 1.0
+    measured = SimpleNamespace(per_text_hsic=h, loss_base=1.0, base_features=None, labels=None)
+    task, model = SimpleNamespace(num_labels=2), SimpleNamespace(config=SimpleNamespace(vocab_size=10))
+    depths, changes = [0.0, 1 / 3, 2 / 3, 1.0], [0.0, 0.1, 0.2, 0.4]
+    cfg = RunConfig(estimator="unbiased", pooling="mean")
+    m = run_metrics(cfg, task, model, measured, depths, changes, None)
+    assert m["slope_estimator"] == "unbiased/mean" and m["slope_per_text_estimator"] == metrics.PER_TEXT_ESTIMATOR
+    assert m["locality_gradient"] == pytest.approx(locality_gradient(depths[1:], changes[1:]))
+    measured.per_text_hsic = None
+    m = run_metrics(RunConfig(), task, model, measured, depths, changes, None)
+    assert m["slope_estimator"] == "exact/token" and m["slope_per_text_estimator"] is None
 
 
 # --- objective distance -----------------------------------------------------------------------
@@ -226,3 +248,54 @@ def test_pearson_ci():
     assert r["ci_low"] <= r["r"] <= r["ci_high"] <= 1.0
     assert metrics.pearson_ci([1, 2], [3, 4])["r"] is None
     assert metrics.pearson_ci([1, 1, 1, 1], [1, 2, 3, 4])["r"] is None
+
+
+# --- seed-to-seed uncertainty and the persistence rule --------------------------------------------
+
+def test_t_quantile_matches_tables():
+    # Student t table values (two-sided 95 % and one-sided 95 %)
+    for df, q in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert metrics.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    assert metrics.t_quantile(0.95, 5) == pytest.approx(2.0150, abs=1e-4)
+    assert metrics.t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
+    assert metrics.t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)  # → normal
+    assert metrics.t_cdf(0.0, 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        metrics.t_quantile(1.0, 3)
+
+
+def test_seed_summary_by_hand():
+    s = metrics.seed_summary([1.0, 2.0, 4.0, None])
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert s["n"] == 3 and s["mean"] == pytest.approx(7 / 3) and s["sd"] == pytest.approx(sd)
+    assert s["se"] == pytest.approx(sd / math.sqrt(3))
+    assert s["ci_low"] == pytest.approx(7 / 3 - 4.302653 * sd / math.sqrt(3), rel=1e-6)
+    one = metrics.seed_summary([0.5])
+    assert one["mean"] == 0.5 and one["sd"] is None and one["ci_low"] is None and one["note"] == "n/a (1 seed)"
+    assert metrics.seed_summary([])["mean"] is None
+
+
+def test_ratio_ci_delta_method_by_hand():
+    num, den = metrics.seed_summary([0.8, 0.9, 1.0]), metrics.seed_summary([1.9, 2.0, 2.1])
+    r = metrics.ratio_ci(num, den)
+    se = 0.45 * math.sqrt((0.1 / math.sqrt(3) / 0.9) ** 2 + (0.1 / math.sqrt(3) / 2.0) ** 2)
+    assert r["ratio"] == pytest.approx(0.45) and r["se"] == pytest.approx(se) and r["df"] == 2
+    assert r["ci_high"] - r["ratio"] == pytest.approx(4.302653 * se, rel=1e-6)
+    assert metrics.ratio_ci(metrics.seed_summary([1.0]), den)["ci_low"] is None  # 1 seed: no CI
+    assert metrics.ratio_ci(num, metrics.seed_summary([0.0, 0.0]))["ratio"] is None
+
+
+@pytest.mark.parametrize("none, equal, verdict", [
+    ([1.0, 1.1, 0.9], [0.9, 0.95, 0.85], "persists"),
+    ([1.0, 1.1, 0.9], [-0.1, 0.0, 0.12], "collapses"),          # equal-step CI includes 0
+    ([1.0, 1.1, 0.9], [0.19, 0.2, 0.21], "collapses"),           # R CI high < 0.5
+    ([1.0, 1.1, 0.9], [-0.19, -0.2, -0.21], "collapses"),        # reversed sign: R < 0
+    ([1.0, 1.1, 0.9], [0.4, 0.6, 0.8], "inconclusive"),          # R's CI straddles 0.5
+    ([-0.5, 0.0, 0.6], [0.5, 0.6, 0.7], "inconclusive"),         # none's CI includes 0
+    ([-1.0, -1.1, -0.9], [-0.9, -0.95, -0.85], "persists"),     # negative slopes persist too
+    ([1.0], [0.9, 0.95], "n/a (1 seed)"),
+    ([], [0.9, 0.95], "n/a (no runs)"),
+])
+def test_persistence_verdict_branches(none, equal, verdict):
+    n, e = metrics.seed_summary(none), metrics.seed_summary(equal)
+    assert metrics.persistence_verdict(e, n, metrics.ratio_ci(e, n))[0] == verdict
