@@ -11,9 +11,32 @@ Grid file (YAML)::
       control: [none, equal-step]
       seed: [0, 1]
 
-Only these three top-level keys exist; unknown keys (top level, base or grid), ``out`` inside base or
-grid, a key in both base and grid, or an empty list fail with one line. Every expanded config is
-validated (RunConfig.validate) before anything runs.
+A study grid adds two optional keys, for settings that belong to a model or an objective::
+
+    models:                        # one entry per model: crossed with the grid axes
+      - model: bert-base-uncased
+        objectives: [cls, mlm]     # optional; else the grid's or base's objective
+        batch_size: 32             # any other RunConfig field: this model's own setting
+      - model: EleutherAI/pythia-6.9b
+        objectives: [cls, clm]
+        precision: bf16
+    per_objective:                 # RunConfig fields per objective (e.g. the dataset of each)
+      cls: {dataset: SetFit/sst2}
+      clm: {dataset: iohadrubin/wikitext-103-raw-v1}
+
+The runs are: for each models entry (file order), for each of its objectives, the product of the
+grid lists. A run's fields, later winning: base, per_objective[its objective], its models entry,
+its grid values. A field set by a models entry or per_objective cannot also be a grid axis, and
+``model`` cannot be in base or grid when ``models`` is given.
+
+Unknown keys (top level, base, grid, a models entry or per_objective), ``out`` anywhere but the top
+level, a key in two places that would silently override each other, an empty list, or an objective a
+registry model does not admit (mlm on a decoder, clm on an encoder) fail with one line. Every expanded
+config is validated (RunConfig.validate) before anything runs.
+
+``--dry-run`` lists every run with its memory estimate per process (``estimate_memory``: the model is
+built on the meta device from the registry's config or a local directory's config.json, so nothing is
+downloaded) and where it fits: one 80 GB H100, one 141 GB H200, or FSDP over N GPUs.
 
 Each run lives in OUT/<name>/, the name built from its config (see ``run_name``); the sweep writes
 OUT/<name>/config.json and runs ``python -m depthfast.run --config OUT/<name>/config.json --out
@@ -45,7 +68,7 @@ from depthfast.config import RunConfig
 from depthfast.errors import DepthfastError
 from depthfast.results import atomic_write_bytes, atomic_write_csv, atomic_write_json
 
-TOP_LEVEL_KEYS = ("out", "base", "grid")
+TOP_LEVEL_KEYS = ("out", "base", "grid", "models", "per_objective")
 # Fields that always appear in a run's name, bare (model and the two factors the study is about) …
 NAMED_ALWAYS = ("model", "objective", "control", "seed")
 # … and fields whose value differs between runs but that do not identify the run's content.
@@ -70,6 +93,8 @@ class Grid:
     out: str
     base: dict
     grid: dict = field(default_factory=dict)
+    models: list[dict] | None = None  # [{"model": id, "objectives": [...], <RunConfig field>: value}]
+    per_objective: dict = field(default_factory=dict)  # objective → {RunConfig field: value}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,14 +142,112 @@ def parse_grid(data, source: str = "grid") -> Grid:
             raise DepthfastError(f"{source}: grid.{key} must be a non-empty list; got {values!r}")
     if out is not None and not isinstance(out, str):
         raise DepthfastError(f"{source}: 'out' must be a directory path; got {out!r}")
-    return Grid(out=out, base=dict(base), grid=dict(grid))
+    per_objective = _parse_per_objective(data.get("per_objective"), grid, known, source)
+    models = _parse_models(data["models"], base, grid, known, source) if "models" in data else None
+    return Grid(out=out, base=dict(base), grid=dict(grid), models=models, per_objective=per_objective)
+
+
+def _parse_per_objective(data, grid: dict, known: list[str], source: str) -> dict:
+    from depthfast.config import OBJECTIVES
+
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DepthfastError(f"{source}: 'per_objective' must map objectives ({', '.join(OBJECTIVES)}) to RunConfig fields")
+    out = {}
+    for objective, settings in data.items():
+        where = f"per_objective.{objective}"
+        if objective not in OBJECTIVES:
+            raise DepthfastError(f"{source}: unknown objective {objective!r} in per_objective; known: {', '.join(OBJECTIVES)}")
+        if not isinstance(settings, dict):
+            raise DepthfastError(f"{source}: {where} must be a mapping of RunConfig fields; got {settings!r}")
+        _check_fields(settings, known, where, source, forbidden=("out", "model", "objective"))
+        clash = sorted(set(settings) & set(grid))
+        if clash:
+            raise DepthfastError(f"{source}: {', '.join(clash)} in both {where} and grid; keep one")
+        out[objective] = dict(settings)
+    return out
+
+
+def _parse_models(data, base: dict, grid: dict, known: list[str], source: str) -> list[dict]:
+    from depthfast.config import OBJECTIVES
+
+    if not isinstance(data, list) or not data:
+        raise DepthfastError(f"{source}: 'models' must be a non-empty list of {{model: ID, objectives: [...], ...}}")
+    for where, mapping in (("base", base), ("grid", grid)):
+        if "model" in mapping:
+            raise DepthfastError(f"{source}: 'model' is in {where} and 'models' is given; list every model under models")
+    entries = []
+    for i, entry in enumerate(data):
+        where = f"models[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+            raise DepthfastError(f"{source}: {where} must be a mapping with 'model: ID'; got {entry!r}")
+        where = f"models[{i}] ({entry['model']})"
+        if "objective" in entry:
+            raise DepthfastError(f"{source}: {where} has 'objective'; use 'objectives: [...]' (a list)")
+        settings = {k: v for k, v in entry.items() if k not in ("model", "objectives")}
+        _check_fields(settings, known, where, source, forbidden=("out",), extra=("model", "objectives"))
+        clash = sorted(set(settings) & set(grid))
+        if clash:
+            raise DepthfastError(f"{source}: {', '.join(clash)} in both {where} and grid; keep one")
+        objectives = entry.get("objectives")
+        if objectives is not None:
+            if not isinstance(objectives, list) or not objectives or len(set(map(str, objectives))) != len(objectives):
+                raise DepthfastError(f"{source}: {where}: 'objectives' must be a non-empty list without repeats; "
+                                     f"got {objectives!r}")
+            bad = [o for o in objectives if o not in OBJECTIVES]
+            if bad:
+                raise DepthfastError(f"{source}: {where}: unknown objective(s) {', '.join(map(str, bad))}; "
+                                     f"known: {', '.join(OBJECTIVES)}")
+            if "objective" in grid:
+                raise DepthfastError(f"{source}: {where} lists objectives and grid has 'objective'; keep one")
+            _check_admits(entry["model"], objectives, where, source)
+        entries.append(dict(entry))
+    return entries
+
+
+def _check_fields(mapping: dict, known: list[str], where: str, source: str, forbidden=(), extra=()) -> None:
+    bad = sorted(set(map(str, mapping)) - set(known))
+    if bad:
+        raise DepthfastError(f"{source}: unknown key(s) {', '.join(bad)} in {where}; "
+                             f"allowed: {', '.join([*extra, *known])}")
+    for key in forbidden:
+        if key in mapping:
+            raise DepthfastError(f"{source}: '{key}' cannot be set in {where}")
+
+
+def _check_admits(model: str, objectives: list[str], where: str, source: str) -> None:
+    """A registry model's objectives are checked from its config (no download); others at run time."""
+    from depthfast.models import check_objective
+    from depthfast.registry import lookup
+
+    spec = lookup(model)
+    if spec is None:
+        return
+    for objective in objectives:
+        try:
+            check_objective(spec.config(), objective)
+        except DepthfastError as exc:
+            raise DepthfastError(f"{source}: {where}: {exc}") from None
 
 
 def expand(grid: Grid) -> list[dict]:
-    """The product of the grid lists over ``base``, in file order (the last key varies fastest)."""
+    """Every run's fields: for each models entry (or once, without ``models``), for each of its
+    objectives, the product of the grid lists in file order (the last key varies fastest). Fields,
+    later winning: base, per_objective[objective], the models entry, the grid values."""
     keys = list(grid.grid)
-    combos = itertools.product(*(grid.grid[k] for k in keys)) if keys else [()]
-    return [{**grid.base, **dict(zip(keys, combo))} for combo in combos]
+    combos = [dict(zip(keys, combo)) for combo in itertools.product(*(grid.grid[k] for k in keys))] if keys else [{}]
+    out = []
+    for entry in grid.models or [{}]:
+        settings = {k: v for k, v in entry.items() if k != "objectives"}
+        for objective in entry.get("objectives") or [None]:
+            for combo in combos:
+                chosen = objective or combo.get("objective") or grid.base.get("objective") or RunConfig().objective
+                values = {**grid.base, **grid.per_objective.get(chosen, {}), **settings, **combo}
+                if objective:
+                    values["objective"] = objective
+                out.append(values)
+    return out
 
 
 def _slug(value) -> str:
@@ -419,6 +542,147 @@ def write_slurm(runs: list[Run], out: str, options: list[str]) -> tuple[str, str
 
 
 # ------------------------------------------------------------------------------------------------
+# Memory estimate without a download: the model built on the meta device
+# ------------------------------------------------------------------------------------------------
+
+# Memory of each named GPU as the driver reports it (nvidia-smi MiB), and the share of it a run's
+# estimate may take: the estimate leaves out the allocator's fragmentation and library workspaces.
+GPUS = {"H100 80GB": 81_559 * 2**20, "H200 141GB": 143_771 * 2**20}
+HEADROOM = 0.9
+FSDP_SIZES = (2, 4, 8)  # processes (GPUs) of one node tried for runs that fit no single GPU
+
+
+@dataclass
+class Fit:
+    """Where one run fits: ``per_gpu`` is the one-process estimate (bytes), ``plan`` a short verdict."""
+
+    per_gpu: int | None
+    fits: dict[str, bool]
+    plan: str
+    note: str = ""
+
+
+_META_MODELS: dict[tuple[str, str], tuple] = {}
+
+
+def _model_config(model: str):
+    """The transformers config of a registry model or a local directory; None otherwise (a hub id
+    outside the registry would need a download)."""
+    from depthfast.registry import lookup
+
+    spec = lookup(model)
+    if spec is not None:
+        return spec.config(), spec.num_layers
+    if os.path.isdir(model):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        return config, None
+    return None, None
+
+
+def meta_model(model: str, objective: str):
+    """(model on the meta device with the head of ``objective``, number of blocks), or (None, None).
+
+    Parameters have their real shapes and dtype (float32, as depthfast loads them) but no storage, so
+    building even Pythia-6.9B takes well under a second and no memory; cached per (model, objective).
+    """
+    key = (model, objective)
+    if key not in _META_MODELS:
+        import torch
+        import transformers
+
+        from depthfast.layers import discover_layers, family_of
+        from depthfast.models import SequenceClassifier
+
+        config, blocks = _model_config(model)
+        if config is None:
+            _META_MODELS[key] = (None, None)
+            return _META_MODELS[key]
+        architecture, _ = family_of(config)
+        loader = {"cls": transformers.AutoModel, "mlm": transformers.AutoModelForMaskedLM,
+                  "clm": transformers.AutoModelForCausalLM}[objective]
+        with torch.device("meta"):
+            built = loader.from_config(config)
+            if objective == "cls":  # 2 labels: the head's size is negligible next to the model
+                built = SequenceClassifier(built, 2, pooling="mean" if architecture == "encoder" else "last")
+        if blocks is None:
+            blocks = discover_layers(built).num_blocks
+        _META_MODELS[key] = (built, blocks)
+    return _META_MODELS[key]
+
+
+def estimate_memory(cfg: RunConfig, num_processes: int = 1, shards: int = 1, theta0_on_device: bool | None = None):
+    """``depthfast.memory.estimate_run_memory`` of a run, from a meta-device model; None when the model's
+    config is not available offline. The control is assumed fused (a GPU with Triton: no weight snapshot)."""
+    from depthfast.memory import estimate_run_memory
+
+    model, blocks = meta_model(cfg.model, cfg.objective)
+    if model is None:
+        return None
+    on_device = (not cfg.theta0_offload) if theta0_on_device is None else theta0_on_device
+    return estimate_run_memory(model, cfg, blocks, num_processes, fused_control=True, shards=shards,
+                               theta0_on_device=on_device)
+
+
+def fit_of(cfg: RunConfig) -> Fit:
+    """One GPU of each kind in ``GPUS`` (fits when the estimate ≤ HEADROOM × its memory); else the
+    smallest FSDP size in ``FSDP_SIZES`` at which a process fits an H100 (then an H200). Under FSDP θ₀
+    is sharded on the device (--theta0-offload is refused there)."""
+    try:
+        estimate = estimate_memory(cfg)
+    except Exception as exc:  # an architecture the meta device cannot build: say so, never stop the listing
+        return Fit(None, {}, "unknown", f"estimate failed: {type(exc).__name__}: {str(exc)[:80]}")
+    if estimate is None:
+        return Fit(None, {}, "unknown", "not in the registry: the config would need a download")
+    fits = {gpu: estimate.total <= HEADROOM * size for gpu, size in GPUS.items()}
+
+    def sharded_on(gpu: str) -> tuple[int, int] | None:
+        for n in FSDP_SIZES:
+            per_process = estimate_memory(cfg, num_processes=n, shards=n, theta0_on_device=True).total
+            if per_process <= HEADROOM * GPUS[gpu]:
+                return n, per_process
+        return None
+
+    def how(n: int, gpu: str, per_process: int) -> str:
+        return (f"fsdp ×{n} {gpu}: {human_bytes(per_process)} per process (torchrun --nproc_per_node {n} "
+                f"-m depthfast.run --parallel fsdp --config …"
+                f"{'; theta0_offload false there: refused under fsdp' if cfg.theta0_offload else ''})")
+
+    first = next((gpu for gpu, ok in fits.items() if ok), None)
+    if first is not None:
+        note = ""
+        if not all(fits.values()):  # the alternative on the smaller GPU
+            small = next(gpu for gpu, ok in fits.items() if not ok)
+            alt = sharded_on(small)
+            note = "or " + how(alt[0], small, alt[1]) if alt else ""
+        return Fit(estimate.total, fits, f"1× {first}", note)
+    for gpu in GPUS:
+        found = sharded_on(gpu)
+        if found:
+            return Fit(estimate.total, fits, f"fsdp ×{found[0]} {gpu}", how(found[0], gpu, found[1]))
+    return Fit(estimate.total, fits, f"too big for fsdp ×{FSDP_SIZES[-1]}")
+
+
+def human_bytes(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def fit_summary(runs: list[Run], fits: list[Fit]) -> str:
+    """One line per plan: how many runs, and which models."""
+    plans: dict[str, list[str]] = {}
+    for run, fit in zip(runs, fits):
+        plans.setdefault(fit.plan, [])
+        if run.config.model not in plans[fit.plan]:
+            plans[fit.plan].append(run.config.model)
+    lines = [f"memory (estimate per process ≤ {HEADROOM:.0%} of the GPU; θ₀ on the device unless --theta0-offload):"]
+    for plan, models in plans.items():
+        count = sum(f.plan == plan for f in fits)
+        lines.append(f"  {plan}: {count} runs ({', '.join(models)})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # Tables and the entry point
 # ------------------------------------------------------------------------------------------------
 
@@ -448,8 +712,15 @@ def sweep(grid_path: str, out: str | None = None, workers: int | None = None, dr
     runs = plan(build_runs(grid, out))
     pending = [r for r in runs if r.action == "run"]
     if dry_run:
-        echo(format_table(["run", "action", "reason", "resume"],
-                          [[r.name, r.action, r.reason, "yes" if r.resume else ""] for r in runs]))
+        fits = [fit_of(r.config) for r in runs]
+        gpus = list(GPUS)
+        echo(format_table(["run", "action", "reason", "resume", "memory (1 GPU)", *[f"fits {g}" for g in gpus],
+                           "plan", "note"],
+                          [[r.name, r.action, r.reason, "yes" if r.resume else "",
+                            human_bytes(f.per_gpu) if f.per_gpu is not None else "?",
+                            *[("yes" if f.fits[g] else "no") if f.fits else "?" for g in gpus], f.plan, f.note]
+                           for r, f in zip(runs, fits)]))
+        echo(fit_summary(runs, fits))
         echo(f"{len(runs)} runs: {len(pending)} to run, {len(runs) - len(pending)} finished (skipped); "
              f"directory {out}")
         return 0
