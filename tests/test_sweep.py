@@ -167,3 +167,103 @@ def test_cli_run_forwards_to_depthfast_run(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
     assert exc.value.code == 0 and "--objective" in capsys.readouterr().out
+
+
+# --- study grids: models:, per_objective:, memory without a download ------------------------------
+
+STUDY = os.path.join(os.path.dirname(__file__), "..", "examples", "study_grid.yaml")
+
+
+def test_study_grid_expands_to_the_published_design():
+    from depthfast.layers import family_of
+    from depthfast.registry import STUDY_MODELS
+
+    grid = sw.load_grid(STUDY)
+    runs = sw.build_runs(grid, "o")
+    assert len(runs) == len(STUDY_MODELS) * 2 * 2 * 4 == 272
+    assert {r.config.model for r in runs} == {s.hf_id for s in STUDY_MODELS}
+    for spec in STUDY_MODELS:
+        mine = [r.config for r in runs if r.config.model == spec.hf_id]
+        encoder = family_of(spec.config())[0] == "encoder"
+        assert sorted({c.objective for c in mine}) == (["cls", "mlm"] if encoder else ["clm", "cls"])
+        assert {(c.control, c.seed) for c in mine} == {(k, s) for k in ("none", "equal-step") for s in range(4)}
+    by = {(r.config.model, r.config.objective): r.config for r in runs}
+    assert by["gpt2", "cls"].dataset == "SetFit/sst2" and by["gpt2", "clm"].dataset.endswith("wikitext-103-raw-v1")
+    big = by["EleutherAI/pythia-6.9b", "clm"]
+    assert big.precision == "bf16" and big.gradient_checkpointing and big.theta0_offload and big.lr == 1e-5
+    assert by["gpt2", "cls"].precision == "fp32" and by["gpt2", "cls"].steps == 500
+    assert len({r.name for r in runs}) == 272
+
+
+def test_models_entries_precedence():
+    grid = sw.parse_grid({"base": {"steps": 5, "lr": 1e-3, "dataset": "b"},
+                          "per_objective": {"mlm": {"dataset": "wiki", "lr": 2e-3}},
+                          "models": [{"model": "bert-base-uncased", "objectives": ["cls", "mlm"], "lr": 3e-3},
+                                     {"model": "/x/tiny"}],
+                          "grid": {"seed": [0, 1]}})
+    values = sw.expand(grid)
+    assert len(values) == 6
+    cls, mlm, tiny = values[0], values[2], values[4]
+    assert cls == {"steps": 5, "lr": 3e-3, "dataset": "b", "model": "bert-base-uncased", "objective": "cls", "seed": 0}
+    assert mlm["dataset"] == "wiki" and mlm["lr"] == 3e-3  # per_objective over base, the model's own over both
+    assert tiny["model"] == "/x/tiny" and "objective" not in tiny and tiny["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"models": []}, "non-empty list"),
+    ({"models": [{"objectives": ["cls"]}]}, "with 'model: ID'"),
+    ({"models": [{"model": "gpt2", "objectives": ["mlm"]}]}, r"models\[0\] \(gpt2\): objective 'mlm' needs"),
+    ({"models": [{"model": "bert-base-uncased", "objectives": ["clm"]}]}, "objective 'clm' needs a causal decoder"),
+    ({"models": [{"model": "gpt2", "objectives": ["cls", "cls"]}]}, "without repeats"),
+    ({"models": [{"model": "gpt2", "objectives": ["regress"]}]}, "unknown objective"),
+    ({"models": [{"model": "gpt2", "objective": "cls"}]}, "use 'objectives"),
+    ({"models": [{"model": "gpt2", "learning_rate": 1}]}, r"unknown key\(s\) learning_rate in models\[0\]"),
+    ({"models": [{"model": "gpt2", "out": "x"}]}, "'out' cannot be set"),
+    ({"models": [{"model": "gpt2", "seed": 1}], "grid": {"seed": [0, 1]}}, "in both models"),
+    ({"models": [{"model": "gpt2", "objectives": ["cls"]}], "grid": {"objective": ["cls"]}}, "keep one"),
+    ({"models": [{"model": "gpt2"}], "base": {"model": "gpt2"}}, "'model' is in base"),
+    ({"per_objective": {"regress": {}}}, "unknown objective 'regress' in per_objective"),
+    ({"per_objective": {"cls": {"stepz": 1}}}, r"unknown key\(s\) stepz in per_objective.cls"),
+    ({"per_objective": {"cls": {"lr": 1e-3}}, "grid": {"lr": [1e-4]}}, "in both per_objective.cls and grid"),
+    ({"per_objective": {"cls": {"objective": "mlm"}}}, "'objective' cannot be set"),
+])
+def test_bad_study_grids_fail_loudly(data, message):
+    with pytest.raises(DepthfastError, match=message):
+        sw.parse_grid(data)
+
+
+def test_meta_estimate_equals_the_loaded_model(tiny_gpt2):
+    """The dry-run's meta-device estimate is estimate_run_memory of the real model (same parameters)."""
+    from depthfast.layers import discover_layers
+    from depthfast.memory import estimate_run_memory
+    from depthfast.models import load_model
+
+    for objective in ("cls", "clm"):
+        cfg = RunConfig(model=tiny_gpt2, objective=objective, precision="bf16", batch_size=4)
+        model = load_model(tiny_gpt2, objective, num_labels=2)
+        real = estimate_run_memory(model, cfg, discover_layers(model).num_blocks, fused_control=True)
+        meta = sw.estimate_memory(cfg)
+        assert meta.parts == real.parts and next(sw.meta_model(tiny_gpt2, objective)[0].parameters()).is_meta
+    assert sw.estimate_memory(RunConfig(model="someone/unknown-model")) is None
+
+
+def test_dry_run_lists_memory_and_fit(tmp_path):
+    path = _grid(tmp_path, f"""out: {tmp_path / 'o'}
+models:
+  - {{model: gpt2, objectives: [cls]}}
+  - {{model: EleutherAI/pythia-6.9b, objectives: [clm], precision: bf16, gradient_checkpointing: true,
+     theta0_offload: true}}
+  - {{model: EleutherAI/pythia-6.9b, objectives: [cls], steps: 7}}
+  - {{model: someone/unknown-model}}
+""")
+    lines = []
+    assert sw.sweep(path, dry_run=True, echo=lines.append) == 0
+    table = {line.split()[0]: line for line in lines[0].splitlines()[2:]}
+    assert "1× H100 80GB" in table["gpt2__cls__none__seed0"] and "GiB" in table["gpt2__cls__none__seed0"]
+    offload = [v for k, v in table.items() if k.startswith("pythia-6.9b__clm")][0]
+    assert "1× H200 141GB" in offload and "or fsdp ×" in offload and "theta0_offload false there" in offload
+    fp32 = [v for k, v in table.items() if k.startswith("pythia-6.9b__cls")][0]  # 6.9B in fp32, θ₀ on the GPU
+    assert " no " in fp32 and "fsdp ×" in fp32.split("GiB", 1)[1] and "per process" in fp32
+    assert "unknown" in table["unknown-model__cls__none__seed0"]
+    assert "1× H100 80GB: 1 runs (gpt2)" in "\n".join(lines) and "4 runs: 4 to run" in lines[-1]
+    assert not (tmp_path / "o").exists()
