@@ -148,6 +148,8 @@ def test_real_sweep_resumes(tiny_gpt2, tmp_path):
         assert {r["run"]: r["status"] for r in csv.DictReader(f)} == {ok.name: "ok", bad.name: "failed"}
     saved = RunConfig.from_json_file(str(ok / "config.json"))
     assert saved.steps == 2 and saved.objective == "cls"
+    metrics = json.loads((ok / "results.json").read_text())["metrics"]
+    assert metrics["slope_estimator"] == "exact/token"  # the run names its headline slope's estimator
     mtime = (ok / "results.json").stat().st_mtime_ns
 
     lines.clear()
