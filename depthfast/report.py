@@ -591,7 +591,7 @@ def slope_panels(records: list[RunRecord]) -> list[dict]:
         items = [(_category(g.runs[0]), g.control, g.runs, [(headline_slope(r), None, None) for r in g.runs],
                   (g.slope["mean"], g.slope["ci_low"], g.slope["ci_high"])) for g in groups]
         panels.append({"estimator": est, "items": items, "ylabel": f"locality gradient [{est}]",
-                       "title": f"headline slope [{est}]: runs (dots), seed-group mean and {SEED_CI} (bars)"})
+                       "title": f"headline slope [{est}]: runs (dots); seed-group mean, {SEED_CI} (bars)"})
     per_text = [r for r in ok if per_text_point(r)[0] is not None]
     if per_text:
         panels.append({"estimator": PER_TEXT_ESTIMATOR, "ylabel": f"slope_per_text ({PER_TEXT_ESTIMATOR})",
