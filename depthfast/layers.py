@@ -8,6 +8,10 @@ decoder families and which has no embedding entry for Mamba and RWKV.
 
 Layer ℓ = 0 is the input of the first block (the embedding output); layer ℓ = 1..L is the output
 of block ℓ. Its normalized depth is ℓ / L.
+
+Parameter groups are assigned by role (input side, block ℓ, output side), with a tied input/output
+matrix detected as one tensor and placed by one policy (``--tied-embeddings``): see
+``ModelLayers.param_groups``. The weight-decay rule is ``decays``.
 """
 
 from __future__ import annotations
@@ -175,9 +179,9 @@ class ModelLayers:
         return [(name, ps) for name, ps in groups if ps]
 
     def no_weight_decay(self) -> set[int]:
-        """ids of the trainable parameters exempt from weight decay (see ``decays``)."""
+        """ids of the parameters exempt from weight decay (the rule is ``decays``)."""
         exempt = set()
-        for module_name, module in self.model.named_modules():
+        for _, module in self.model.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if not decays(self.model_type, name, p, module):
                     exempt.add(id(p))
