@@ -14,6 +14,7 @@ CONTROLS = ("none", "equal-step")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp", "hsdp")
 OPTIMIZERS = ("adamw", "sgd")
+TIED_EMBEDDINGS = ("head", "embeddings")  # who owns a tied input/output matrix (depthfast.layers)
 
 
 @dataclass
@@ -24,6 +25,9 @@ class RunConfig:
     mlm (masked LM, encoders), clm (causal LM, decoders). control: none or equal-step.
     optimizer: adamw, or sgd (with ``momentum``; it needs a far larger ``lr`` than AdamW's default).
     dataset: "builtin:pydoc" (Python's documentation, offline), a hub name or a local file.
+    tied_embeddings: the group of a tied input/output matrix (LM head whose weight is the token
+    embedding): "head" (the output projection: free under the control, not in layer 0's weight change)
+    or "embeddings" (equalized with the profile's layers, counted in layer 0's weight change).
     """
 
     model: str = DEFAULT_MODEL
@@ -49,6 +53,7 @@ class RunConfig:
     mlm_probability: float = 0.15
     equal_step_target: str = "mean"
     equal_step_head: bool = False
+    tied_embeddings: str = "head"
     device: str = "auto"
     precision: str = "fp32"
     parallel: str = "ddp"
@@ -77,6 +82,8 @@ class RunConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
             (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
             (self.steps >= 1, f"steps must be ≥ 1; got {self.steps}"),
+            (self.tied_embeddings in TIED_EMBEDDINGS,
+             f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {self.tied_embeddings!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"),
             (self.lr > 0, f"lr must be > 0; got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}"),

@@ -8,6 +8,10 @@ decoder families and which has no embedding entry for Mamba and RWKV.
 
 Layer ℓ = 0 is the input of the first block (the embedding output); layer ℓ = 1..L is the output
 of block ℓ. Its normalized depth is ℓ / L.
+
+Parameter groups are assigned by role (input side, block ℓ, output side), with a tied input/output
+matrix detected as one tensor and placed by one policy (``--tied-embeddings``): see
+``ModelLayers.param_groups``. The weight-decay rule is ``decays``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from depthfast.config import TIED_EMBEDDINGS
 from depthfast.errors import DepthfastError
 
 # model_type → (architecture, block type). The block type is what the equal-step result hinges on:
@@ -83,38 +88,149 @@ class ModelLayers:
     def normalized_depths(self) -> list[float]:
         return [i / self.num_blocks for i in range(self.num_blocks + 1)]
 
-    def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """Disjoint groups covering every trainable parameter once (tied weights once):
+    def _pretrained(self) -> nn.Module | None:
+        """The transformers model that owns the input embedding: the model, or our classifier's backbone."""
+        if hasattr(self.model, "get_input_embeddings"):
+            return self.model
+        return getattr(self.model, "backbone", None)
+
+    def input_embedding(self) -> nn.Module | None:
+        """The token-embedding module (``get_input_embeddings()``), or None where the model has none."""
+        owner = self._pretrained()
+        try:
+            return owner.get_input_embeddings() if owner is not None else None
+        except (NotImplementedError, AttributeError):
+            return None
+
+    def output_projection(self) -> nn.Module | None:
+        """The LM head / MLM decoder (``get_output_embeddings()``); None for a base model or our
+        SequenceClassifier, whose fresh classifier projects to labels, not to the vocabulary."""
+        if not hasattr(self.model, "get_output_embeddings"):
+            return None  # SequenceClassifier: a backbone (AutoModel, no LM head) and a classifier
+        try:
+            return self.model.get_output_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the output projection's weight *is* the input embedding's weight (one tensor)."""
+        inp, out = self.input_embedding(), self.output_projection()
+        weight = getattr(inp, "weight", None)
+        return weight is not None and out is not None and getattr(out, "weight", None) is weight
+
+    def tied_group(self, tied_embeddings: str = "head") -> str | None:
+        """The group that owns the tied input/output matrix under the policy, or None when nothing is tied."""
+        check_tied_policy(tied_embeddings)
+        return tied_embeddings if self.tied_embeddings else None
+
+    def param_groups(self, tied_embeddings: str = "head") -> list[tuple[str, list[nn.Parameter]]]:
+        """Disjoint groups covering every trainable parameter once, assigned by role:
         ("embeddings", …), ("block.1", …) … ("block.L", …), ("head", …). Empty groups are left out.
 
-        Outside the blocks, a parameter is on the embedding side if it belongs to an nn.Embedding,
-        to a module whose path contains "embedding", or to OPT's "project_in"; all else (final norm,
-        LM head, pooler, classifier) is the head.
+        - block ℓ: every parameter of the ℓ-th block found by structure (``find_blocks``);
+        - the tied input/output matrix (LM head or MLM decoder whose weight *is* the token embedding):
+          the group named by ``tied_embeddings`` ("head": treated as the output projection, the
+          default; "embeddings": as the input embedding). See README, "tied input/output matrix";
+        - head: the rest of the output projection module (e.g. an MLM decoder bias), and everything
+          not on the input side: final norm, MLM transform, pooler, classifier, OPT's project_out;
+        - embeddings (the input side): the token embedding (``get_input_embeddings()``), any other
+          nn.Embedding (positions, token types), any module on a path with a segment containing
+          "embedding" (BERT's embedding LayerNorm, ELECTRA's embeddings_project, Mamba's
+          backbone.embeddings) and OPT's project_in.
+
+        So a tied model under "head" may have an embeddings group of position embeddings only
+        (GPT-2, OPT) or none at all (Mamba).
         """
+        check_tied_policy(tied_embeddings)
         block_of = {}
         for index, block in enumerate(self.blocks):
             for p in block.parameters():
                 block_of[id(p)] = index
-        embedding_side = set()
+        tied = {id(self.input_embedding().weight)} if self.tied_embeddings else set()
+        output_side = set()
+        projection = self.output_projection()
+        if projection is not None:
+            output_side.update(id(p) for p in projection.parameters())
+        input_side = set()
+        token_embedding = self.input_embedding()
+        if token_embedding is not None:
+            input_side.update(id(p) for p in token_embedding.parameters())
         for name, module in self.model.named_modules():
             segments = name.split(".")
             if isinstance(module, nn.Embedding) or any("embedding" in s or s == "project_in" for s in segments):
-                embedding_side.update(id(p) for p in module.parameters(recurse=True))
+                input_side.update(id(p) for p in module.parameters(recurse=True))
         embeddings, heads = [], []
         per_block: list[list[nn.Parameter]] = [[] for _ in self.blocks]
-        for _, p in self.model.named_parameters():  # named_parameters yields tied weights once
+        for _, p in self.model.named_parameters():  # named_parameters yields a tied tensor once
             if not p.requires_grad:
                 continue
             if id(p) in block_of:
                 per_block[block_of[id(p)]].append(p)
-            elif id(p) in embedding_side:
-                embeddings.append(p)
-            else:
+            elif id(p) in tied:
+                (heads if tied_embeddings == "head" else embeddings).append(p)
+            elif id(p) in output_side or id(p) not in input_side:
                 heads.append(p)
+            else:
+                embeddings.append(p)
         groups = [("embeddings", embeddings)]
         groups += [(f"block.{i + 1}", ps) for i, ps in enumerate(per_block)]
         groups.append(("head", heads))
         return [(name, ps) for name, ps in groups if ps]
+
+    def no_weight_decay(self) -> set[int]:
+        """ids of the parameters exempt from weight decay (the rule is ``decays``)."""
+        exempt = set()
+        for _, module in self.model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not decays(self.model_type, name, p, module):
+                    exempt.add(id(p))
+        return exempt
+
+
+TIED_POLICIES = TIED_EMBEDDINGS
+
+
+def check_tied_policy(policy: str) -> None:
+    if policy not in TIED_POLICIES:
+        raise DepthfastError(f"tied embeddings must be one of {TIED_POLICIES}; got {policy!r}")
+
+
+# Parameters that the architecture's authors keep out of weight decay, by their own name: Mamba's
+# A_log and D (mamba_ssm marks them ``_no_weight_decay``; transformers' port does not carry the mark),
+# Mamba-2's dt_bias, and RWKV's time_decay, time_first and time_mix_* (RWKV-LM decays only ".weight"
+# matrices). Decaying them pulls A_log (the log decay rates) and the time mixes toward 0, which is a
+# change of the recurrence itself, not a regulariser.
+NO_DECAY_NAMES: dict[str, tuple[str, ...]] = {
+    "mamba": ("A_log", "D"),
+    "mamba2": ("A_log", "D", "dt_bias"),
+}
+NO_DECAY_PREFIXES: dict[str, tuple[str, ...]] = {"rwkv": ("time_",)}
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm, GroupNorm, BatchNorm and the families' own norms (MambaRMSNorm, …)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+    return isinstance(module, norms) or "norm" in type(module).__name__.lower()
+
+
+def decays(model_type: str, name: str, p: torch.Tensor, module: nn.Module) -> bool:
+    """The weight-decay rule: decay a parameter unless it is
+
+    - 1-D or a scalar (biases, norm scales, Mamba's D, RWKV's time_decay/time_first), or
+    - a parameter of a normalization module (``is_norm``), or
+    - marked ``_no_weight_decay = True`` (the mamba_ssm convention), or
+    - named in NO_DECAY_NAMES / NO_DECAY_PREFIXES for its model type (Mamba A_log, D; RWKV time_*).
+
+    Embedding matrices and LM heads (tied or not) and classifier weights decay: as in BERT's and
+    GPT-2's fine-tuning recipes, and so that decay never depends on whether a matrix is tied.
+    ``name`` is the parameter's own name in ``module`` (no dots).
+    """
+    if p.dim() < 2 or is_norm(module) or getattr(p, "_no_weight_decay", False):
+        return False
+    if name in NO_DECAY_NAMES.get(model_type, ()):
+        return False
+    return not name.startswith(NO_DECAY_PREFIXES.get(model_type, ()))
 
 
 def find_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module]]:

@@ -1,7 +1,8 @@
 """The depth profile: per-layer representational change and weight change between θ₀ and θ_T.
 
     change_ℓ         = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_T))        on the held-out probe set
-    weight_change_g  = ‖W_g(θ_T) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per parameter group
+    weight_change_g  = ‖W_g(θ_T) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per parameter group (role groups,
+                       depthfast.layers.ModelLayers.param_groups; None where W₀ = 0 and W moved)
 
 Profile-shape numbers (locality gradient, steepness, width, …) are in depthfast.metrics.
 """
@@ -93,11 +94,23 @@ def _loss_weight(batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
-                   tuned_groups: list[tuple[str, list[torch.Tensor]]]) -> dict[str, float]:
-    """‖W_T − W_0‖_F / ‖W_0‖_F per group, sums of squares in float64 (0 for an all-zero W_0 group).
+                   tuned_groups: list[tuple[str, list[torch.Tensor]]]) -> dict[str, float | None]:
+    """‖W_T − W_0‖_F / ‖W_0‖_F per group, sums of squares in float64.
+
+    A group that did not move (‖W_T − W_0‖ = 0) reports 0.0, whatever its ‖W_0‖ (also 0/0: nothing
+    changed). A group that moved from W_0 = 0 (e.g. a zero-initialised bias-only group) has no
+    relative change: it reports None (null in results.json, "n/a" in tables), never 0, which would
+    read as "unchanged", and never inf, which would poison means over groups.
 
     Sharded (FSDP2) parameters: local sums, then one all-reduce of the (groups, 2) partial sums.
     """
     sums = group_sums_of_squares([t for _, t in tuned_groups], [b for _, b in base_groups])
-    return {name: math.sqrt(delta / norm) if norm > 0 else 0.0
-            for (name, _), (delta, norm) in zip(base_groups, sums.tolist())}
+    return {name: _relative(delta, norm) for (name, _), (delta, norm) in zip(base_groups, sums.tolist())}
+
+
+def _relative(delta_sq: float, norm_sq: float) -> float | None:
+    if delta_sq == 0:
+        return 0.0
+    if norm_sq == 0:
+        return None
+    return math.sqrt(delta_sq / norm_sq)

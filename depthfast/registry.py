@@ -27,6 +27,11 @@ class ModelSpec:
         return AutoConfig.for_model(self.model_type, **self.config_kwargs)
 
 
+TIED = ("LM head tied to the token embedding (one matrix): with --tied-embeddings head (default) it is in "
+         "the head group, free under the control and outside layer 0's weight change")
+UNTIED = ("separate (untied) LM head: the token embedding is in the embeddings group whatever --tied-embeddings says",)
+
+
 def _bert(hf_id, layers, hidden, heads):
     return ModelSpec(hf_id, "bert", layers, hidden, "sequential",
                      dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -35,26 +40,28 @@ def _bert(hf_id, layers, hidden, heads):
 
 def _gpt2(hf_id, layers, hidden, heads):
     return ModelSpec(hf_id, "gpt2", layers, hidden, "sequential",
-                     dict(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=50257))
+                     dict(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=50257), (TIED,))
 
 
 def _opt(hf_id, layers, hidden, heads, proj, pre_ln=True, quirks=()):
     return ModelSpec(hf_id, "opt", layers, hidden, "sequential",
                      dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden,
                           vocab_size=50272, word_embed_proj_dim=proj, do_layer_norm_before=pre_ln,
-                          max_position_embeddings=2048), quirks)
+                          max_position_embeddings=2048), (TIED, *quirks))
 
 
 def _pythia(hf_id, layers, hidden, heads, vocab=50304):
     return ModelSpec(hf_id, "gpt_neox", layers, hidden, "parallel",
                      dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           intermediate_size=4 * hidden, vocab_size=vocab, rotary_pct=0.25,
-                          use_parallel_residual=True, max_position_embeddings=2048))
+                          use_parallel_residual=True, max_position_embeddings=2048), UNTIED)
 
 
 def _mamba(hf_id, layers, hidden):
     return ModelSpec(hf_id, "mamba", layers, hidden, "ssm",
-                     dict(hidden_size=hidden, num_hidden_layers=layers, vocab_size=50280, state_size=16, expand=2))
+                     dict(hidden_size=hidden, num_hidden_layers=layers, vocab_size=50280, state_size=16, expand=2),
+                     (TIED + "; no position embeddings either, so under it Mamba has no embeddings group (layer 0 "
+                      "has no weight change)",))
 
 
 def _rwkv(hf_id, layers, hidden):
@@ -62,7 +69,7 @@ def _rwkv(hf_id, layers, hidden):
                      dict(hidden_size=hidden, num_hidden_layers=layers, vocab_size=50277, context_length=1024,
                           attention_hidden_size=hidden, intermediate_size=4 * hidden),
                      ("in eval mode, rescales block weights in place by 2^(block // 6): turned off "
-                      "(depthfast.layers.prepare_for_measurement) so ‖W‖ and ΔW are measured in one mode",))
+                      "(depthfast.layers.prepare_for_measurement) so ‖W‖ and ΔW are measured in one mode", *UNTIED))
 
 
 STUDY_MODELS: tuple[ModelSpec, ...] = (
@@ -83,7 +90,7 @@ STUDY_MODELS: tuple[ModelSpec, ...] = (
     _pythia("EleutherAI/pythia-1.4b", 24, 2048, 16),
     _pythia("EleutherAI/pythia-6.9b", 32, 4096, 32, vocab=50432),
     ModelSpec("Salesforce/codegen-350M-mono", "codegen", 20, 1024, "parallel",
-              dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048)),
+              dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048), UNTIED),
     _mamba("state-spaces/mamba-130m-hf", 24, 768),
     _mamba("state-spaces/mamba-370m-hf", 48, 1024),
     _rwkv("RWKV/rwkv-4-169m-pile", 12, 768),

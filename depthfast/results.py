@@ -110,6 +110,12 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         "control": cfg.control,
         "estimator": cfg.estimator,
         "pooling": cfg.pooling,
+        # Role groups (depthfast.layers): a tied input/output matrix is in one of them, by --tied-embeddings;
+        # a tied model may have no embeddings group at all (Mamba under "head"): its layer 0 has no weight change.
+        "tied_embeddings": layers.tied_embeddings,
+        "tied_embeddings_group": layers.tied_group(cfg.tied_embeddings),
+        "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
+                         for name, ps in layers.param_groups(cfg.tied_embeddings)],
         "layers": rows,
         "locality_gradient": slope,
         "metrics": metrics,
@@ -148,7 +154,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         [[i + 1, log.loss[i], log.lr[i]] + log.ratios_before[i] + log.ratios_after[i] for i in range(steps)],
     )
     plot_profile(os.path.join(out, "profile.png"), depths, changes,
-                 [r["weight_change"] or 0.0 for r in rows],
+                 [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],  # gap, not 0
                  f"{cfg.model} · {cfg.objective} · control {cfg.control} · {steps} steps", slope)
     atomic_write_json(os.path.join(out, "results.json"), results)
     return results
@@ -156,6 +162,28 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
 
 def fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def weight_cell(value, has_group: bool) -> str:
+    """A weight-change cell: the number, "no group" (a layer without parameters of its own, e.g. the
+    embeddings of a tied model), or "n/a" (a group that moved from W₀ = 0: no relative change)."""
+    if not has_group:
+        return "no group"
+    return "n/a" if value is None else f"{value:.3e}"
+
+
+def group_notes(results: dict) -> list[str]:
+    """One line on where a tied input/output matrix went, one if there is no embeddings group."""
+    notes = []
+    group = results.get("tied_embeddings_group")
+    if results.get("tied_embeddings"):
+        role = ("the output projection: free under the control, not in layer 0's weight change" if group == "head"
+                else "the input embedding: equalized by the control, in layer 0's weight change")
+        notes.append(f"tied input/output matrix: in group {group} (--tied-embeddings {group}), treated as {role}")
+    names = [g["name"] for g in results.get("param_groups", [])]
+    if names and "embeddings" not in names:
+        notes.append("no embeddings group: layer 0 (the embedding output) has no parameters of its own here")
+    return notes
 
 
 def print_table(results: dict, file=None) -> None:
@@ -168,9 +196,12 @@ def print_table(results: dict, file=None) -> None:
     header = f"{'layer':<12}{'depth':>7}{'1 − CKA':>12}{'‖ΔW‖/‖W₀‖':>13}"
     print(header, file=file)
     print("─" * len(header), file=file)
+    groups = {g["name"] for g in results.get("param_groups", [])} or {r["layer"] for r in results["layers"]}
     for row in results["layers"]:
-        weight = f"{row['weight_change']:.3e}" if row["weight_change"] is not None else "—"
+        weight = weight_cell(row["weight_change"], row["layer"] in groups)
         print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
+    for line in group_notes(results):
+        print(line, file=file)
     slope = results["locality_gradient"]
     print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
           f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)

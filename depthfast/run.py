@@ -17,7 +17,7 @@ import sys
 import time
 
 from depthfast.cka import ESTIMATORS, POOLINGS
-from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, RunConfig
+from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, TIED_EMBEDDINGS, RunConfig
 from depthfast.errors import DepthfastError
 
 HELP = {
@@ -43,9 +43,13 @@ HELP = {
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
+    "tied_embeddings": "group of a tied input/output matrix (GPT-2, OPT, Mamba, BERT's MLM decoder): head (default: "
+                       "the output projection, free under the control like an untied LM head, not in layer 0's weight "
+                       "change) or embeddings (equalized with the layers, counted in layer 0's weight change)",
 }
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": POOLINGS, "estimator": ESTIMATORS,
-           "parallel": PARALLEL, "precision": PRECISIONS, "optimizer": OPTIMIZERS}
+           "parallel": PARALLEL, "precision": PRECISIONS, "optimizer": OPTIMIZERS,
+           "tied_embeddings": TIED_EMBEDDINGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +146,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         if sharded:
             shard_model(base, base_layers.blocks, mesh)
             shard_model(model, layers.blocks, mesh)
-        base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups()]
+        base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups(cfg.tied_embeddings)]
         if theta0_host is not None:
             offload_to_host(base, device)  # base_groups keep the host tensors
         probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
@@ -167,7 +171,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     results = None
     if main or sharded:  # under FSDP2 both are collective: every process takes part
         final = measure(cfg.steps, show=progress and main)
-        groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps]) for n, ps in layers.param_groups()])
+        groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
+                                       for n, ps in layers.param_groups(cfg.tied_embeddings)])
     if main:
         measured = final.pop("_result")
         changes = [1.0 - c for c in measured.cka]

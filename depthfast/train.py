@@ -55,20 +55,49 @@ def warmup_linear(warmup_steps: int, total_steps: int):
     return factor
 
 
-def build_optimizer(named_groups, cfg: RunConfig):
-    """AdamW or SGD with momentum (no decay on biases and norms) over the groups' parameters, and its
-    linear warm-up/decay schedule."""
-    decay, no_decay = [], []
+def build_optimizer(named_groups, cfg: RunConfig, no_decay: set[int] | None = None):
+    """AdamW or SGD with momentum over the groups' parameters, and its linear warm-up/decay schedule.
+
+    Weight decay cfg.weight_decay on every parameter except those whose id is in ``no_decay``
+    (``ModelLayers.no_weight_decay()``: biases, norms, Mamba's A_log/D, RWKV's time_*; see
+    depthfast.layers.decays); without it, on every parameter of dim ≥ 2 not marked ``_no_weight_decay``.
+    """
+    decay, exempt = [], []
     for _, params in named_groups:
         for p in params:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if no_decay is None:
+                skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False)
+            else:
+                skip = id(p) in no_decay
+            (exempt if skip else decay).append(p)
+    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
     else:
         optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(cfg.warmup_steps, cfg.steps))
     return optimizer, scheduler
+
+
+def free_groups(named_groups, cfg: RunConfig) -> list[int]:
+    """Indices of the groups the control leaves free (their update is the optimizer's, out of the mean).
+
+    The control equalizes the profile's layers; the head (a fresh task head, whose relative steps are
+    tens of times the blocks', the final norm / pooler, the LM head, and under --tied-embeddings head
+    the tied input/output matrix) would otherwise pull the mean target. --equal-step-head frees none.
+    """
+    return [] if cfg.equal_step_head else [i for i, (name, _) in enumerate(named_groups) if name == "head"]
+
+
+def build_control(optimizer, named_groups, cfg: RunConfig, fused: bool | None = None) -> EqualStep:
+    """The equal-step wrapper (or, with control "none", the ratio recorder) over the role groups.
+
+    EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick its
+    fused Triton path; both paths get the same groups and free indices.
+    """
+    target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
+    return EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control,
+                     free=free_groups(named_groups, cfg), fused=fused)
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -131,8 +160,8 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     if cfg.batch_size % (world * cfg.grad_accum):
         raise DepthfastError(f"batch size {cfg.batch_size} must be divisible by processes × grad accum "
                              f"= {world} × {cfg.grad_accum}")
-    named_groups = layers.param_groups()
-    optimizer, scheduler = build_optimizer(named_groups, cfg)
+    named_groups = layers.param_groups(cfg.tied_embeddings)
+    optimizer, scheduler = build_optimizer(named_groups, cfg, layers.no_weight_decay())
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     sharded = any(is_sharded(p) for p in model.parameters())  # FSDP2, sharded by run()
@@ -141,12 +170,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     model_p = model if sharded else accelerator.prepare(model)
     # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
     # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
-    target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
-    # The control equalizes the profile's layers; the head (a fresh task head, whose relative steps are
-    # tens of times the blocks', plus the final norm / pooler) would otherwise pull the mean target.
-    free = [] if cfg.equal_step_head else [i for i, (name, _) in enumerate(named_groups) if name == "head"]
-    control = EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control,
-                        free=free)
+    control = build_control(optimizer, named_groups, cfg)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):

@@ -24,11 +24,12 @@ def test_locality_gradient_by_hand():
 
 
 def test_weight_changes_float64_and_zero_group():
-    base = [("a", [torch.ones(3, 4), torch.zeros(2)]), ("zero", [torch.zeros(5)])]
-    tuned = [("a", [torch.ones(3, 4) * 1.5, torch.ones(2)]), ("zero", [torch.ones(5)])]
+    base = [("a", [torch.ones(3, 4), torch.zeros(2)]), ("zero", [torch.zeros(5)]), ("still", [torch.zeros(5)])]
+    tuned = [("a", [torch.ones(3, 4) * 1.5, torch.ones(2)]), ("zero", [torch.ones(5)]), ("still", [torch.zeros(5)])]
     changes = weight_changes(base, tuned)
     assert changes["a"] == pytest.approx(math.sqrt((12 * 0.25 + 2) / 12))
-    assert changes["zero"] == 0.0
+    assert changes["zero"] is None  # moved from W₀ = 0: no relative change, never a 0 that reads "unchanged"
+    assert changes["still"] == 0.0  # did not move: 0, whatever ‖W₀‖
 
 
 def test_json_never_holds_nan(tmp_path):

@@ -24,6 +24,11 @@ def test_registry_shapes_build_and_agree_with_discovery(spec):
     layers = discover_layers(model)
     assert layers.num_blocks == spec.num_layers
     assert config.hidden_size == spec.hidden_size
+    if spec.model_type != "bert":  # the LM head's tie, as the registry's quirks state it (BERT: AutoModel, no LM head)
+        tied = [q for q in spec.quirks if q.startswith("LM head tied")]
+        untied = [q for q in spec.quirks if q.startswith("separate (untied)")]
+        assert len(tied) + len(untied) == 1, "the registry states the LM head's tie once"
+        assert layers.tied_embeddings is bool(tied)
     if spec.hf_id in PUBLISHED_PARAMS:
         millions = sum(p.numel() for p in model.parameters()) / 1e6
         assert millions == pytest.approx(PUBLISHED_PARAMS[spec.hf_id], rel=0.01)

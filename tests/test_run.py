@@ -50,9 +50,15 @@ def test_end_to_end_on_saved_tiny_model(checkpoints, tmp_path, family, objective
     assert {"config.json", "results.json", "profile.csv", "profile.png", "train_log.csv"} <= set(os.listdir(out))
     assert results["num_blocks"] == tiny_models.LAYERS
     assert [r["layer"] for r in results["layers"]] == ["embeddings", "block.1", "block.2", "block.3"]
+    tied = objective != "cls" and family in ("bert", "gpt2", "opt", "mamba")  # LM head is the token embedding
+    assert (results["tied_embeddings"], results["tied_embeddings_group"]) == (tied, "head" if tied else None)
+    groups = [g["name"] for g in results["param_groups"]]
     for row in results["layers"]:
         assert 0.0 <= row["cka"] <= 1.0 + 1e-9 and row["change"] == pytest.approx(1.0 - row["cka"])
-        assert row["weight_change"] > 0  # three AdamW steps move every group
+        if row["layer"] in groups:
+            assert row["weight_change"] > 0  # three AdamW steps move every group
+        else:  # tied Mamba: its only input-side matrix is the LM head (--tied-embeddings head)
+            assert (family, objective, row["layer"], row["weight_change"]) == ("mamba", "clm", "embeddings", None)
     assert isinstance(results["locality_gradient"], float)
     with open(os.path.join(out, "config.json")) as f:
         saved = RunConfig.from_dict(json.load(f))
