@@ -258,3 +258,65 @@ def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, ob
         assert [r[key] for r in runs["host"]["layers"]] == [r[key] for r in runs["device"]["layers"]], key
     assert runs["host"]["trajectory"] == runs["device"]["trajectory"]
     assert runs["host"]["group_weight_change"] == runs["device"]["group_weight_change"]
+
+
+def read_log(out):
+    with open(os.path.join(out, "train_log.csv")) as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def headless_bert(tmp_path_factory):
+    """A tiny BERT saved without its MLM head, as all-MiniLM-L6-v2 ships: the objective distance then
+    loads a fresh head. Dropout 0.1 (BertConfig's default), so training draws random numbers."""
+    model, tokenizer = tiny_models.build("bert")
+    assert model.config.hidden_dropout_prob == 0.1
+    path = str(tmp_path_factory.mktemp("headless") / "bert")
+    model.bert.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_objective_distance_does_not_change_training(headless_bert, tmp_path):
+    """Loading the pretraining head for the distance must not consume the training's random numbers:
+    the same losses, step by step, and the same profile with and without --no-objective-distance."""
+    runs = {}
+    for name, extra in (("with", []), ("without", ["--no-objective-distance"])):
+        out = str(tmp_path / name)
+        assert main(["--model", headless_bert, "--objective", "cls", "--out", out, *FAST, *extra]) == 0
+        runs[name] = (read_log(out), [r["cka"] for r in read_results(out)["layers"]], read_results(out))
+    assert runs["with"][0] == runs["without"][0]
+    assert runs["with"][1] == runs["without"][1]
+    assert runs["with"][2]["metrics"]["gradient_alignment_distance"] is not None
+    assert runs["without"][2]["metrics"]["gradient_alignment_distance"] is None
+
+
+def test_memory_refusal_comes_before_the_distance_loads_a_model(headless_bert, tmp_path, monkeypatch, capsys):
+    """A run whose estimate exceeds the device is refused with one line before anything is loaded
+    beyond the model itself (no θ₀ copy, no pretraining head); the estimate counts the distance."""
+    import depthfast.memory as memory
+    import depthfast.models as models
+    from depthfast.distance import distance_is_trivial, pretraining_head_parameters
+    from depthfast.layers import discover_layers
+    from depthfast.memory import estimate_run_memory, objective_distance_peak
+    from depthfast.models import load_model, load_tokenizer
+
+    cfg = RunConfig(model=headless_bert, objective="cls", steps=3, batch_size=8, max_length=32, probe_size=24,
+                    probe_batch_size=12, device="cpu")
+    model, tokenizer = load_model(headless_bert, "cls", num_labels=8), load_tokenizer(headless_bert, "cls")
+    blocks = discover_layers(model).num_blocks
+    rest = estimate_run_memory(model, cfg, blocks).total
+    assert not distance_is_trivial(model.config, cfg, tokenizer)
+    peak = objective_distance_peak(model, model.backbone, cfg, blocks,
+                                   pretraining_head_parameters(model.config, "mlm"))
+    assert peak > rest  # the fresh MLM head's logits over a 30522-token vocabulary: the distance is the peak
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(memory, "device_memory", lambda device: (rest + peak) // 2)  # fits without the distance
+    args = ["--model", headless_bert, "--objective", "cls", "--device", "cpu", *FAST]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("depthfast: error: estimated memory"), err
+    assert loads == ["cls"]  # the model itself only: the distance's pretraining model was never loaded
+    assert main([*args, "--out", str(tmp_path / "fits"), "--no-objective-distance"]) == 0
