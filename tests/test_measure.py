@@ -125,3 +125,28 @@ def test_cls_and_clm_probes_are_the_plain_batches(family, objective):
                            torch.device("cpu"), "token", "exact", progress=False)
     with torch.no_grad():
         assert result.loss_tuned == pytest.approx(float(twin(**plain).loss), rel=1e-6)
+
+
+@pytest.mark.parametrize("family,objective", [("bert", "mlm"), ("gpt2", "clm")])
+def test_pretraining_head_is_tied_to_the_shared_backbone(tmp_path, family, objective):
+    """The distance's pretraining model shares the fine-tuning model's backbone, and a head tied to the
+    input embeddings (BERT's decoder, GPT-2's LM head) is tied to *that* backbone's embeddings: its
+    loss's gradient on them holds the output term, as in the checkpoint's own tied model."""
+    import tiny_models
+    from depthfast.batches import make_batch
+    from depthfast.distance import pretraining_model
+    from depthfast.models import load_model, load_tokenizer
+
+    path = tiny_models.save(family, str(tmp_path / family))
+    model, tokenizer = load_model(path, "cls", num_labels=2), load_tokenizer(path, "cls")
+    pretrain = pretraining_model(model, path, objective, seed=0)
+    embedding = model.backbone.get_input_embeddings().weight
+    assert pretrain.get_output_embeddings().weight is embedding
+    reference = load_model(path, objective)  # loaded whole: tied by from_pretrained
+    assert reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
+    batch = make_batch(objective, tokenizer, PROBE_TEXTS, None, 32, 0.3, torch.Generator().manual_seed(0))
+    pretrain.eval()
+    reference.eval()
+    (grad,) = torch.autograd.grad(pretrain(**batch).loss, embedding)
+    (want,) = torch.autograd.grad(reference(**batch).loss, reference.get_input_embeddings().weight)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)  # fp32, the same computation
