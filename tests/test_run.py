@@ -320,3 +320,20 @@ def test_memory_refusal_comes_before_the_distance_loads_a_model(headless_bert, t
     assert len(err) == 1 and err[0].startswith("depthfast: error: estimated memory"), err
     assert loads == ["cls"]  # the model itself only: the distance's pretraining model was never loaded
     assert main([*args, "--out", str(tmp_path / "fits"), "--no-objective-distance"]) == 0
+
+
+def test_probe_texts_empty_after_tokenization_is_one_line(checkpoints, tmp_path, capsys):
+    """Validation texts of control characters survive the data's blank-text filter but WordPiece drops
+    them: nothing to compare, one line and exit 2, before any model is loaded."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": f"training sentence number {i}"})
+                                                for i in range(40)))
+    (data / "validation.jsonl").write_text("\n".join(json.dumps({"text": "\x01" * (i + 1)}) for i in range(20)))
+    out, model = tmp_path / "out", checkpoints("bert")
+    capsys.readouterr()  # the checkpoint's own saving output
+    assert main(["--model", model, "--objective", "mlm", "--dataset", str(data), "--out", str(out),
+                 *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("depthfast: error: all 20 probe texts are empty after tokenization")
+    assert not out.exists()
