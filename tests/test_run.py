@@ -38,6 +38,11 @@ def read_results(out):
         return json.load(f)
 
 
+def read_log(out):
+    with open(os.path.join(out, "train_log.csv")) as f:
+        return list(csv.reader(f))
+
+
 ADMISSIBLE = [("bert", "cls"), ("bert", "mlm")] + [
     (family, objective) for family in tiny_models.FAMILIES if family != "bert" for objective in ("cls", "clm")]
 
@@ -86,13 +91,18 @@ def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path, optimizer):
         assert max(after) / min(after) - 1 < 1e-4
 
 
-def test_same_seed_same_profile(checkpoints, tmp_path):
+@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("bert", "cls"), ("bert", "mlm")])
+def test_same_seed_same_profile(checkpoints, tmp_path, family, objective):
+    """Same seed, same run: tiny BERT has dropout 0.1, and mlm adds the masking draws."""
     runs = []
-    for name in ("a", "b"):
+    for name in ("a", "b", "other-seed") if objective == "mlm" else ("a", "b"):
         out = str(tmp_path / name)
-        assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--out", out, *FAST]) == 0
-        runs.append([r["cka"] for r in read_results(out)["layers"]])
+        seed = ["--seed", "1"] if name == "other-seed" else []
+        assert main(["--model", checkpoints(family), "--objective", objective, "--out", out, *FAST, *seed]) == 0
+        runs.append(([r["cka"] for r in read_results(out)["layers"]], read_log(out)))
     assert runs[0] == runs[1]
+    if len(runs) == 3:
+        assert runs[0][1] != runs[2][1]  # the seed matters: the comparison could fail
 
 
 def test_identical_models_have_no_change():
@@ -258,11 +268,6 @@ def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, ob
         assert [r[key] for r in runs["host"]["layers"]] == [r[key] for r in runs["device"]["layers"]], key
     assert runs["host"]["trajectory"] == runs["device"]["trajectory"]
     assert runs["host"]["group_weight_change"] == runs["device"]["group_weight_change"]
-
-
-def read_log(out):
-    with open(os.path.join(out, "train_log.csv")) as f:
-        return list(csv.reader(f))
 
 
 @pytest.fixture(scope="module")
