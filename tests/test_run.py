@@ -241,11 +241,12 @@ def test_bf16_run_measures_in_its_own_precision(checkpoints, tmp_path):
     assert all(r["change"] > 0 for r in results["layers"][1:])
 
 
-@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm")])
+@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm"), ("bert", "mlm")])
 def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, objective, monkeypatch):
     """θ₀ in host memory, run through accelerate's offload hooks (here host and device are both the CPU,
     so what is checked is the plumbing: hooks, captured activations, weight change against host
-    tensors, trajectory reuse; GPT-2's LM head is tied to its embeddings)."""
+    tensors, trajectory reuse; GPT-2's LM head is tied to its embeddings; mlm's clean pass runs the
+    offloaded base model without its LM head)."""
     import depthfast.distributed as distributed
 
     offloaded = []
