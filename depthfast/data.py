@@ -2,11 +2,14 @@
 
 The built-in task needs no download: Python's own documentation (``pydoc_data.topics``, shipped
 with CPython) cut into paragraphs, labelled by topic. Any other data goes through
-``datasets.load_dataset``: a hub name, or a local .txt / .json / .jsonl / .csv / .parquet file.
+``datasets.load_dataset``: a hub name, a local .txt / .json / .jsonl / .csv / .parquet file, or a
+local directory of such files (splits by file name, as on the hub: train.jsonl, validation.jsonl …).
 
 The probe set — the inputs on which the pretrained and the fine-tuned model are compared — is held
 out: no probe text is ever trained on (texts that also occur in the training split are dropped
-from the probe).
+from the probe). It comes from the dataset's ``validation`` split, else its ``test`` split (test
+labels are often withheld: GLUE marks them −1), else a seeded hold-out of all the data. For
+classification, a row of a split in use whose label is missing (None) or −1 is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from depthfast.hub import go_offline_if_unreachable, hub_reachable
 BUILTIN = "builtin:pydoc"
 MIN_PARAGRAPH_CHARS = 80
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+PROBE_SPLITS = ("validation", "test")  # in order of preference
+UNLABELLED = (None, -1)  # how datasets mark a withheld label (GLUE's test splits: −1)
 
 
 @dataclass
@@ -68,7 +73,9 @@ def _load_records(dataset: str, text_column: str, label_column: str | None) -> t
         raise DepthfastError("the 'datasets' package is needed to load --dataset") from exc
 
     ext = os.path.splitext(dataset)[1].lower()
-    if os.path.exists(dataset):
+    if os.path.isdir(dataset):  # a local directory of data files: datasets infers format and splits
+        args, kwargs = (dataset,), {}
+    elif os.path.exists(dataset):
         if ext not in LOCAL_BUILDERS:
             raise DepthfastError(f"dataset file {dataset!r}: unknown format; use one of {sorted(LOCAL_BUILDERS)}")
         args, kwargs = (LOCAL_BUILDERS[ext],), {"data_files": dataset}
@@ -109,8 +116,8 @@ def load_task(
 ) -> Task:
     """Load texts for ``objective`` ("cls" needs labels) and hold out ``probe_size`` probe texts.
 
-    A dataset with a "test" or "validation" split takes the probe from it; otherwise the probe is
-    a seeded random hold-out (stratified by label for classification).
+    A dataset with a "validation" (else a "test") split and a "train" split takes the probe from
+    it; otherwise the probe is a seeded random hold-out (stratified by label for classification).
     """
     needs_labels = objective == "cls"
     if dataset == BUILTIN:
@@ -119,13 +126,17 @@ def load_task(
     else:
         splits, _ = _load_records(dataset, text_column, label_column if needs_labels else None)
     rows_train = [r for r in splits.get("train", []) if isinstance(r[0], str) and r[0].strip()]
-    probe_split = next((s for s in ("test", "validation") if s in splits), None)
+    probe_split = next((s for s in PROBE_SPLITS if s in splits), None)
     rng = random.Random(seed)
     if probe_split is not None and rows_train:
+        if needs_labels:
+            _check_labelled(dataset, splits, ["train", probe_split], label_column)
         rows_probe = [r for r in splits[probe_split] if isinstance(r[0], str) and r[0].strip()]
         rng.shuffle(rows_probe)
         rows_probe = rows_probe[:probe_size]
     else:
+        if needs_labels:
+            _check_labelled(dataset, splits, list(splits), label_column)
         rows = [r for split in splits.values() for r in split if isinstance(r[0], str) and r[0].strip()]
         rows = list({text: (text, label) for text, label in reversed(rows)}.values())[::-1]  # first of duplicates
         # Never more than half the data: the rest must still train the model.
@@ -148,6 +159,18 @@ def load_task(
         task.train_labels = [index[str(label)] for _, label in rows_train]
         task.probe_labels = [index[str(label)] for _, label in rows_probe]
     return task
+
+
+def _check_labelled(dataset: str, splits: dict[str, list], names: list[str], label_column: str) -> None:
+    """Refuse a split in use with unlabelled rows: a label of None or −1 would become a class of its own."""
+    for name in names:
+        unlabelled = sum(1 for _, label in splits[name] if label in UNLABELLED)
+        if unlabelled:
+            raise DepthfastError(
+                f"dataset {dataset!r} split {name!r}: {unlabelled} of {len(splits[name])} rows have no label "
+                f"(column {label_column!r} is None or -1, as in withheld test labels); classification needs "
+                "labels on every row of the splits it uses"
+            )
 
 
 def _hold_out(rows: list, probe_size: int, rng: random.Random, stratify: bool) -> tuple[list, list]:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthfast.cka import StreamingCKA, pool_activations
-from depthfast.distributed import group_sums_of_squares
+from depthfast.distributed import group_sums_of_squares, is_sharded
 from depthfast.layers import BlockCapture, ModelLayers
 from depthfast.metrics import per_text_hsic_batch
 
@@ -41,6 +41,12 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
                   estimator: str, progress: bool = True, cka: StreamingCKA | None = None) -> ProbeResult:
     """Run the probe set through both models, stream CKA of every layer, and score the task.
 
+    CKA always compares the activations on the clean probe texts (``input_ids``). An mlm batch
+    (one with ``masked_input_ids``, see depthfast.batches.probe_batches) takes a second forward of
+    each model on its masked copy for the masked-LM loss; the clean one then runs only up to the
+    last block (the LM head's logits are not needed), except under FSDP2, where the root module's
+    hooks must gather the parameters outside the blocks.
+
     Pass the ``cka`` accumulator of an earlier pass over the same probe batches to reuse the base
     model's statistics (its XᵀX), which do not change during training: the profile trajectory.
     """
@@ -54,10 +60,17 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
     correct = {"base": 0, "tuned": 0}
     counted = 0
     hsic, features, labels = [], [], []
+    clean_base, clean_tuned = _without_lm_head(base), _without_lm_head(tuned)
     with BlockCapture(base_layers) as base_capture, BlockCapture(tuned_layers) as tuned_capture:
         for batch in tqdm(batches, desc="probe", disable=not progress, unit="batch"):
             batch = {k: v.to(device) for k, v in batch.items()}
-            out_base, out_tuned = base(**batch), tuned(**batch)
+            masked = batch.pop("masked_input_ids", None)
+            if masked is None:
+                out_base, out_tuned = base(**batch), tuned(**batch)
+            else:  # mlm: the clean texts for CKA, the masked copy for the loss (below)
+                clean = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                clean_base(**clean)
+                clean_tuned(**clean)
             mask = batch["attention_mask"]
             cka.update(base_capture.activations, tuned_capture.activations, mask)
             # Per-text statistics, for the bootstrap over probe texts (depthfast.metrics)
@@ -65,14 +78,18 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
             if batch["labels"].dim() == 1:
                 features.append(pool_activations(base_capture.activations[-1], mask, "mean").cpu())
                 labels.append(batch["labels"].cpu())
+            if masked is not None:
+                scored = {**batch, "input_ids": masked}
+                out_base, out_tuned = base(**scored), tuned(**scored)
             weight = float(_loss_weight(batch))
-            losses["base"].append((float(out_base.loss), weight))
-            losses["tuned"].append((float(out_tuned.loss), weight))
+            if weight > 0:  # an mlm batch without a target (texts with no token of their own) has no loss
+                losses["base"].append((float(out_base.loss), weight))
+                losses["tuned"].append((float(out_tuned.loss), weight))
             if batch["labels"].dim() == 1:  # classification
                 correct["base"] += int((out_base.logits.argmax(-1) == batch["labels"]).sum())
                 correct["tuned"] += int((out_tuned.logits.argmax(-1) == batch["labels"]).sum())
                 counted += batch["labels"].shape[0]
-    mean = lambda pairs: sum(v * w for v, w in pairs) / max(1e-12, sum(w for _, w in pairs))  # noqa: E731
+    mean = lambda pairs: sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else math.nan  # noqa: E731
     return ProbeResult(
         cka=cka.compute().tolist(),
         num_samples=cka.num_samples,
@@ -85,6 +102,14 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
         labels=torch.cat(labels) if labels else None,
         accumulator=cka,
     )
+
+
+def _without_lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's base (blocks and what feeds them, no LM head), for a pass whose outputs only the
+    block hooks read; an FSDP2-sharded model runs whole (its root hooks gather the embeddings)."""
+    if any(is_sharded(p) for p in model.parameters()):
+        return model
+    return getattr(model, "base_model", model)
 
 
 def _loss_weight(batch: dict) -> torch.Tensor:

@@ -18,6 +18,10 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
 
 It is an estimate (allocator fragmentation and framework workspaces come on top); the check refuses
 only when the estimate alone exceeds the device's memory.
+
+The objective distance at θ₀ (depthfast.distance) runs before training, alone: its own peak
+(objective_distance_peak) enters as the line "objective distance (excess)", what it needs beyond
+all the parts above, so that the total is the larger of the two phases.
 """
 
 from __future__ import annotations
@@ -100,6 +104,37 @@ def optimizer_states(cfg) -> int:
     if cfg.optimizer == "sgd":
         return 1 if cfg.momentum else 0
     return 2
+
+
+def objective_distance_peak(model: torch.nn.Module, backbone: torch.nn.Module, cfg, num_blocks: int,
+                            head_parameters: int) -> int:
+    """Device bytes while the gradient-alignment distance runs (depthfast.distance; main process,
+    before training, before sharding, fp32, eval mode, no gradient checkpointing), with
+    B = batch_size · max_length tokens (the whole batch, on one process) and P_b the backbone's
+    parameters:
+
+        weights + 4 · head + 2 · P_b · 4 + L · B · (18 h + 2.5 a s) · 4 + 3 · B · V · 4
+
+    (the model, the pretraining head's own parameters, the two losses' gradients of the backbone
+    held together, one forward's activations, the pretraining loss's logits). θ₀'s device copy is
+    made after it, and no optimizer state exists yet.
+    """
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    backbone_params = sum(p.numel() for p in {id(p): p for p in backbone.parameters()}.values() if p.requires_grad)
+    hidden, heads, seq = config.hidden_size, getattr(config, "num_attention_heads", 0) or 0, cfg.max_length
+    tokens = cfg.batch_size * seq
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    activations = num_blocks * tokens * (18 * hidden + (2.5 * heads * seq if eager else 0)) * 4
+    logits = 3 * tokens * getattr(config, "vocab_size", 0) * 4
+    return int(weights + 4 * head_parameters + 2 * backbone_params * 4 + activations + logits)
+
+
+def add_objective_distance(estimate: MemoryEstimate, peak: int) -> MemoryEstimate:
+    """Add the distance's line: what its ``peak`` (objective_distance_peak) needs beyond the rest of
+    the estimate, so that the total is the larger of the two phases (they never overlap)."""
+    estimate.parts["objective distance (excess)"] = max(0, peak - estimate.total)
+    return estimate
 
 
 def device_memory(device: torch.device) -> int:

@@ -95,11 +95,12 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.batches import probe_batches
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
-    from depthfast.distance import gradient_alignment_at_init
+    from depthfast.distance import (backbone_of, distance_is_trivial, gradient_alignment_at_init,
+                                    pretraining_head_parameters, pretraining_objective)
     from depthfast.distributed import offload_to_host, reshard, shard_mesh, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.measure import measure_probe, weight_changes
-    from depthfast.memory import check_fits, estimate_run_memory
+    from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
     from depthfast.metrics import locality_gradient
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
@@ -108,37 +109,49 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     started = time.perf_counter()
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
-    check_objective(load_config(cfg.model), cfg.objective)  # fail before any data is read
+    model_config = load_config(cfg.model)
+    check_objective(model_config, cfg.objective)  # fail before any data is read
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
     task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
                      seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column)
-    seed_everything(cfg.seed)
-    model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)  # identical on every process
-    if accelerator.process_index:
-        torch.manual_seed(cfg.seed + 1_000 * accelerator.process_index)  # own dropout draws per process
-    prepare_for_measurement(model)
+    # Every process builds the probe (cheap), so that a probe set with nothing to compare is refused
+    # on all of them alike, before any model is loaded.
+    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
+                          cfg.max_length, cfg.mlm_probability, cfg.seed)
     sharded = cfg.parallel in ("fsdp", "hsdp") and accelerator.num_processes > 1
     if cfg.theta0_offload and sharded:
         raise DepthfastError("--theta0-offload runs with one process or --parallel ddp: under fsdp/hsdp θ₀ is "
                              "sharded over the processes already")
-    # θ₀ for host memory is copied before the model moves: never two device copies at once.
-    theta0_host = copy.deepcopy(model).eval() if cfg.theta0_offload and main else None
-    model.to(device)
+    seed_everything(cfg.seed)
+    model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)  # on the host, identical everywhere
+    if accelerator.process_index:
+        torch.manual_seed(cfg.seed + 1_000 * accelerator.process_index)  # own dropout draws per process
+    prepare_for_measurement(model)
     layers = discover_layers(model)
-    alignment = None
-    if main and not cfg.no_objective_distance:  # before any step, on the unsharded model
-        alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
+    # The memory check comes first, from the model still on the host: nothing model-sized is on the
+    # device yet (no θ₀ copy, no pretraining head for the objective distance).
     mesh = shard_mesh(cfg.parallel, cfg.shard_size, accelerator.num_processes, device) if sharded else None
     fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None  # EqualStep's own choice
     estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes,
                                    fused_control=fused, shards=mesh.size(-1) if sharded else 1,
                                    theta0_on_device=not cfg.theta0_offload)
+    with_distance = main and not cfg.no_objective_distance
+    if with_distance and not distance_is_trivial(model_config, cfg, tokenizer):
+        head = pretraining_head_parameters(model_config, pretraining_objective(model_config))
+        add_objective_distance(estimate, objective_distance_peak(model, backbone_of(model), cfg,
+                                                                 layers.num_blocks, head))
     if main and progress:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
         check_fits(estimate, device)
+    # θ₀ for host memory is copied before the model moves: never two device copies at once.
+    theta0_host = copy.deepcopy(model).eval() if cfg.theta0_offload and main else None
+    model.to(device)
+    alignment = None
+    if with_distance:  # before any step and before θ₀'s device copy, on the unsharded model
+        alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
     fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
-    base = base_layers = base_groups = probe = None
+    base = base_layers = base_groups = None
     if main or sharded:  # θ₀ (fresh head included, so step 0 compares identical models) on the measuring
         # process(es): the main one, or under FSDP2 all of them, each holding a shard of both models
         base = theta0_host if theta0_host is not None else copy.deepcopy(model).eval()
@@ -149,8 +162,6 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups(cfg.tied_embeddings)]
         if theta0_host is not None:
             offload_to_host(base, device)  # base_groups keep the host tensors
-        probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
-                              cfg.max_length, cfg.mlm_probability, cfg.seed)
     depths = layers.normalized_depths
 
     reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once

@@ -15,8 +15,22 @@ ARGS = ["--steps", "6", "--batch-size", "4", "--max-length", "24", "--probe-size
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
-    return tiny_models.save("gpt_neox", str(tmp_path_factory.mktemp("ckpt") / "neox"))
+def checkpoints(tmp_path_factory):
+    """family → a tiny saved checkpoint. GPT-NeoX's tiny config has no dropout; BERT's has 0.1
+    (hidden and attention), so its runs draw random numbers every step."""
+    root, made = tmp_path_factory.mktemp("ckpt"), {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tiny_models.save(family, str(root / family))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(checkpoints):
+    return checkpoints("gpt_neox")
 
 
 def outcome(out):
@@ -27,9 +41,14 @@ def outcome(out):
     return [r["cka"] for r in results["layers"]], results["group_weight_change"], log, results["trajectory"]
 
 
-@pytest.mark.parametrize("control", ["none", "equal-step"])
-def test_killed_run_resumes_bit_for_bit(checkpoint_dir, tmp_path, monkeypatch, control):
-    common = ["--model", checkpoint_dir, "--objective", "cls", "--control", control, "--measure-at", "0,3", *ARGS]
+@pytest.mark.parametrize("family,objective,control", [
+    ("gpt_neox", "cls", "none"), ("gpt_neox", "cls", "equal-step"),
+    ("bert", "cls", "none"),  # dropout 0.1: the dropout draws must resume where they stopped
+    ("bert", "mlm", "equal-step"),  # dropout and masking
+])
+def test_killed_run_resumes_bit_for_bit(checkpoints, tmp_path, monkeypatch, family, objective, control):
+    common = ["--model", checkpoints(family), "--objective", objective, "--control", control, "--measure-at", "0,3",
+              *ARGS]
     whole = str(tmp_path / "whole")
     assert main([*common, "--out", whole]) == 0
     assert not os.path.exists(os.path.join(whole, "checkpoint.json"))  # removed after success

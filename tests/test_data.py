@@ -56,3 +56,47 @@ def test_unknown_file_format(tmp_path):
     path.write_text("<a/>")
     with pytest.raises(DepthfastError, match="unknown format"):
         load_task(str(path), "clm", probe_size=16, min_probe_size=16, seed=0)
+
+
+def write_splits(directory, splits):
+    """A local dataset directory: one <split>.jsonl per split, as datasets infers splits on the hub."""
+    directory.mkdir()
+    for split, rows in splits.items():
+        (directory / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(directory)
+
+
+def rows(split, n, label=lambda i: i % 2):
+    return [{"text": f"{split} sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": label(i)}
+            for i in range(n)]
+
+
+def test_probe_comes_from_validation_before_test(tmp_path):
+    """GLUE-style: a test split with withheld labels (−1) next to a labelled validation split. The probe
+    is the validation split; the test split's −1 would otherwise be a phantom third class."""
+    path = write_splits(tmp_path / "glue", {"train": rows("train", 40), "validation": rows("validation", 20),
+                                            "test": rows("test", 20, label=lambda i: -1)})
+    for objective in ("cls", "clm"):
+        task = load_task(path, objective, probe_size=16, min_probe_size=16, seed=0)
+        assert len(task.probe_texts) == 16 and all(t.startswith("validation") for t in task.probe_texts)
+        assert all(t.startswith("train") for t in task.train_texts)
+    assert task.label_names is None
+    assert load_task(path, "cls", probe_size=16, min_probe_size=16, seed=0).label_names == ["0", "1"]
+    no_validation = write_splits(tmp_path / "plain", {"train": rows("train", 40), "test": rows("test", 20)})
+    assert all(t.startswith("test") for t in load_task(no_validation, "cls", probe_size=16, min_probe_size=16,
+                                                       seed=0).probe_texts)
+
+
+@pytest.mark.parametrize("missing", [-1, None])
+def test_unlabelled_probe_split_is_refused_for_classification(tmp_path, missing):
+    path = write_splits(tmp_path / "d", {"train": rows("train", 40), "test": rows("test", 20, label=lambda i: missing)})
+    with pytest.raises(DepthfastError, match="split 'test': 20 of 20 rows have no label"):
+        load_task(path, "cls", probe_size=16, min_probe_size=16, seed=0)
+    assert len(load_task(path, "clm", probe_size=16, min_probe_size=16, seed=0).probe_texts) == 16  # no labels needed
+
+
+def test_unlabelled_rows_are_refused_in_a_pooled_hold_out(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows("train", 40, label=lambda i: -1 if i == 7 else i % 2)))
+    with pytest.raises(DepthfastError, match="split 'train': 1 of 40 rows have no label"):
+        load_task(str(path), "cls", probe_size=16, min_probe_size=16, seed=0)

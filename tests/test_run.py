@@ -38,6 +38,11 @@ def read_results(out):
         return json.load(f)
 
 
+def read_log(out):
+    with open(os.path.join(out, "train_log.csv")) as f:
+        return list(csv.reader(f))
+
+
 ADMISSIBLE = [("bert", "cls"), ("bert", "mlm")] + [
     (family, objective) for family in tiny_models.FAMILIES if family != "bert" for objective in ("cls", "clm")]
 
@@ -92,13 +97,18 @@ def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path, optimizer):
         assert max(after) / min(after) - 1 < 1e-4
 
 
-def test_same_seed_same_profile(checkpoints, tmp_path):
+@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("bert", "cls"), ("bert", "mlm")])
+def test_same_seed_same_profile(checkpoints, tmp_path, family, objective):
+    """Same seed, same run: tiny BERT has dropout 0.1, and mlm adds the masking draws."""
     runs = []
-    for name in ("a", "b"):
+    for name in ("a", "b", "other-seed") if objective == "mlm" else ("a", "b"):
         out = str(tmp_path / name)
-        assert main(["--model", checkpoints("gpt_neox"), "--objective", "cls", "--out", out, *FAST]) == 0
-        runs.append([r["cka"] for r in read_results(out)["layers"]])
+        seed = ["--seed", "1"] if name == "other-seed" else []
+        assert main(["--model", checkpoints(family), "--objective", objective, "--out", out, *FAST, *seed]) == 0
+        runs.append(([r["cka"] for r in read_results(out)["layers"]], read_log(out)))
     assert runs[0] == runs[1]
+    if len(runs) == 3:
+        assert runs[0][1] != runs[2][1]  # the seed matters: the comparison could fail
 
 
 def test_identical_models_have_no_change():
@@ -237,11 +247,12 @@ def test_bf16_run_measures_in_its_own_precision(checkpoints, tmp_path):
     assert all(r["change"] > 0 for r in results["layers"][1:])
 
 
-@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm")])
+@pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm"), ("bert", "mlm")])
 def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, objective, monkeypatch):
     """θ₀ in host memory, run through accelerate's offload hooks (here host and device are both the CPU,
     so what is checked is the plumbing: hooks, captured activations, weight change against host
-    tensors, trajectory reuse; GPT-2's LM head is tied to its embeddings)."""
+    tensors, trajectory reuse; GPT-2's LM head is tied to its embeddings; mlm's clean pass runs the
+    offloaded base model without its LM head)."""
     import depthfast.distributed as distributed
 
     offloaded = []
@@ -264,3 +275,77 @@ def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, ob
         assert [r[key] for r in runs["host"]["layers"]] == [r[key] for r in runs["device"]["layers"]], key
     assert runs["host"]["trajectory"] == runs["device"]["trajectory"]
     assert runs["host"]["group_weight_change"] == runs["device"]["group_weight_change"]
+
+
+@pytest.fixture(scope="module")
+def headless_bert(tmp_path_factory):
+    """A tiny BERT saved without its MLM head, as all-MiniLM-L6-v2 ships: the objective distance then
+    loads a fresh head. Dropout 0.1 (BertConfig's default), so training draws random numbers."""
+    model, tokenizer = tiny_models.build("bert")
+    assert model.config.hidden_dropout_prob == 0.1
+    path = str(tmp_path_factory.mktemp("headless") / "bert")
+    model.bert.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_objective_distance_does_not_change_training(headless_bert, tmp_path):
+    """Loading the pretraining head for the distance must not consume the training's random numbers:
+    the same losses, step by step, and the same profile with and without --no-objective-distance."""
+    runs = {}
+    for name, extra in (("with", []), ("without", ["--no-objective-distance"])):
+        out = str(tmp_path / name)
+        assert main(["--model", headless_bert, "--objective", "cls", "--out", out, *FAST, *extra]) == 0
+        runs[name] = (read_log(out), [r["cka"] for r in read_results(out)["layers"]], read_results(out))
+    assert runs["with"][0] == runs["without"][0]
+    assert runs["with"][1] == runs["without"][1]
+    assert runs["with"][2]["metrics"]["gradient_alignment_distance"] is not None
+    assert runs["without"][2]["metrics"]["gradient_alignment_distance"] is None
+
+
+def test_memory_refusal_comes_before_the_distance_loads_a_model(headless_bert, tmp_path, monkeypatch, capsys):
+    """A run whose estimate exceeds the device is refused with one line before anything is loaded
+    beyond the model itself (no θ₀ copy, no pretraining head); the estimate counts the distance."""
+    import depthfast.memory as memory
+    import depthfast.models as models
+    from depthfast.distance import distance_is_trivial, pretraining_head_parameters
+    from depthfast.layers import discover_layers
+    from depthfast.memory import estimate_run_memory, objective_distance_peak
+    from depthfast.models import load_model, load_tokenizer
+
+    cfg = RunConfig(model=headless_bert, objective="cls", steps=3, batch_size=8, max_length=32, probe_size=24,
+                    probe_batch_size=12, device="cpu")
+    model, tokenizer = load_model(headless_bert, "cls", num_labels=8), load_tokenizer(headless_bert, "cls")
+    blocks = discover_layers(model).num_blocks
+    rest = estimate_run_memory(model, cfg, blocks).total
+    assert not distance_is_trivial(model.config, cfg, tokenizer)
+    peak = objective_distance_peak(model, model.backbone, cfg, blocks,
+                                   pretraining_head_parameters(model.config, "mlm"))
+    assert peak > rest  # the fresh MLM head's logits over a 30522-token vocabulary: the distance is the peak
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(memory, "device_memory", lambda device: (rest + peak) // 2)  # fits without the distance
+    args = ["--model", headless_bert, "--objective", "cls", "--device", "cpu", *FAST]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("depthfast: error: estimated memory"), err
+    assert loads == ["cls"]  # the model itself only: the distance's pretraining model was never loaded
+    assert main([*args, "--out", str(tmp_path / "fits"), "--no-objective-distance"]) == 0
+
+
+def test_probe_texts_empty_after_tokenization_is_one_line(checkpoints, tmp_path, capsys):
+    """Validation texts of control characters survive the data's blank-text filter but WordPiece drops
+    them: nothing to compare, one line and exit 2, before any model is loaded."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": f"training sentence number {i}"})
+                                                for i in range(40)))
+    (data / "validation.jsonl").write_text("\n".join(json.dumps({"text": "\x01" * (i + 1)}) for i in range(20)))
+    out, model = tmp_path / "out", checkpoints("bert")
+    capsys.readouterr()  # the checkpoint's own saving output
+    assert main(["--model", model, "--objective", "mlm", "--dataset", str(data), "--out", str(out),
+                 *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("depthfast: error: all 20 probe texts are empty after tokenization")
+    assert not out.exists()
