@@ -157,12 +157,10 @@ def classifier(request):
     return family, SequenceClassifier(backbone, 3, pooling=pooling)
 
 
-def test_tiny_models_tie_as_asked():
-    """The tie of each tiny model is what TIED_BY_DEFAULT states, and ``tied=`` turns it either way."""
+def test_tiny_models_tie_by_default():
+    """The tie of each tiny model is what TIED_BY_DEFAULT states (``tied=`` either way: test_tied_embeddings_flag)."""
     for family in tiny_models.FAMILIES:
         assert truly_tied(tiny_models.build(family)[0]) is tiny_models.TIED_BY_DEFAULT[family], family
-        for tied in (True, False):
-            assert truly_tied(tiny_models.build(family, tied=tied)[0]) is tied, (family, tied)
 
 
 def test_groups_by_role(lm_model):
@@ -175,8 +173,9 @@ def test_groups_by_role(lm_model):
 
 
 def test_tied_embeddings_flag(lm_model):
-    family, tied, model = lm_model
-    assert discover_layers(model).tied_embeddings is truly_tied(model) is tied
+    _, tied, model = lm_model
+    assert truly_tied(model) is tied  # tiny_models.build(tied=…) does tie or untie
+    assert discover_layers(model).tied_embeddings is tied
 
 
 def test_tied_policy_embeddings(lm_model):
@@ -397,8 +396,9 @@ def check_step_ratios(record, control_name):
     Two checks of "the same": the control's own decision, s_g · r_g = r* in float64 (rtol 1e-9), and
     the ratios measured on the stored fp32 weights afterwards. Rounding each weight to fp32 moves it
     by ≤ 2⁻²⁴|w|, so ‖ΔW‖ by ≤ 2⁻²⁴‖W‖ and r_g by ≤ 2⁻²⁴ absolutely: relative to r* ≈ 5e-4 that is
-    up to ~1e-4 (observed ~1e-5 on these models, so rtol 1e-6 would not hold), still well below
-    the optimizer's own spread, which is checked to be larger still.
+    up to ~2e-4 at both ends (observed up to ~1e-5 on these models, so rtol 1e-6 does not hold).
+    AdamW's first steps move same-shaped blocks almost equally (each element by ≈ lr), so the
+    optimizer's own spread may be below that bound: the float64 decision is the sharp check.
     """
     (control,) = record.controls
     assert len(record.steps) == 2
@@ -418,7 +418,7 @@ def check_step_ratios(record, control_name):
         rounding = 2.0 * 2.0 ** -24 / min(measured)  # both ends' worst case, relative
         assert max(measured) / min(measured) - 1 <= rounding, measured
         own = [before[g].item() for g in moved]
-        assert max(own) / min(own) - 1 > 10 * rounding, own  # the optimizer alone moved them unequally
+        assert max(own) / min(own) - 1 > 1e-6, own  # the optimizer alone moved them unequally
     # The train log holds the same numbers under the groups' names.
     for row, (_, after, _, _) in zip(record.train_log, record.steps):
         logged = [float(v) for k, v in row.items() if k.startswith("ratio_after:")]
