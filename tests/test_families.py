@@ -18,7 +18,8 @@ d. results.json holds the profile rows of layers 0…L and finite numbers wherev
 e. one in-process CLI run per family × admissible objective × control: exit 0, results.json with
    the family's model type, block type and tie fields.
 
-The 28 runs (plus one of the tied-matrix policy "embeddings") are shared by b–e: each runs once,
+The 28 runs (plus one with the tied-matrix policy "embeddings" and one with --equal-step-head) are
+shared by b–e: each runs once,
 with spies on the run's EqualStep, layers, task and StreamingCKA.update.
 """
 
@@ -258,7 +259,7 @@ class Record:
 
 @pytest.fixture(scope="module")
 def run_once(checkpoint, tmp_path_factory):
-    """(family, objective, control, tied[, policy]) → the Record of that CLI run (run on first use)."""
+    """(family, objective, control, tied[, policy, equal_step_head]) → the Record of that CLI run (run on first use)."""
     import depthfast.cka
     import depthfast.data
     import depthfast.layers
@@ -269,8 +270,8 @@ def run_once(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("family_runs")
     records = {}
 
-    def get(family, objective, control, tied, policy=None):
-        key = (family, objective, control, tied, policy)
+    def get(family, objective, control, tied, policy=None, equal_step_head=False):
+        key = (family, objective, control, tied, policy, equal_step_head)
         if key in records:
             return records[key]
         spied = Record(0, "", "", objective, policy or "head")  # filled by the spies, then copied over
@@ -313,6 +314,8 @@ def run_once(checkpoint, tmp_path_factory):
         argv = ["--model", path, "--objective", objective, "--control", control, "--out", out, *FAST]
         if policy is not None:
             argv += ["--tied-embeddings", policy]
+        if equal_step_head:
+            argv += ["--equal-step-head"]
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(depthfast.optim, "EqualStep", SpyEqualStep)
             mp.setattr(depthfast.train, "EqualStep", SpyEqualStep, raising=False)
@@ -444,6 +447,19 @@ def test_tied_policy_embeddings_run(run_once):
     assert index not in control_step.free
     check_step_ratios(record, control)
     assert "embeddings" in record.results["group_weight_change"]
+
+
+def test_equal_step_head_frees_nothing(run_once):
+    """--equal-step-head: no group is free, and the head (here holding GPT-2's tied matrix) is equalized too."""
+    record = run_once("gpt2", "clm", "equal-step", True, equal_step_head=True)
+    assert record.rc == 0 and record.results is not None
+    (control,) = record.controls
+    assert control.free == ()
+    check_step_ratios(record, "equal-step")
+    roles = expected_roles(trained_model(record), "gpt2")
+    (head,) = [i for i, g in enumerate(control.groups) if all(roles[id(p)][1] == "head" for p in g)]
+    for before, after, scales, target in record.steps:
+        assert scales[head].item() != 1.0 and (scales[head] * before[head]).item() == pytest.approx(target, rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
