@@ -250,7 +250,7 @@ class Record:
                 self.results = json.load(f)
             with open(os.path.join(out, "train_log.csv")) as f:
                 self.train_log = list(csv.DictReader(f))
-        self.layers = []  # every ModelLayers the run discovered: the trained model's first
+        self.layers = []  # every ModelLayers the run discovered (trained_model picks the trained one)
         self.controls = []  # the EqualStep instances the run built
         self.steps = []  # (ratios_before, ratios_after, scales, target ratio) after each control step
         self.tasks = []
