@@ -34,6 +34,10 @@ CONFIGS = {
                                    bos_token_id=0, eos_token_id=0),
 }
 FAMILIES = tuple(CONFIGS)
+# Whether the LM head of each family's config is tied to its input embedding by default (BERT: the
+# MLM decoder). Every one of the seven also builds the other way with ``tie_word_embeddings``.
+TIED_BY_DEFAULT = {"bert": True, "gpt2": True, "opt": True, "gpt_neox": False, "codegen": False,
+                   "mamba": True, "rwkv": False}
 
 
 def minilm_path() -> str:
@@ -58,23 +62,32 @@ def bpe_tokenizer():
                                      bos_token="<|endoftext|>")
 
 
-def build(family: str, seed: int = 0):
-    """(model, tokenizer) of ``family``: an AutoModel for encoders' sake, a causal LM for decoders."""
+def build(family: str, seed: int = 0, tied: bool | None = None):
+    """(model, tokenizer) of ``family``: a masked LM for encoders, a causal LM for decoders.
+
+    ``tied``: tie the LM head to the input embedding (True) or not (False); None keeps the family's
+    default (TIED_BY_DEFAULT).
+    """
     import torch
 
     torch.manual_seed(seed)
     if family == "bert":
         tokenizer = T.AutoTokenizer.from_pretrained(minilm_path())
-        model = T.BertForMaskedLM(CONFIGS[family](len(tokenizer)))
     else:
         tokenizer = bpe_tokenizer()
-        model = T.AutoModelForCausalLM.from_config(CONFIGS[family](len(tokenizer)))
+    config = CONFIGS[family](len(tokenizer))
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    if family == "bert":
+        model = T.BertForMaskedLM(config)
+    else:
+        model = T.AutoModelForCausalLM.from_config(config)
     return model, tokenizer
 
 
-def save(family: str, directory: str, seed: int = 0) -> str:
+def save(family: str, directory: str, seed: int = 0, tied: bool | None = None) -> str:
     """Save a tiny ``family`` model and its tokenizer to ``directory`` (a hub-style checkpoint)."""
-    model, tokenizer = build(family, seed)
+    model, tokenizer = build(family, seed, tied)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
