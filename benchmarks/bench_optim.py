@@ -43,7 +43,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before depthfast.kernels is imported
 
-from depthfast.optim import EqualStep, ForeachEqualStep  # noqa: E402
+from depthfast.optim import EqualStep, ForeachEqualStep, launch_config  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -154,6 +154,8 @@ def run_shape(name, shape_groups, dtype, warmup, iters, skip, algo="adamw"):
           f"{dtype} on {torch.cuda.get_device_name() if GPU else 'CPU'} ==")
     if not GPU:
         print("   (CPU: the fused-* rows run in the Triton interpreter; their timings mean nothing)")
+    block, chunk = launch_config(DEVICE)  # what production launches (env overrides included)
+    print(f"   fused kernels: BLOCK {block}, CHUNK {chunk}")
     print(f"   {'contender':<14} {'ms':>10} {'× torch-fused':>14} {'B/param':>8} {'GB/s':>8} {'peak extra':>11}")
     base_ms = None
     p_bytes = g_bytes = params[0].element_size()

@@ -394,6 +394,21 @@ def equal_step_scales(ratios: torch.Tensor, target: str | float = "mean",
     return device_target_and_scales(ratios, target, allowed)[1]
 
 
+def launch_config(device: torch.device) -> tuple[int, int]:
+    """(BLOCK, CHUNK) of the fused kernels for parameters on ``device``: elements per loop iteration
+    of a program and per program. GPU: 1024 and 64 K (BLOCK 1024 compiles to 48–64 registers without
+    spills on sm_90, BLOCK 4096 to 243). Interpreter (CPU): 4096 and 64 K, since each program and
+    each loop iteration costs milliseconds there. The environment variables DEPTHFAST_OPTIM_BLOCK
+    and DEPTHFAST_OPTIM_CHUNK override them (for experiments)."""
+    on_gpu = device.type == "cuda"
+    block = int(os.environ.get("DEPTHFAST_OPTIM_BLOCK", 1024 if on_gpu else 4096))
+    chunk = int(os.environ.get("DEPTHFAST_OPTIM_CHUNK", 64 * block if on_gpu else 16 * block))
+    if block < 16 or block & (block - 1) or chunk % block:
+        raise ValueError(f"DEPTHFAST_OPTIM_BLOCK must be a power of two ≥ 16 and DEPTHFAST_OPTIM_CHUNK a "
+                         f"multiple of it; got {block} and {chunk}")
+    return block, chunk
+
+
 class _FusedEqualStep:
     """Host side of the fused path: lazy state init, device tables, launches, device-side scales.
 
@@ -421,15 +436,10 @@ class _FusedEqualStep:
         self.group_of = {id(p): gi for gi, g in enumerate(groups) for p in g}
         self.group_params = [p for g in groups for p in g]
         self.device = self.group_params[0].device
-        on_gpu = self.device.type == "cuda"
-        # Interpreter: each program and each loop iteration costs milliseconds: large blocks and chunks.
-        self.block = int(os.environ.get("DEPTHFAST_OPTIM_BLOCK", 1024 if on_gpu else 4096))
-        self.chunk = int(os.environ.get("DEPTHFAST_OPTIM_CHUNK", 64 * self.block if on_gpu else 16 * self.block))
-        if self.block < 16 or self.block & (self.block - 1) or self.chunk % self.block:
-            raise ValueError(f"DEPTHFAST_OPTIM_BLOCK must be a power of two ≥ 16 and DEPTHFAST_OPTIM_CHUNK a "
-                             f"multiple of it; got {self.block} and {self.chunk}")
+        self.block, self.chunk = launch_config(self.device)
         self.process_groups = None
         self._key = None
+        self._storage_at_build = None  # _storage() when the tables were built
         self._next_scales = None  # single-pass: r*/r_g of the previous step (float64 (G,), device)
         self._next_target = None
         self._ones = torch.ones(self.num_groups, dtype=torch.float32, device=self.device)
@@ -451,6 +461,23 @@ class _FusedEqualStep:
 
     def _advance(self) -> None:
         """Host-side bookkeeping of one step (step counters), before the launches."""
+
+    def _state_tensors(self, p) -> tuple:
+        """The optimizer-state tensors of ``p`` the tables may point at (None where absent), read
+        without creating any."""
+        raise NotImplementedError
+
+    def _storage(self, flat) -> list[int]:
+        """The address of every tensor the tables point at other than gradients (those are checked by
+        ``Tables.refresh_grads``): each parameter's (local) storage and its state tensors. Storage can
+        move under a built table: ``p.data = new``, ``model.to(dtype)``, a state tensor replaced in
+        ``optimizer.state``; the table would then step orphaned copies (or, once they are freed, write
+        to freed memory). O(tensors) per step, a few ``data_ptr`` calls each."""
+        sig = []
+        for p in (*flat, *self.group_params):
+            sig.append(local_shard(p).data_ptr())
+            sig.extend(local_shard(t).data_ptr() if isinstance(t, torch.Tensor) else 0 for t in self._state_tensors(p))
+        return sig
 
     # -- layout -------------------------------------------------------------------------------------
     def _build(self, flat):
@@ -501,6 +528,7 @@ class _FusedEqualStep:
                 buckets.setdefault(key, []).append(en)
         self.buckets = [(self.k.Tables([en[:6] for en in members], self.chunk, self.device), [en[7] for en in members])
                         for members in buckets.values()]
+        self._storage_at_build = self._storage(flat)
 
     def _checked_grad(self, grad, w):
         g = local_shard(grad)
@@ -516,13 +544,14 @@ class _FusedEqualStep:
 
     def _layout(self):
         # Per-step Python cost O(tensors) with a small constant; the tables are rebuilt only when the
-        # set of stepped parameters, the optimizer state (load_state_dict) or the algorithm's own
-        # bookkeeping (a step count, a new momentum buffer) changed.
+        # set of stepped parameters, the optimizer state (load_state_dict), the storage of a parameter
+        # or state tensor, or the algorithm's own bookkeeping (a step count, a new momentum buffer)
+        # changed.
         opt = self.optimizer
         flat = [p for pg in opt.param_groups for p in pg["params"]]
         grads = [p.grad for p in flat]
         key = (id(opt.state), tuple(map(id, flat)), tuple(g is None for g in grads))
-        if key != self._key or self._stale():
+        if key != self._key or self._stale() or self._storage(flat) != self._storage_at_build:
             self._build(flat)
             self._key = key
             return
@@ -613,6 +642,10 @@ class _FusedAdam(_FusedEqualStep):
         self.steps, self.step_tensors, self.step_probe = {}, [], {}  # refilled by _states
         super()._build(flat)
 
+    def _state_tensors(self, p):
+        state = self.optimizer.state.get(p, {})
+        return state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+
     def _stale(self):
         return any(int(float(t)) != self.steps[h] for h, t in self.step_probe.items())
 
@@ -669,6 +702,9 @@ class _FusedSgd(_FusedEqualStep):
     def _build(self, flat):
         self._new_buffers = False
         super()._build(flat)
+
+    def _state_tensors(self, p):
+        return (self.optimizer.state.get(p, {}).get("momentum_buffer"),)
 
     def _hyper_rows(self):
         rows = []

@@ -137,6 +137,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
             "tokens": log.tokens,
             "seconds": log.seconds,
             "tokens_per_second": log.tokens / log.seconds if log.seconds > 0 else None,
+            "unused_parameters": log.unused_parameters,  # no gradient at the first step: not trained
         },
         "trajectory": log.trajectory,
         "resumed_from_step": log.resumed_from,

@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print("depthfast: interrupted; earlier results are untouched, and --resume continues from the last "
               "checkpoint in --out", file=sys.stderr)
         return 130
+    finally:
+        if "depthfast.train" in sys.modules:  # under torchrun: destroyed before interpreter teardown
+            sys.modules["depthfast.train"].end_process_group()
     return 0
 
 

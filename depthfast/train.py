@@ -44,6 +44,9 @@ class TrainLog:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    # Trainable parameters that got no gradient at the first step (structurally unused by the
+    # objective's loss, e.g. BERT's pooler under mean-pooled cls); they keep their pretrained values.
+    unused_parameters: list[str] = field(default_factory=list)
 
 
 def warmup_linear(warmup_steps: int, total_steps: int):
@@ -117,21 +120,111 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_OWN_PROCESS_GROUP = False  # whether make_accelerator (accelerate) created the default process group
+
+
 def make_accelerator(cfg: RunConfig):
-    """One Accelerator per process: single device, or DDP when launched with torchrun / accelerate launch."""
+    """One Accelerator per process: single device, or DDP when launched with torchrun / accelerate launch.
+
+    A process group it creates (accelerate does, under torchrun) is this process's to destroy:
+    ``end_process_group`` at the end of ``depthfast.run.main``."""
+    global _OWN_PROCESS_GROUP
     from accelerate import Accelerator
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # accelerate places a single process on the current GPU
+    existed = _process_group_initialized()
     # Precision is not accelerate's business here (see ``autocast``): its state is process-wide and
     # refuses a second run in the same process with another setting.
-    return Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    _OWN_PROCESS_GROUP = _OWN_PROCESS_GROUP or (not existed and _process_group_initialized())
+    return accelerator
+
+
+def _process_group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group if make_accelerator created it (a caller's own is left alone),
+    and forget accelerate's process-wide state, which refers to it.
+
+    Called once all processes are past their last collective (run() ends with wait_for_everyone), or
+    on the way out after an error. Without it the group lives until interpreter teardown, where its
+    native threads were destroyed while still joinable now and then: with the CUDA build of torch,
+    2 in 44 two-process DDP runs aborted after writing their results ("terminate called without an
+    active exception", exit status 134)."""
+    global _OWN_PROCESS_GROUP
+    if not _OWN_PROCESS_GROUP:
+        return
+    _OWN_PROCESS_GROUP = False
+    if _process_group_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def autocast(cfg: RunConfig, device: torch.device):
     """bf16 autocast over fp32 weights under --precision bf16 (training and measurement alike), else a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def prepare_ddp(model: torch.nn.Module, accelerator, cfg: RunConfig, tokenizer, task: Task) -> torch.nn.Module:
+    """``accelerator.prepare(model)``: DDP with several processes, the model itself on a single one.
+
+    DDP waits in every backward for a gradient of every trainable parameter, and one that the loss
+    does not reach (BERT's pooler under mean-pooled cls; any head the objective bypasses) leaves its
+    reduction unfinished: the next step raises. So before wrapping, one forward of this process's
+    first micro-batch finds the parameters the autograd graph does not reach (see
+    ``unreached_parameters``); if any process has one, DDP runs with find_unused_parameters=True.
+    Such parameters keep grad None on every process, as in a single process (the optimizer skips
+    them; they stay in their layer group, ΔW = 0, their ‖W‖ counted), so 2 processes still equal 1.
+    Models without them keep DDP's default (no graph traversal per step)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        batch = next(training_batches(cfg.objective, tokenizer, task.train_texts, task.train_labels, cfg.batch_size,
+                                      cfg.max_length, cfg.mlm_probability, cfg.seed))
+        piece = move(shard(batch, rank, world, 0, cfg.grad_accum), accelerator.device)
+        local = unreached_parameters(model, piece, cfg, accelerator.device)
+        count = torch.tensor([len(local)], device=accelerator.device)
+        if int(accelerator.reduce(count, reduction="sum")) > 0:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return accelerator.prepare(model)
+
+
+def unreached_parameters(model: torch.nn.Module, batch: dict, cfg: RunConfig, device: torch.device) -> list[str]:
+    """Names of the trainable parameters that the loss of ``model(**batch)`` does not depend on: the
+    AccumulateGrad leaves not reachable from ``loss.grad_fn`` (the traversal DDP's own
+    find_unused_parameters does). One forward in train mode, no backward; the RNG (dropout) is
+    restored, so training draws the same numbers as without the check."""
+    devices = [device] if device.type == "cuda" else []
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=devices), autocast(cfg, device):
+            loss = model(**batch).loss
+        reached, seen, stack = set(), set(), [loss.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+            if variable is not None:
+                reached.add(id(variable))
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        del loss
+    finally:
+        model.train(was_training)
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
 
 
 def shard(batch: dict, rank: int, world: int, micro: int, num_micro: int) -> dict:
@@ -167,7 +260,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     sharded = any(is_sharded(p) for p in model.parameters())  # FSDP2, sharded by run()
     # DDP (or a single device) through accelerate; FSDP2 models are already sharded, and torch's
     # fully_shard is used directly because accelerate's FSDP path needs an accelerator.
-    model_p = model if sharded else accelerator.prepare(model)
+    model_p = model if sharded else prepare_ddp(model, accelerator, cfg, tokenizer, task)
     # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
     # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
     control = build_control(optimizer, named_groups, cfg)
@@ -178,6 +271,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
                                             sharded=sharded)
         log = TrainLog(**state)
         log.resumed_from = start_step
+    first_step = True  # of this process: unused parameters are read off its gradients
     measure_steps = cfg.measure_steps()
     main = accelerator.is_main_process
 
@@ -210,6 +304,9 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
                     loss = model_p(**piece).loss / cfg.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach().double()
+        if first_step:
+            log.unused_parameters = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            first_step = False
         lr = scheduler.get_last_lr()[0]
         control.step()
         control.zero_grad(set_to_none=True)

@@ -7,8 +7,9 @@ handles one chunk of one tensor.
 Tables (:class:`Tables`, built once per parameter layout; E entries, C chunks):
 
     ptrs        int64 (E, 4)   addresses of p, grad and two state tensors (Adam: exp_avg, exp_avg_sq;
-                               SGD: momentum_buffer, unused); 0 where an entry has no update; only the
-                               grad column changes between steps (re-uploaded when it moves)
+                               SGD: momentum_buffer, unused); 0 where an entry has no update; the
+                               grad column is re-uploaded when a gradient moves; when a parameter's or
+                               a state's storage moves, the host rebuilds the tables
     numel       int64 (E,)
     group       int32 (E,)     equal-step group of the entry, −1: stepped but in no group
     hyper_row   int32 (E,)     row of ``hyper``; −1: not stepped this time, only ‖W‖² is counted
@@ -48,6 +49,7 @@ gradient buffer in PHASE1 and reading it back, and the gradients stay intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -337,11 +339,28 @@ def compile_for(target_arch: int = 90, p_dtype: str = "fp32", s_dtype: str = "fp
     return triton.compile(src, target=GPUTarget("cuda", target_arch, 32), options=dict(num_warps=4))
 
 
+def device_guard(device: torch.device):
+    """The context a launch for tensors on ``device`` runs in. Triton launches on the *current* CUDA
+    device and its current stream, whatever device its pointer arguments live on: with parameters on
+    cuda:1 while cuda:0 is current, an unguarded launch runs on cuda:0 and dereferences cuda:1
+    addresses there. ``torch.cuda.device(device)`` makes the parameters' device current for the
+    launch (and restores the caller's afterwards); CPU tensors (the interpreter) need nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(tables: Tables, mode: int, hyper: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor,
            decoupled: bool, block: int, sgd: bool = False, num_warps: int = 4) -> None:
-    """One launch of the kernel over every chunk of ``tables``."""
+    """One launch of the kernel over every chunk of ``tables``, on the device the tables (and the
+    tensors they point at) live on."""
     if tables.num_chunks == 0:
         return
+    with device_guard(tables.device):
+        _launch(tables, mode, hyper, scales, sums, decoupled, block, sgd, num_warps)
+
+
+def _launch(tables, mode, hyper, scales, sums, decoupled, block, sgd, num_warps) -> None:
     _equal_step_kernel[(tables.num_chunks,)](
         tables.chunk_entry, tables.chunk_start, tables.ptrs, tables.numel, tables.group, tables.hyper_row,
         hyper, scales, sums, tables.p_proto, tables.g_proto, tables.s_proto,

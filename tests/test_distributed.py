@@ -3,7 +3,9 @@ accumulation give the single-process result.
 
 The tiny GPT-NeoX has no dropout, and classification averages per-sequence losses over equal
 shards, so the runs differ only by the order of floating-point reductions: CKA agrees to 1e-6
-absolute (changes here are 1e-6 … 1e-3), weight change and losses to 1e-4 relative.
+absolute (changes here are 1e-6 … 1e-3), weight change and losses to 1e-4 relative. The other
+families run with their dropout set to 0 (each process draws its own dropout masks); causal LM
+averages per-process token means, exact here because every training text fills --max-length.
 """
 
 import json
@@ -70,6 +72,65 @@ def test_two_processes_equal_one(neox, tmp_path, single_process, parallel, contr
     assert_same_run(two, single_process(control))
 
 
+def save_without_dropout(family, directory):
+    tiny_models.save(family, directory)
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update({k: 0.0 for k, v in config.items()
+                   if ("dropout" in k or "pdrop" in k) and isinstance(v, float)})
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return directory
+
+
+# The family's objective in these tests: BERT's pooler gets no gradient under mean-pooled cls (the
+# parameter DDP used to crash on); GPT-2 ties its LM head to the input embedding.
+FAMILY_OBJECTIVE = {"bert": "cls", "gpt2": "clm"}
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    """(model path, single-process results) per family, made once."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            model = save_without_dropout(family, str(root / "model"))
+            out = str(root / "single")
+            assert main(["--model", model, "--out", out, *ARGS, "--objective", FAMILY_OBJECTIVE[family]]) == 0
+            made[family] = model, results(out)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+@pytest.mark.parametrize("family", list(FAMILY_OBJECTIVE))
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "hsdp"])
+def test_families_two_processes_equal_one(family_runs, tmp_path, family, parallel):
+    """BERT cls and tied GPT-2 clm under each mode (GPT-NeoX: the tests above). HSDP runs as 2
+    replicas × shard groups of 1, so the replicate all-reduce of a parameter without gradient is
+    covered at two processes' cost. A parameter the loss does not reach keeps grad None on every
+    process, as in one process (DDP then runs with find_unused_parameters): same profile, same
+    weight change (the pooler in the head group, ΔW = 0), same list of unused parameters."""
+    model, one = family_runs(family)
+    out = str(tmp_path / "two")
+    torchrun("--model", model, "--out", out, *ARGS, "--objective", FAMILY_OBJECTIVE[family], "--parallel", parallel,
+             "--shard-size", "1")
+    two = results(out)
+    assert two["num_processes"] == 2
+    assert_same_run(two, one)
+    unused = one["train"]["unused_parameters"]
+    assert two["train"]["unused_parameters"] == unused
+    if family == "bert":
+        assert unused == ["backbone.pooler.dense.weight", "backbone.pooler.dense.bias"]
+        assert two["group_weight_change"]["head"] > 0  # the classifier moved, the pooler did not
+    else:
+        assert unused == []
+
+
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 @pytest.mark.parametrize("parallel,processes", [("fsdp", 2), ("hsdp", 4)])
 def test_sharded_checkpoint_resumes(neox, tmp_path, single_process, parallel, processes):
@@ -96,6 +157,63 @@ def test_theta0_offload_is_refused_when_sharded(neox, tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "--theta0-offload runs with one process or --parallel ddp" in proc.stderr
+
+
+@pytest.mark.parametrize("family,objective,want", [
+    ("bert", "cls", ["backbone.pooler.dense.weight", "backbone.pooler.dense.bias"]),
+    ("bert", "mlm", []), ("gpt2", "clm", []), ("gpt2", "cls", [])])
+def test_unreached_parameters_of_each_objective(tmp_path, family, objective, want):
+    """The check that decides DDP's find_unused_parameters: BERT's pooler is bypassed by mean-pooled
+    cls (and absent from the MLM model); the tied GPT-2 LM head reaches the embedding. One forward, no
+    gradients left behind, the RNG untouched (the same dropout draws follow)."""
+    import torch
+
+    from depthfast.batches import make_batch
+    from depthfast.config import RunConfig
+    from depthfast.models import load_model, load_tokenizer
+    from depthfast.train import unreached_parameters
+
+    path = tiny_models.save(family, str(tmp_path / family))
+    model = load_model(path, objective, num_labels=3).eval()
+    texts = ["def f(x): return x", "a plain sentence of English words", "import os"]
+    batch = make_batch(objective, load_tokenizer(path, objective), texts, [0, 1, 2], 16, 0.5,
+                       torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    assert unreached_parameters(model, batch, RunConfig(objective=objective), torch.device("cpu")) == want
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+PROCESS_GROUP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from depthfast.config import RunConfig
+from depthfast.train import end_process_group, make_accelerator
+own = sys.argv[1] == "own"
+if not own:  # the caller's group, made before depthfast's accelerator
+    dist.init_process_group("gloo")
+accelerator = make_accelerator(RunConfig(device="cpu"))
+assert dist.is_initialized() and accelerator.num_processes == 2
+accelerator.wait_for_everyone()
+end_process_group()
+assert dist.is_initialized() != own, dist.is_initialized()
+if not own:
+    dist.destroy_process_group()
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+@pytest.mark.parametrize("owner", ["own", "caller"])
+def test_process_group_is_destroyed_by_whoever_made_it(tmp_path, owner):
+    """main() ends with end_process_group: the group accelerate made for depthfast is destroyed before
+    interpreter teardown (where its native threads made 2 in 44 CUDA-torch runs abort), a group the
+    caller made is left to the caller."""
+    script = tmp_path / "pg.py"
+    script.write_text(PROCESS_GROUP_SCRIPT)
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", str(script), owner], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.count("ok") == 2, proc.stderr[-3000:]
 
 
 def test_hsdp_shard_size_must_divide_the_processes():

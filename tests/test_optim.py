@@ -23,8 +23,15 @@ import torch
 
 from depthfast.optim import EqualStep, EqualStepAdamW, ForeachEqualStep, equal_step_scales, group_update_ratio
 
-# Large blocks keep the interpreter fast (~2 ms per program); a small chunk makes multi-chunk tensors.
-os.environ.setdefault("DEPTHFAST_OPTIM_BLOCK", "4096")
+
+
+@pytest.fixture(autouse=True)
+def production_launch_config(monkeypatch):
+    """Block and chunk are production's (depthfast.optim.launch_config): on a GPU BLOCK 1024 (BLOCK
+    4096 takes 243 registers per thread on sm_90), in the interpreter BLOCK 4096 (~2 ms per program).
+    Tests that need multi-chunk tensors set a small chunk, a multiple of either block."""
+    monkeypatch.delenv("DEPTHFAST_OPTIM_BLOCK", raising=False)
+    monkeypatch.delenv("DEPTHFAST_OPTIM_CHUNK", raising=False)
 
 ODD_SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (9000,), (33, 17)]
 # On a GPU the kernels run for real on CUDA tensors; on a CPU, in the interpreter (tests/conftest.py).
@@ -421,6 +428,116 @@ def test_state_dict_round_trip_and_switching_paths(make):
             _assert_close(b.state[q][k], v, 1e-5, 1e-6, f"state {k} after reloading")
     if adam:
         assert float(b.state[qs[0]]["step"]) == 5
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.1)],
+                         ids=["adamw", "sgd"])
+def test_tables_follow_replaced_parameter_and_state_storage(make):
+    """Storage the tables point at can move between steps: ``p.data = new`` (what ``model.to(dtype)``
+    and many loaders do) and a state tensor replaced in ``optimizer.state``. The fused step must then
+    update the new tensors, exactly as the reference does (stale tables would step the orphaned ones:
+    the parameter would not move, the new state would not be read)."""
+    ps = _params(ODD_SHAPES[:4])
+    rs = _f64_copy(ps)
+    fused = EqualStep(make(ps), [ps[:2], ps[2:]], fused=True)
+    ref = EqualStep(make(rs), [rs[:2], rs[2:]], fused=False)
+    state_key = "exp_avg" if isinstance(fused.optimizer, torch.optim.AdamW) else "momentum_buffer"
+    for t in range(4):
+        if t == 1:  # new parameter storage (new values too), for a grouped and a second tensor
+            for i in (0, 3):
+                ps[i].data = ps[i].data * 1.5
+                rs[i].data = rs[i].data * 1.5
+        if t == 2:  # a new state tensor in place of the old one
+            for opt, q in ((fused, ps[1]), (ref, rs[1])):
+                opt.state[q][state_key] = opt.state[q][state_key] * 0.5
+        if t == 3:  # both at once, on the tensor of group 2 that was left alone so far
+            ps[2].data = ps[2].data.clone()
+            rs[2].data = rs[2].data.clone()
+            for opt, q in ((fused, ps[2]), (ref, rs[2])):
+                opt.state[q][state_key] = opt.state[q][state_key].clone()
+        _set_grads(ps, rs, seed=20 + t)
+        fused.step()
+        ref.step()
+        _assert_close(fused.ratios_before, ref.ratios_before, 1e-6, 0.0, f"step {t} ratios")
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
+            _assert_close(fused.state[p][state_key], ref.state[r][state_key], 2e-5, 1e-6, f"step {t} {state_key}")
+
+
+def test_device_guard_selects_the_tensors_device():
+    """The launch context for CUDA tensors makes *their* device current (Triton launches on the current
+    device), whatever device is current when the step is called; CPU tensors get no guard."""
+    from depthfast.kernels import optim as kernels
+
+    guard = kernels.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert kernels.device_guard(torch.device("cuda", 0)).idx == 0
+    assert not isinstance(kernels.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_every_launch_enters_the_parameters_device(monkeypatch):
+    """kernels.launch runs each kernel inside device_guard(the tables' device), and the tables live on
+    the parameters' device: a launch outside the guard, or under another device, fails here. Both
+    phases (exact mode) of both dtype buckets are counted."""
+    import contextlib
+
+    from depthfast.kernels import optim as kernels
+
+    real_guard, real_launch = kernels.device_guard, kernels._launch
+    inside, launched_under = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        inside.append(device)
+        with real_guard(device):
+            yield
+        inside.pop()
+
+    def recording_launch(tables, *args):
+        launched_under.append((tables.device, tuple(inside)))
+        real_launch(tables, *args)
+
+    monkeypatch.setattr(kernels, "device_guard", recording_guard)
+    monkeypatch.setattr(kernels, "_launch", recording_launch)
+    ps = _params([(8, 8), (7,), (5, 3)])  # two buckets: vector-aligned and not
+    e = EqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:]], fused=True)
+    _same_grads(ps, [torch.empty_like(p) for p in ps], seed=0)
+    e.step()
+    want = ps[0].device
+    assert len(e._engine.buckets) == 2
+    assert launched_under == [(want, (want,))] * 4, launched_under
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_parameters_on_the_second_gpu_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    ps = _params(ODD_SHAPES, device="cuda:1")
+    rs = _f64_copy(ps)
+    fused = EqualStep(torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), [ps[:3], ps[3:]], fused=True)
+    ref = EqualStep(torch.optim.AdamW(rs, lr=1e-2, weight_decay=0.1), [rs[:3], rs[3:]], fused=False)
+    for t in range(2):
+        _set_grads(ps, rs, seed=t)
+        fused.step()
+        ref.step()
+        assert torch.cuda.current_device() == 0  # the guard restores the caller's device
+        assert fused.ratios_before.device == torch.device("cuda", 1)
+        _assert_close(fused.ratios_after, ref.ratios_after, 1e-6, 0.0, f"step {t} ratios")
+        for p, r in zip(ps, rs):
+            _assert_close(p, r, 2e-5, 1e-6, f"step {t} params")
+
+
+def test_production_chunking_of_large_tensors():
+    """Production's block and chunk (no overrides) on tensors of several chunks each: 262 144 elements
+    (16-byte accesses) and 153 900 (an odd size, 4-byte accesses) against the reference."""
+    from depthfast.optim import launch_config
+
+    block, chunk = launch_config(torch.device(DEVICE))
+    assert (block, chunk) == ((1024, 65536) if DEVICE == "cuda" else (4096, 65536))
+    fused, _ = _run_pair([(256, 1024), (300, 513), (64,)], [1, 2], steps=2)
+    assert fused._engine.block == block and fused._engine.chunk == chunk
+    assert sum(t.num_chunks for t, _ in fused._engine.buckets) == 4 + 3 + 1
+    assert sorted(t.vec for t, _ in fused._engine.buckets) == [0, 4]
 
 
 def test_state_works_with_torch_fused_adamw():
