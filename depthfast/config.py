@@ -24,7 +24,8 @@ class RunConfig:
     model: HF hub id or local directory. objective: cls (sequence classification, fresh head),
     mlm (masked LM, encoders), clm (causal LM, decoders). control: none or equal-step.
     optimizer: adamw, or sgd (with ``momentum``; it needs a far larger ``lr`` than AdamW's default).
-    dataset: "builtin:pydoc" (Python's documentation, offline), a hub name or a local file.
+    dataset: "builtin:pydoc" (Python's documentation, offline), a hub name or a local file;
+    dataset_config: the hub dataset's configuration name, if it has several (``sst2`` of ``nyu-mll/glue``).
     tied_embeddings: the group of a tied input/output matrix (LM head whose weight is the token
     embedding): "head" (the output projection: free under the control, not in layer 0's weight change)
     or "embeddings" (equalized with the profile's layers, counted in layer 0's weight change).
@@ -34,6 +35,7 @@ class RunConfig:
     objective: str = "cls"
     control: str = "none"
     dataset: str = "builtin:pydoc"
+    dataset_config: str = ""
     text_column: str = "text"
     label_column: str = "label"
     steps: int = 60

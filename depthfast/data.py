@@ -65,16 +65,21 @@ def pydoc_paragraphs(num_topics: int) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def _load_records(dataset: str, text_column: str, label_column: str | None) -> tuple[dict[str, list], str]:
-    """Rows of a local file or hub dataset as {split: [(text, label or None)]}."""
+def _load_records(dataset: str, text_column: str, label_column: str | None,
+                  config_name: str = "") -> tuple[dict[str, list], str]:
+    """Rows of a local file or hub dataset (``config_name``: its configuration) as {split: [(text, label or None)]}."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a hard requirement
         raise DepthfastError("the 'datasets' package is needed to load --dataset") from exc
 
     ext = os.path.splitext(dataset)[1].lower()
-    if os.path.isdir(dataset):  # a local directory of data files: datasets infers format and splits
-        args, kwargs = (dataset,), {}
+    named = (dataset, config_name) if config_name else (dataset,)
+    if config_name and not os.path.isdir(dataset) and (os.path.exists(dataset) or ext in LOCAL_BUILDERS):
+        raise DepthfastError(f"--dataset-config {config_name!r} names a configuration of a hub dataset or a "
+                             f"dataset directory; {dataset!r} is a single file")
+    if os.path.isdir(dataset):  # a local directory of data files (or a hub-style repository with configs)
+        args, kwargs = named, {}
     elif os.path.exists(dataset):
         if ext not in LOCAL_BUILDERS:
             raise DepthfastError(f"dataset file {dataset!r}: unknown format; use one of {sorted(LOCAL_BUILDERS)}")
@@ -82,7 +87,7 @@ def _load_records(dataset: str, text_column: str, label_column: str | None) -> t
     elif ext in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
         raise DepthfastError(f"dataset file {dataset!r} does not exist")
     else:
-        args, kwargs = (dataset,), {}
+        args, kwargs = named, {}
         go_offline_if_unreachable()
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
@@ -90,7 +95,8 @@ def _load_records(dataset: str, text_column: str, label_column: str | None) -> t
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not hub_reachable():
             first_line += " (the hub is unreachable: only locally cached datasets load)"
-        raise DepthfastError(f"cannot load dataset {dataset!r}: {first_line}") from None
+        shown = f"{dataset}:{config_name}" if config_name else dataset
+        raise DepthfastError(f"cannot load dataset {shown!r}: {first_line}") from None
     splits = {}
     for split_name, split in loaded.items():
         missing = [c for c in (text_column, label_column) if c and c not in split.column_names]
@@ -113,6 +119,7 @@ def load_task(
     text_column: str = "text",
     label_column: str = "label",
     num_topics: int = 8,
+    dataset_config: str = "",
 ) -> Task:
     """Load texts for ``objective`` ("cls" needs labels) and hold out ``probe_size`` probe texts.
 
@@ -121,10 +128,13 @@ def load_task(
     """
     needs_labels = objective == "cls"
     if dataset == BUILTIN:
+        if dataset_config:
+            raise DepthfastError(f"--dataset-config {dataset_config!r} names a configuration of a hub dataset; "
+                                 f"{BUILTIN} has none")
         texts, raw_labels = pydoc_paragraphs(num_topics)
         splits = {"train": list(zip(texts, raw_labels))}
     else:
-        splits, _ = _load_records(dataset, text_column, label_column if needs_labels else None)
+        splits, _ = _load_records(dataset, text_column, label_column if needs_labels else None, dataset_config)
     rows_train = [r for r in splits.get("train", []) if isinstance(r[0], str) and r[0].strip()]
     probe_split = next((s for s in PROBE_SPLITS if s in splits), None)
     rng = random.Random(seed)

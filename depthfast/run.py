@@ -27,6 +27,7 @@ HELP = {
     "optimizer": "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2, and usually "
                  "--weight-decay 0: with momentum, decay shrinks every weight by ~lr·wd/(1 − momentum) per step)",
     "momentum": "SGD momentum (default 0.9; ignored by adamw)",
+    "dataset_config": "configuration name of a hub dataset that has several (e.g. sst2 of nyu-mll/glue)",
     "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
     "out": "results directory (written atomically)",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
@@ -113,7 +114,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     check_objective(model_config, cfg.objective)  # fail before any data is read
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
     task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
-                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column)
+                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
+                     dataset_config=cfg.dataset_config)
     # Every process builds the probe (cheap), so that a probe set with nothing to compare is refused
     # on all of them alike, before any model is loaded.
     probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,

@@ -21,8 +21,8 @@ A study grid adds two optional keys, for settings that belong to a model or an o
         objectives: [cls, clm]
         precision: bf16
     per_objective:                 # RunConfig fields per objective (e.g. the dataset of each)
-      cls: {dataset: SetFit/sst2}
-      clm: {dataset: iohadrubin/wikitext-103-raw-v1}
+      cls: {dataset: nyu-mll/glue, dataset_config: sst2, text_column: sentence}
+      clm: {dataset: Salesforce/wikitext, dataset_config: wikitext-103-raw-v1}
 
 The runs are: for each models entry (file order), for each of its objectives, the product of the
 grid lists. A run's fields, later winning: base, per_objective[its objective], its models entry,

@@ -100,3 +100,36 @@ def test_unlabelled_rows_are_refused_in_a_pooled_hold_out(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows("train", 40, label=lambda i: -1 if i == 7 else i % 2)))
     with pytest.raises(DepthfastError, match="split 'train': 1 of 40 rows have no label"):
         load_task(str(path), "cls", probe_size=16, min_probe_size=16, seed=0)
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_dataset_config_selects_a_configuration(tmp_path):
+    """A dataset with several configurations (hub style: README.md `configs:`) loads the one named by
+    --dataset-config through datasets.load_dataset(name, config)."""
+    for config, word in (("small", "alpha"), ("large", "omega")):
+        for split, count in (("train", 40), ("validation", 20)):
+            _write_jsonl(tmp_path / config / f"{split}.jsonl",
+                         [{"text": f"{word} text number {i} of {split}", "label": i % 2} for i in range(count)])
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+                  f"  - split: validation\n    path: {c}/validation.jsonl\n" for c in ("small", "large"))
+        + "---\n")
+    task = load_task(str(tmp_path), "cls", probe_size=16, min_probe_size=16, seed=0, dataset_config="large")
+    assert all(t.startswith("omega") for t in task.train_texts + task.probe_texts)
+    assert all(t.endswith("of validation") for t in task.probe_texts)
+    other = load_task(str(tmp_path), "cls", probe_size=16, min_probe_size=16, seed=0, dataset_config="small")
+    assert all(t.startswith("alpha") for t in other.train_texts)
+
+
+def test_dataset_config_on_a_single_file_or_builtin_is_one_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    _write_jsonl(path, [{"text": f"text {i}", "label": i % 2} for i in range(40)])
+    with pytest.raises(DepthfastError, match="single file"):
+        load_task(str(path), "cls", probe_size=16, min_probe_size=16, seed=0, dataset_config="sst2")
+    with pytest.raises(DepthfastError, match="has none"):
+        load_task(BUILTIN, "cls", probe_size=16, min_probe_size=16, seed=0, dataset_config="sst2")

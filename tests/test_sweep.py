@@ -190,7 +190,8 @@ def test_study_grid_expands_to_the_published_design():
         assert sorted({c.objective for c in mine}) == (["cls", "mlm"] if encoder else ["clm", "cls"])
         assert {(c.control, c.seed) for c in mine} == {(k, s) for k in ("none", "equal-step") for s in range(4)}
     by = {(r.config.model, r.config.objective): r.config for r in runs}
-    assert by["gpt2", "cls"].dataset == "SetFit/sst2" and by["gpt2", "clm"].dataset.endswith("wikitext-103-raw-v1")
+    assert (by["gpt2", "cls"].dataset, by["gpt2", "cls"].dataset_config) == ("nyu-mll/glue", "sst2")
+    assert (by["gpt2", "clm"].dataset, by["gpt2", "clm"].dataset_config) == ("Salesforce/wikitext", "wikitext-103-raw-v1")
     big = by["EleutherAI/pythia-6.9b", "clm"]
     assert big.precision == "bf16" and big.gradient_checkpointing and big.theta0_offload and big.lr == 1e-5
     assert by["gpt2", "cls"].precision == "fp32" and by["gpt2", "cls"].steps == 500
