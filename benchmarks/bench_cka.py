@@ -17,6 +17,13 @@ and |CKA − float64 CKA| (max over layers) on inputs with offsets of 1e4 on a f
 
     python benchmarks/bench_cka.py                 # CPU: small shapes, < 1 min
     python benchmarks/bench_cka.py --device cuda   # 24×8192×2048 and 32×4096×4096, bf16
+    python benchmarks/bench_cka.py --accuracy      # error on 1 − CKA vs number of updates (fp32 vs float64 sums)
+
+--accuracy: nearly identical X, Y (Y = X + 0.01·noise, 1 − CKA ≈ 1e-4, offsets of 1e3 on two channels)
+streamed in probe batches of 4096 tokens up to a study-sized probe (256 updates ≈ 1 M tokens), the
+engine with its Gram statistics accumulated in float32 (the old layout) and in float64 (each update's
+fp32 products added into float64), against the float64 reference on the same inputs: relative error
+|Δ(1 − CKA)| / (1 − CKA) after 1, 4, 16, 64, 256 updates.
 
 On a GPU machine: `pip install --no-build-isolation --no-deps -e .` (builds csrc/*.cu when torch has
 CUDA), `python -m pytest -q tests/test_cka.py -k cuda`, then this script with --device cuda.
@@ -239,12 +246,62 @@ def bench_ride_along(device: str, reps: int) -> None:
     print(f"  + CKA statistics          {measured:9.2f} ms   (+{100 * (measured / plain - 1):.1f} %; target ≤ 10 % on a GPU)")
 
 
+def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints=(1, 4, 16, 64, 256),
+                   dtype=torch.float32, layers: int = 1) -> dict:
+    """Relative error on 1 − CKA vs updates, engine with fp32 and float64 Gram sums vs the float64
+    reference (same inputs). Returns {(d, accum): [errors at checkpoints]}."""
+    ext = _ext.extension()
+    if ext is None:
+        print("accuracy  skipped: depthfast._C not built")
+        return {}
+    results = {}
+    print(f"accuracy  1 − CKA ≈ 1e-4, batches of {batch} tokens, {str(dtype).replace('torch.', '')} inputs on {device}: "
+          "relative error |Δ(1 − CKA)| / (1 − CKA) vs the float64 reference")
+    print(f"  {'d':>5} {'Gram sums':>10} " + " ".join(f"{c:>9}" for c in checkpoints) + "   (updates)")
+    for d in widths:
+        g = torch.Generator().manual_seed(d)
+        mix = torch.randn(d, d, generator=g) / d**0.5  # anisotropic, correlated channels
+        accs = {"reference": cka.StreamingCKA(layers, backend="reference")}
+        saved = cka._GRAM_ACCUM_DTYPE
+        for name, acc_dtype in (("float32", torch.float32), ("float64", torch.float64)):
+            cka._GRAM_ACCUM_DTYPE = acc_dtype  # read when the state is allocated (first update)
+            accs[name] = cka.StreamingCKA(layers, backend="extension")
+        errs = {"float32": [], "float64": []}
+        try:
+            for u in range(1, max(checkpoints) + 1):
+                x = torch.randn(batch, d, generator=g) @ mix
+                x[:, :2] += 1e3
+                y = x + 0.01 * torch.randn(batch, d, generator=g) * x.std(0)
+                x, y = x.to(dtype), y.to(dtype)
+                for name, m in accs.items():
+                    cka._GRAM_ACCUM_DTYPE = torch.float32 if name == "float32" else torch.float64
+                    dev = "cpu" if name == "reference" else device
+                    m.update([x.to(dev)] * layers, [y.to(dev)] * layers)
+                if u in checkpoints:
+                    ref = 1.0 - float(accs["reference"].compute()[0])
+                    for name in errs:
+                        errs[name].append(abs((1.0 - float(accs[name].compute()[0])) - ref) / ref)
+        finally:
+            cka._GRAM_ACCUM_DTYPE = saved
+        for name, e in errs.items():
+            results[(d, name)] = e
+            print(f"  {d:>5} {name:>10} " + " ".join(f"{v:9.2e}" for v in e))
+        print(f"  {d:>5} {'1 − CKA':>10} {ref:9.3e}")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--accuracy", action="store_true", help="only the accuracy sweep (error on 1 − CKA vs updates)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.accuracy:
+        bench_accuracy(args.device)
+        if args.device == "cuda":  # the tensor-core path: bf16 inputs, production probe batch width
+            bench_accuracy(args.device, widths=(2048,), dtype=torch.bfloat16, checkpoints=(1, 16, 256))
+        return
     if args.device == "cuda":
         reps = args.reps or 10
         for layers, n, d in ((24, 8192, 2048), (32, 4096, 4096)):
