@@ -749,3 +749,136 @@ def test_float64_gram_sums_keep_relative_accuracy_over_a_study_sized_probe(monke
     assert rel["float64"].max() < accum_tol, rel
     assert rel["float32"].max() > accum_tol, rel  # the old layout loses it: the test can fail
 
+
+
+# ---------------------------------------------------------------------------------------------
+# per-text HSIC₁ (metrics.per_text_hsic_batch, the bootstrap's input) and the memory estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def per_text_hsic_loop(base_acts, tuned_acts, mask):
+    """The previous implementation, kept as the float64 reference: one text at a time, its real
+    rows selected, centered, float64 n×n Grams, ``cka.hsic1``; texts with n ≤ 3 left out."""
+    rows = []
+    for i in range(mask.shape[0]):
+        keep = mask[i].bool()
+        if int(keep.sum()) <= 3:
+            continue
+        h = []
+        for x, y in zip(base_acts, tuned_acts):
+            xc, yc = x[i][keep].double(), y[i][keep].double()
+            xc, yc = xc - xc.mean(0), yc - yc.mean(0)
+            k, l = xc @ xc.T, yc @ yc.T
+            h.append(cka.hsic1(torch.stack([k, k, l]), torch.stack([l, k, l])))
+        rows.append(torch.stack(h))
+    return torch.stack(rows) if rows else torch.zeros(0, len(base_acts), 3, dtype=torch.float64)
+
+
+def _texts(seed, lengths, seq, widths, offset=1e3, noise=0.01):
+    g = gen(seed)
+    mask = (torch.arange(seq)[None] < torch.tensor(lengths)[:, None]).long()
+    xs = [torch.randn(len(lengths), seq, d, generator=g) + offset * (torch.arange(d) < 2) for d in widths]
+    ys = [x + noise * torch.randn(x.shape, generator=g) for x in xs]
+    for t in (*xs, *ys):
+        t[mask == 0] = float("nan")  # padding garbage must not reach any text's statistics
+    return xs, ys, mask
+
+
+def _per_text_change(h):
+    """1 − CKA_S of the per-text bootstrap's ratio of sums over all texts, per layer."""
+    return 1.0 - h[:, :, 0].sum(0) / (h[:, :, 1].sum(0) * h[:, :, 2].sum(0)).sqrt()
+
+
+def test_per_text_hsic_batch_matches_the_per_text_float64_loop():
+    """Texts of lengths 1 … seq, including n ≤ 3 (HSIC₁ undefined: left out, as before), NaN padding.
+    CPU default (float64): to float64 roundoff. fp32 Grams (the GPU path, run here on the CPU): per
+    triple, each Gram entry carries a relative error ≲ √d·2⁻²⁴ (≤ 1.9e-6 at d = 1024), the sums over
+    n² entries stay within that: REL 2e-5 (measured ≤ 2.5e-6 up to d = 2048); on the bootstrap's
+    1 − CKA_S (≈ 1e-4 here) the triples' errors partly cancel: ABS 1e-6 (measured ≤ 4.1e-7 at d = 1024)."""
+    from depthfast import metrics
+
+    lengths = [1, 2, 3, 4, 5, 17, 40, 40, 23, 3, 8]
+    xs, ys, mask = _texts(98, lengths, 40, (24, 24, 64))
+    want = per_text_hsic_loop(xs, ys, mask)
+    assert want.shape == (len([n for n in lengths if n > 3]), 3, 3)
+    got = metrics.per_text_hsic_batch(xs, ys, mask)
+    assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == want.shape
+    assert ((got - want).abs() / want.abs()).max() < 1e-10
+    f32 = metrics.per_text_hsic_batch(xs, ys, mask, gram_dtype=torch.float32)
+    assert ((f32 - want).abs() / want.abs()).max() < 2e-5
+    assert (_per_text_change(f32) - _per_text_change(want)).abs().max() < 1e-6
+    # texts of ≤ 3 tokens only: no rows (and per_text_hsic of one such text: None), as before
+    assert metrics.per_text_hsic_batch(xs, ys, (mask * 0 + 1) * (torch.arange(40) < 3)).shape == (0, 3, 3)
+    assert metrics.per_text_hsic([x[1, :2] for x in xs], [y[1, :2] for y in ys]) is None
+    one = metrics.per_text_hsic([x[5, :17] for x in xs], [y[5, :17] for y in ys])
+    assert ((one - want[2]).abs() / want[2].abs()).max() < 1e-10  # texts 0-2 (n ≤ 3) were left out
+
+
+def test_per_text_hsic_batch_fp32_at_wide_layers_and_chunks(monkeypatch):
+    """d = 1024 (the √d term of the fp32 bound), offsets of 1e3, texts split into chunks of 3."""
+    from depthfast import metrics
+
+    monkeypatch.setattr(metrics, "_PER_TEXT_GRAM_BYTES", 3 * 4 * 48 * 48 * 4)  # 3 texts per chunk
+    xs, ys, mask = _texts(99, [48, 30, 7, 4, 48, 12, 2], 48, (1024,))
+    want = per_text_hsic_loop(xs, ys, mask)
+    f32 = metrics.per_text_hsic_batch(xs, ys, mask, gram_dtype=torch.float32)
+    assert ((f32 - want).abs() / want.abs()).max() < 2e-5
+    assert (_per_text_change(f32) - _per_text_change(want)).abs().max() < 1e-6
+    f64 = metrics.per_text_hsic_batch(xs, ys, mask)
+    assert ((f64 - want).abs() / want.abs()).max() < 1e-10
+
+
+def test_memory_estimate_counts_the_cka_staging():
+    """Pythia-1.4B shapes (24 blocks → 25 layers of d = 2048), probe batches of 32 × 128 tokens: the
+    measurement line = float64 statistics + captured activations + the larger of one engine update's
+    and one per-text batch's staging, each as csrc/cka.cpp and metrics.py allocate it."""
+    from transformers import AutoModelForCausalLM
+
+    from depthfast import memory
+    from depthfast.config import RunConfig
+    from depthfast.registry import lookup
+
+    G, t, d = 25, 32 * 128, 2048
+    stats = G * (3 * d * d * 8 + 6 * d * 8 + 2 * d * 4 + 5 * 8)
+    assert memory.cka_statistics_bytes(G, d, "exact") == stats
+    # X', Y' fp32 operands, row norms, the row mask, then the fp32 Y'ᵀX' product (bigger than the
+    # split weights' G·t·(48 + 32) + 48·G·d)
+    staging = 2 * G * t * d * 4 + 2 * G * t * 8 + t * 4 + G * d * d * 4
+    assert memory.cka_update_bytes(G, t, d, "exact", 4) == staging
+    assert staging > 2 * G * t * d * 4  # at least the two shifted operand copies of the group
+    bf16 = 2 * G * t * d * 2 + 2 * G * t * 8 + t * 4 + G * d * d * 4
+    assert memory.cka_update_bytes(G, t, d, "exact", 2) == bf16
+    per_text = memory.per_text_hsic_bytes(32, 128, d)
+    assert per_text == 32 * (2 * 128 * 128 * 4 + 128 * d * 8) < staging
+    config = lookup("EleutherAI/pythia-1.4b").config()
+    config.num_hidden_layers = 1  # the estimate's block count is passed in; hidden size is what counts
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    cfg = RunConfig(objective="clm", batch_size=8, max_length=128, probe_batch_size=32)
+    est = memory.estimate_run_memory(model, cfg, 24)
+    assert est.parts["measurement"] == stats + 2 * G * t * d * 4 + staging
+    unbiased = memory.estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=128,
+                                                            probe_batch_size=32, estimator="unbiased"), 24)
+    # no d × d state; the staging peak is the minibatch mean's copies or the fp32 block products
+    assert unbiased.parts["measurement"] == (2 * G * t * d * 4 + 2 * G * t * 8 + t * 4
+                                             + max(G * t * d * 4, 8 * G * d * d) + 2 * G * t * d * 4)
+
+
+@needs_cuda
+def test_memory_estimate_brackets_a_real_engine_update_on_gpu():
+    """Production shape of a probe batch (32 texts × 128 tokens, 25 layers of 2048, bf16): the peak
+    the CUDA allocator sees during one exact update, above the state, is within the estimate."""
+    from depthfast import memory
+
+    G, t, d = 25, 32 * 128, 2048
+    x = [torch.randn(t, d, device="cuda", dtype=torch.bfloat16) for _ in range(G)]
+    m = cka.StreamingCKA(G, backend="extension")
+    m.update(x, x)  # allocates the state and the shift
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m.update(x, x)
+    torch.cuda.synchronize()
+    staged = torch.cuda.max_memory_allocated() - base
+    est = memory.cka_update_bytes(G, t, d, "exact", 2)
+    assert 0.5 * est <= staged <= 1.1 * est, (staged, est)
