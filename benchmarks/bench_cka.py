@@ -246,6 +246,27 @@ def bench_ride_along(device: str, reps: int) -> None:
     print(f"  + CKA statistics          {measured:9.2f} ms   (+{100 * (measured / plain - 1):.1f} %; target ≤ 10 % on a GPU)")
 
 
+def bench_production(device: str, reps: int) -> None:
+    """StreamingCKA.update as measure.py calls it: a probe batch of 32 texts × 128 tokens (RunConfig
+    defaults) per call, (batch, seq, d) block outputs with a padding mask, all layers, the block split
+    gram_block picks; 25 layers of d = 2048 (Pythia-1.4B) bf16 on a GPU, 7 × 384 fp32 (MiniLM) on the CPU."""
+    layers, d, dtype = (25, 2048, torch.bfloat16) if device == "cuda" else (7, 384, torch.float32)
+    b, s = 32, 128
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.arange(s)[None] < torch.randint(16, s + 1, (b,), generator=g)[:, None]).long()
+    base = [(torch.randn(b, s, d, generator=g)).to(device, dtype) for _ in range(layers)]
+    tuned = [(x.float() + 0.1 * torch.randn(b, s, d, generator=g).to(device)).to(dtype) for x in base]
+    mask = mask.to(device)
+    print(f"production  StreamingCKA.update, {layers} layers × ({b} × {s} tokens, {int(mask.sum())} real) × d {d}, "
+          f"{str(dtype).replace('torch.', '')} on {device}")
+    for estimator in ("exact", "unbiased"):
+        m = cka.StreamingCKA(layers, estimator=estimator)
+        ms = timer(device, lambda: m.update(base, tuned, mask), reps)
+        flops = 2.0 * layers * b * s * 3 * d * d if estimator == "exact" else 0.0
+        tf = f"{flops / (ms * 1e-3) / 1e12:8.3f} TFLOP/s" if flops else ""
+        print(f"  {estimator:<10} backend {m.backend:<9} {ms:10.2f} ms per probe batch  {tf}")
+
+
 def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints=(1, 4, 16, 64, 256),
                    dtype=torch.float32, layers: int = 1) -> dict:
     """Relative error on 1 − CKA vs updates, engine with fp32 and float64 Gram sums vs the float64
@@ -314,6 +335,7 @@ def main() -> None:
         bench_exact(2, 1024, 1024, torch.float32, "cpu", reps, with_reference=False)
         bench_unbiased(4, 256, 512, torch.float32, "cpu", reps)
         bench_unbiased(4, 1024, 128, torch.float32, "cpu", reps)
+    bench_production(args.device, reps)
     bench_ride_along(args.device, reps)
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

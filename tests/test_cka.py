@@ -364,8 +364,9 @@ def test_engine_cuda_matches_reference(dtype, estimator):
     ys = [y.to(dtype)] * 4
     ref = cka.StreamingCKA(4, estimator=estimator, backend="reference")
     got = cka.StreamingCKA(4, estimator=estimator, backend="extension")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would make fp32 behave like a 10-bit format
+    # the user asks for TF32 (which would make fp32 a 10-bit format): the engine must not use it
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         for a in range(0, x.shape[0], 256):
             ref.update([t[a:a + 256] for t in xs], [t[a:a + 256] for t in ys])
@@ -373,8 +374,38 @@ def test_engine_cuda_matches_reference(dtype, estimator):
         tol = TOL_F32 if dtype == torch.float32 else tol_16bit(dtype, 256)
         for measure in cka.MEASURES if estimator == "exact" else ("linear",):
             assert (got.compute(measure) - ref.compute(measure)).abs().max() < tol, measure
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+def test_engine_cuda_production_probe_batches(dtype, estimator):
+    """What real runs feed: probe batches of 32 texts × 128 tokens (RunConfig defaults, measure.py),
+    (batch, seq, d) block outputs with a padding mask (NaN in the padding), d = 2048 (Pythia-1.4B: the
+    symmetric block split gram_block takes), layers in one group; 1 − CKA ≈ 1e-4 (nearly identical) and
+    relative tolerances of the section above, against float64 on the same values."""
+    layers, b, s, d = 4, 32, 128, 2048
+    g = gen(110)
+    lengths = torch.randint(8, s + 1, (b,), generator=g)
+    mask = (torch.arange(s)[None] < lengths[:, None]).long()
+    base = [torch.randn(b, s, d, generator=g) + 30.0 * (torch.arange(d) < 4) for _ in range(layers)]
+    tuned = [x + 0.01 * torch.randn(x.shape, generator=g) for x in base]
+    for t in (*base, *tuned):
+        t[mask == 0] = float("nan")
+    base, tuned = [t.to(dtype) for t in base], [t.to(dtype) for t in tuned]
+    ref = cka.StreamingCKA(layers, estimator=estimator, backend="reference")
+    got = cka.StreamingCKA(layers, estimator=estimator, backend="extension")
+    for half in (slice(0, b // 2), slice(b // 2, b)):
+        ref.update([t[half] for t in base], [t[half] for t in tuned], mask[half])
+        got.update([t[half].cuda() for t in base], [t[half].cuda() for t in tuned], mask[half].cuda())
+    c = 1.0 - ref.compute()
+    rel = float(((1.0 - got.compute()) - c).abs().max() / c.min())
+    tol = REL_TOL_F32 if dtype == torch.float32 else rel_tol_16bit(dtype, float(c.min()))
+    assert rel < tol, (rel, tol, c)
+    assert got.backend == "extension"  # no silent fall back on the GPU under test
 
 
 # ---------------------------------------------------------------------------------------------
