@@ -341,8 +341,8 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
       syrk_accumulate_cuda(px.op, py.op, sxx, syy, syx, skip_xx);
     } else {
       auto f32 = sxx.options().dtype(at::kFloat);
-      // skip_xx: the kernel never touches sxx, so no temporary for it
-      at::Tensor txx = skip_xx ? at::empty({0}, f32) : at::zeros({g, d1, d1}, f32);
+      // skip_xx: the kernel never writes sxx, but it forms pointers into it: a real buffer
+      at::Tensor txx = at::zeros({g, d1, d1}, f32);
       at::Tensor tyy = at::zeros({g, d2, d2}, f32), tyx = at::zeros({g, d2, d1}, f32);
       syrk_accumulate_cuda(px.op, py.op, txx, tyy, tyx, skip_xx);
       if (!skip_xx) sxx.add_(txx);

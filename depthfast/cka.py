@@ -189,7 +189,8 @@ class _ExactLayerStats:
     The O(n·d) vectors vx, vy, sc give the debiased (HSIC₁) measure, which needs row norms.
 
     The reference ``update`` keeps everything in float64. The compiled engine fills the same
-    fields (Grams in float32, only the upper blocks of Sxx/Syy: ``upper_block``); ``finish`` always
+    fields (Grams: fp32 products per update summed in ``_GRAM_ACCUM_DTYPE`` = float64, only the upper
+    blocks of Sxx/Syy: ``upper_block``); ``finish`` always
     combines them in float64.
     """
 

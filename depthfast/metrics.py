@@ -25,8 +25,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from depthfast.cka import hsic1
-
 # Relative floor of the steepness ratio: 1 % of the profile's largest change (see ``steepness``).
 STEEPNESS_FLOOR = 0.01
 # Keys that run.py stores under results["metrics"] for the objective distance (read by the report).
