@@ -280,24 +280,23 @@ def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints
           "relative error |Δ(1 − CKA)| / (1 − CKA) vs the float64 reference")
     print(f"  {'d':>5} {'Gram sums':>10} " + " ".join(f"{c:>9}" for c in checkpoints) + "   (updates)")
     for d in widths:
-        g = torch.Generator().manual_seed(d)
-        mix = torch.randn(d, d, generator=g) / d**0.5  # anisotropic, correlated channels
+        g = torch.Generator(device=device).manual_seed(d)  # data made where it is used
+        mix = torch.randn(d, d, generator=g, device=device) / d**0.5  # anisotropic, correlated channels
         accs = {"reference": cka.StreamingCKA(layers, backend="reference")}
         saved = cka._GRAM_ACCUM_DTYPE
-        for name, acc_dtype in (("float32", torch.float32), ("float64", torch.float64)):
-            cka._GRAM_ACCUM_DTYPE = acc_dtype  # read when the state is allocated (first update)
+        for name in ("float32", "float64"):
             accs[name] = cka.StreamingCKA(layers, backend="extension")
         errs = {"float32": [], "float64": []}
         try:
             for u in range(1, max(checkpoints) + 1):
-                x = torch.randn(batch, d, generator=g) @ mix
+                x = torch.randn(batch, d, generator=g, device=device) @ mix
                 x[:, :2] += 1e3
-                y = x + 0.01 * torch.randn(batch, d, generator=g) * x.std(0)
+                y = x + 0.01 * torch.randn(batch, d, generator=g, device=device) * x.std(0)
                 x, y = x.to(dtype), y.to(dtype)
-                for name, m in accs.items():
+                for name, m in accs.items():  # the float64 reference runs on the same device
+                    # read when an accumulator allocates its state (its first update)
                     cka._GRAM_ACCUM_DTYPE = torch.float32 if name == "float32" else torch.float64
-                    dev = "cpu" if name == "reference" else device
-                    m.update([x.to(dev)] * layers, [y.to(dev)] * layers)
+                    m.update([x] * layers, [y] * layers)
                 if u in checkpoints:
                     ref = 1.0 - float(accs["reference"].compute()[0])
                     for name in errs:
