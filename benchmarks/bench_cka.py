@@ -17,6 +17,13 @@ and |CKA − float64 CKA| (max over layers) on inputs with offsets of 1e4 on a f
 
     python benchmarks/bench_cka.py                 # CPU: small shapes, < 1 min
     python benchmarks/bench_cka.py --device cuda   # 24×8192×2048 and 32×4096×4096, bf16
+    python benchmarks/bench_cka.py --accuracy      # error on 1 − CKA vs number of updates (fp32 vs float64 sums)
+
+--accuracy: nearly identical X, Y (Y = X + 0.01·noise, 1 − CKA ≈ 1e-4, offsets of 1e3 on two channels)
+streamed in probe batches of 4096 tokens up to a study-sized probe (256 updates ≈ 1 M tokens), the
+engine with its Gram statistics accumulated in float32 (the old layout) and in float64 (each update's
+fp32 products added into float64), against the float64 reference on the same inputs: relative error
+|Δ(1 − CKA)| / (1 − CKA) after 1, 4, 16, 64, 256 updates.
 
 On a GPU machine: `pip install --no-build-isolation --no-deps -e .` (builds csrc/*.cu when torch has
 CUDA), `python -m pytest -q tests/test_cka.py -k cuda`, then this script with --device cuda.
@@ -239,12 +246,82 @@ def bench_ride_along(device: str, reps: int) -> None:
     print(f"  + CKA statistics          {measured:9.2f} ms   (+{100 * (measured / plain - 1):.1f} %; target ≤ 10 % on a GPU)")
 
 
+def bench_production(device: str, reps: int) -> None:
+    """StreamingCKA.update as measure.py calls it: a probe batch of 32 texts × 128 tokens (RunConfig
+    defaults) per call, (batch, seq, d) block outputs with a padding mask, all layers, the block split
+    gram_block picks; 25 layers of d = 2048 (Pythia-1.4B) bf16 on a GPU, 7 × 384 fp32 (MiniLM) on the CPU."""
+    layers, d, dtype = (25, 2048, torch.bfloat16) if device == "cuda" else (7, 384, torch.float32)
+    b, s = 32, 128
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.arange(s)[None] < torch.randint(16, s + 1, (b,), generator=g)[:, None]).long()
+    base = [(torch.randn(b, s, d, generator=g)).to(device, dtype) for _ in range(layers)]
+    tuned = [(x.float() + 0.1 * torch.randn(b, s, d, generator=g).to(device)).to(dtype) for x in base]
+    mask = mask.to(device)
+    print(f"production  StreamingCKA.update, {layers} layers × ({b} × {s} tokens, {int(mask.sum())} real) × d {d}, "
+          f"{str(dtype).replace('torch.', '')} on {device}")
+    for estimator in ("exact", "unbiased"):
+        m = cka.StreamingCKA(layers, estimator=estimator)
+        ms = timer(device, lambda: m.update(base, tuned, mask), reps)
+        flops = 2.0 * layers * b * s * 3 * d * d if estimator == "exact" else 0.0
+        tf = f"{flops / (ms * 1e-3) / 1e12:8.3f} TFLOP/s" if flops else ""
+        print(f"  {estimator:<10} backend {m.backend:<9} {ms:10.2f} ms per probe batch  {tf}")
+
+
+def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints=(1, 4, 16, 64, 256),
+                   dtype=torch.float32, layers: int = 1) -> dict:
+    """Relative error on 1 − CKA vs updates, engine with fp32 and float64 Gram sums vs the float64
+    reference (same inputs). Returns {(d, accum): [errors at checkpoints]}."""
+    ext = _ext.extension()
+    if ext is None:
+        print("accuracy  skipped: depthfast._C not built")
+        return {}
+    results = {}
+    print(f"accuracy  1 − CKA ≈ 1e-4, batches of {batch} tokens, {str(dtype).replace('torch.', '')} inputs on {device}: "
+          "relative error |Δ(1 − CKA)| / (1 − CKA) vs the float64 reference")
+    print(f"  {'d':>5} {'Gram sums':>10} " + " ".join(f"{c:>9}" for c in checkpoints) + "   (updates)")
+    for d in widths:
+        g = torch.Generator(device=device).manual_seed(d)  # data made where it is used
+        mix = torch.randn(d, d, generator=g, device=device) / d**0.5  # anisotropic, correlated channels
+        accs = {"reference": cka.StreamingCKA(layers, backend="reference")}
+        saved = cka._GRAM_ACCUM_DTYPE
+        for name in ("float32", "float64"):
+            accs[name] = cka.StreamingCKA(layers, backend="extension")
+        errs = {"float32": [], "float64": []}
+        try:
+            for u in range(1, max(checkpoints) + 1):
+                x = torch.randn(batch, d, generator=g, device=device) @ mix
+                x[:, :2] += 1e3
+                y = x + 0.01 * torch.randn(batch, d, generator=g, device=device) * x.std(0)
+                x, y = x.to(dtype), y.to(dtype)
+                for name, m in accs.items():  # the float64 reference runs on the same device
+                    # read when an accumulator allocates its state (its first update)
+                    cka._GRAM_ACCUM_DTYPE = torch.float32 if name == "float32" else torch.float64
+                    m.update([x] * layers, [y] * layers)
+                if u in checkpoints:
+                    ref = 1.0 - float(accs["reference"].compute()[0])
+                    for name in errs:
+                        errs[name].append(abs((1.0 - float(accs[name].compute()[0])) - ref) / ref)
+        finally:
+            cka._GRAM_ACCUM_DTYPE = saved
+        for name, e in errs.items():
+            results[(d, name)] = e
+            print(f"  {d:>5} {name:>10} " + " ".join(f"{v:9.2e}" for v in e))
+        print(f"  {d:>5} {'1 − CKA':>10} {ref:9.3e}")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--accuracy", action="store_true", help="only the accuracy sweep (error on 1 − CKA vs updates)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.accuracy:
+        bench_accuracy(args.device)
+        if args.device == "cuda":  # the tensor-core path: bf16 inputs, production probe batch width
+            bench_accuracy(args.device, widths=(2048,), dtype=torch.bfloat16, checkpoints=(1, 16, 256))
+        return
     if args.device == "cuda":
         reps = args.reps or 10
         for layers, n, d in ((24, 8192, 2048), (32, 4096, 4096)):
@@ -257,6 +334,7 @@ def main() -> None:
         bench_exact(2, 1024, 1024, torch.float32, "cpu", reps, with_reference=False)
         bench_unbiased(4, 256, 512, torch.float32, "cpu", reps)
         bench_unbiased(4, 1024, 128, torch.float32, "cpu", reps)
+    bench_production(args.device, reps)
     bench_ride_along(args.device, reps)
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

@@ -4,8 +4,15 @@
 //     Sxx += X'ᵀX' (upper blocks only: symmetric), Syy += Y'ᵀY' (upper blocks), Syx += Y'ᵀX',
 //     sx += Σx', sy += Σy', vx += [Σ k_i x'_i, Σ l_i x'_i], vy += [Σ l_i y'_i, Σ k_i y'_i],
 //     sc += [Σk, Σl, Σkl, Σk², Σl²],  k_i = ‖x'_i‖², l_i = ‖y'_i‖².
-// Grams accumulate in float32 (the shift keeps them well conditioned), sums in float64; the final
-// combination is float64 in Python (depthfast/cka.py).
+// Each update's Gram products are computed in float32 (fp32 BLAS, or 16-bit tensor-core operands with
+// fp32 accumulation; never TF32) and added into float64 statistics (sxx, syy, syx may also be float32,
+// the old layout, kept for measurements of what fp32 accumulation loses); O(n·d) sums are float64; the
+// final combination is float64 in Python (depthfast/cka.py).
+//
+// Failure atomicity: every launch of a custom CUDA kernel (prepare, syrk into temporaries) comes before
+// the first in-place change of the statistics, so an exception from a launch (e.g. "no kernel image is
+// available for execution on the device") leaves the state exactly as it was; depthfast/cka.py then
+// redoes the batch on the float64 reference.
 //
 // Unbiased minibatch HSIC₁ (Song et al. 2012) from O(1)-per-layer moments of the centered batch:
 //     tr(K̃L̃) = Σ_{i≠j} K_ij L_ij,  1ᵀK̃1 = ‖sx‖² − Σk,  1ᵀK̃L̃1 = Σ_i (x'_i·sx − k_i)(y'_i·sy − l_i),
@@ -73,6 +80,16 @@ bool use_tensor_cores(const at::Tensor& x) {
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
+// The CUDA kernels read rows through their own stride but need unit column stride: a 2-D input that
+// is transposed or column-sliced is copied here (the CPU path does the same), so both devices accept
+// every strided layout.
+std::vector<at::Tensor> unit_column_stride(const std::vector<at::Tensor>& xs) {
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (const auto& t : xs) out.push_back(t.stride(1) == 1 || t.size(1) == 1 ? t : t.contiguous());
+  return out;
+}
+
 // CPU: one pass per layer over the input — shift, mask, fp32 operand, row norms and column sums
 // (float64 accumulators; per-chunk column partials, so threads never share a cache line of sums).
 template <typename T>
@@ -109,7 +126,8 @@ void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, f
 
 Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask) {
 #ifdef DEPTHFAST_WITH_CUDA
-  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble) return prepare_cuda(xs, shift, mask);
+  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble)
+    return prepare_cuda(unit_column_stride(xs), shift, mask);
 #endif
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {
@@ -180,13 +198,19 @@ at::Tensor split_bmm_left(const at::Tensor& w, const at::Tensor& op) {
   return (r.narrow(1, 0, a) + r.narrow(1, a, a)) * scale;
 }
 
+// target += a·b with the product in float32: fused into an fp32 target, or an fp32 temporary added
+// into a float64 target (the widened accumulation: one rounding to fp32 per update, none across them).
+void add_product(at::Tensor target, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat && target.scalar_type() == at::kFloat) target.baddbmm_(a, b);
+  else target.add_(bmm_f32(a, b));
+}
+
 // acc (G, d, d) += opᵀop on the blocks i ≤ j of size `block` only (the rest is its transpose):
 // (nb + 1) / (2 nb) of the work of a full product.
 void sym_gram_accumulate(const at::Tensor& op, at::Tensor& acc, int64_t block) {
   const int64_t d = op.size(2);
   if (block <= 0 || block >= d) {
-    auto t = op.transpose(1, 2);
-    if (op.scalar_type() == at::kFloat) acc.baddbmm_(t, op); else acc.add_(bmm_f32(t, op));
+    add_product(acc, op.transpose(1, 2), op);
     return;
   }
   for (int64_t i0 = 0; i0 < d; i0 += block) {
@@ -195,8 +219,7 @@ void sym_gram_accumulate(const at::Tensor& op, at::Tensor& acc, int64_t block) {
     for (int64_t j0 = i0; j0 < d; j0 += block) {
       const int64_t bj = std::min(block, d - j0);
       auto target = acc.narrow(1, i0, bi).narrow(2, j0, bj);
-      auto b = op.narrow(2, j0, bj);
-      if (op.scalar_type() == at::kFloat) target.baddbmm_(a, b); else target.add_(bmm_f32(a, b));
+      add_product(target, a, op.narrow(2, j0, bj));
     }
   }
 }
@@ -285,7 +308,10 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
                   at::Tensor sxx, at::Tensor syy, at::Tensor syx, at::Tensor sx, at::Tensor sy, at::Tensor vx,
                   at::Tensor vy, at::Tensor sc, bool skip_xx, int64_t block) {
   check_group(xs, ys, mask);
+  const at::NoTF32Guard no_tf32;  // fp32 products in IEEE fp32, whatever the user's allow_tf32
   const int64_t g = xs.size(), d1 = xs[0].size(1), d2 = ys[0].size(1);
+  const auto gram_t = sxx.scalar_type();
+  TORCH_CHECK(gram_t == at::kFloat || gram_t == at::kDouble, "exact_update: sxx must be float32 or float64; got ", gram_t);
   auto check_state = [&](const at::Tensor& t, at::IntArrayRef shape, at::ScalarType st, const char* name) {
     TORCH_CHECK(t.sizes() == shape, "exact_update: ", name, " must have shape ", shape, "; got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == st, "exact_update: ", name, " must be ", st, "; got ", t.scalar_type());
@@ -293,9 +319,9 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
   };
   check_state(shift_x, {g, d1}, at::kFloat, "shift_x");
   check_state(shift_y, {g, d2}, at::kFloat, "shift_y");
-  check_state(sxx, {g, d1, d1}, at::kFloat, "sxx");
-  check_state(syy, {g, d2, d2}, at::kFloat, "syy");
-  check_state(syx, {g, d2, d1}, at::kFloat, "syx");
+  check_state(sxx, {g, d1, d1}, gram_t, "sxx");
+  check_state(syy, {g, d2, d2}, gram_t, "syy");
+  check_state(syx, {g, d2, d1}, gram_t, "syx");
   check_state(sx, {g, d1}, at::kDouble, "sx");
   check_state(sy, {g, d2}, at::kDouble, "sy");
   check_state(vx, {g, 2, d1}, at::kDouble, "vx");
@@ -309,15 +335,27 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
   const char* syrk = std::getenv("DEPTHFAST_CKA_SYRK");
   if (syrk != nullptr && std::string(syrk) == "1" && runs_cuda_kernels(px.op) && px.op.scalar_type() != at::kFloat &&
       sxx.is_contiguous() && syy.is_contiguous() && syx.is_contiguous()) {
-    syrk_accumulate_cuda(px.op, py.op, sxx, syy, syx, skip_xx);  // full matrices: mirroring is then a no-op
+    // full matrices: mirroring is then a no-op. float64 statistics: the kernel adds into fp32
+    // temporaries (this update's products), added afterwards, so a failed launch changes nothing.
+    if (gram_t == at::kFloat) {
+      syrk_accumulate_cuda(px.op, py.op, sxx, syy, syx, skip_xx);
+    } else {
+      auto f32 = sxx.options().dtype(at::kFloat);
+      // skip_xx: the kernel never writes sxx, but it forms pointers into it: a real buffer
+      at::Tensor txx = at::zeros({g, d1, d1}, f32);
+      at::Tensor tyy = at::zeros({g, d2, d2}, f32), tyx = at::zeros({g, d2, d1}, f32);
+      syrk_accumulate_cuda(px.op, py.op, txx, tyy, tyx, skip_xx);
+      if (!skip_xx) sxx.add_(txx);
+      syy.add_(tyy);
+      syx.add_(tyx);
+    }
     done = true;
   }
 #endif
   if (!done) {
     if (!skip_xx) sym_gram_accumulate(px.op, sxx, block);
     sym_gram_accumulate(py.op, syy, block);
-    if (px.op.scalar_type() == at::kFloat) syx.baddbmm_(py.op.transpose(1, 2), px.op);
-    else syx.add_(bmm_f32(py.op.transpose(1, 2), px.op));
+    add_product(syx, py.op.transpose(1, 2), px.op);
   }
   sx.add_(px.colsum);
   sy.add_(py.colsum);
@@ -334,6 +372,7 @@ void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Te
                      const std::string& space) {
   check_group(xs, ys, mask);
   const int64_t g = xs.size(), n = xs[0].size(0), d1 = xs[0].size(1), d2 = ys[0].size(1);
+  const at::NoTF32Guard no_tf32;  // fp32 products in IEEE fp32, whatever the user's allow_tf32
   TORCH_CHECK(acc.sizes() == at::IntArrayRef({g, 3}) && acc.scalar_type() == at::kDouble,
               "unbiased_update: acc must be float64 of shape (", g, ", 3); got ", acc.scalar_type(), " ", acc.sizes());
   TORCH_CHECK(n_real > 3, "unbiased_update: HSIC₁ needs more than 3 samples; got ", n_real);
@@ -408,7 +447,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exact_update", &depthfast::exact_update,
         "Accumulate shifted feature-space CKA statistics for a group of equal-width layers, in place.\n"
         "xs, ys: lists of G (n, d1) / (n, d2) activations; mask: (n,) or None; shift_x (G, d1), shift_y (G, d2) f32;\n"
-        "sxx (G,d1,d1), syy (G,d2,d2) f32 (upper blocks of size `block`), syx (G,d2,d1) f32; sx (G,d1), sy (G,d2),\n"
+        "sxx (G,d1,d1), syy (G,d2,d2) (upper blocks of size `block`), syx (G,d2,d1): all f64 (or all f32);\n"
+        "each update's products are fp32, added into them; sx (G,d1), sy (G,d2),\n"
         "vx (G,2,d1), vy (G,2,d2), sc (G,5) f64; skip_xx leaves sxx untouched (kept base statistics).",
         py::arg("xs"), py::arg("ys"), py::arg("mask"), py::arg("shift_x"), py::arg("shift_y"), py::arg("sxx"),
         py::arg("syy"), py::arg("syx"), py::arg("sx"), py::arg("sy"), py::arg("vx"), py::arg("vy"), py::arg("sc"),

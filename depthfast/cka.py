@@ -18,6 +18,8 @@ otherwise; both give the same numbers to the tolerances stated in tests/test_cka
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from typing import Sequence
 
@@ -137,8 +139,9 @@ def pool_activations(acts: torch.Tensor, attention_mask: torch.Tensor | None, po
     """Turn one layer's activations into samples (n, d).
 
     acts: (batch, seq, d), or already (n, d) samples. attention_mask: (batch, seq), 1 = real token.
-    "token": every real token is a sample. "mean": the mean over each sequence's real tokens.
-    Padding never counts as a sample.
+    "token": every real token is a sample. "mean": the float64 mean over each sequence's real tokens
+    (sequences without any are dropped). Padding never counts as a sample and is never read into a
+    sum: it is selected away (where, not a product with the mask), so inf/NaN there cannot leak.
     """
     if acts.dim() == 2:
         return acts
@@ -156,9 +159,10 @@ def pool_activations(acts: torch.Tensor, attention_mask: torch.Tensor | None, po
         return acts[mask]
     counts = mask.sum(dim=1)
     keep = counts > 0
-    weights = mask.to(torch.float64).unsqueeze(-1)
-    summed = (acts.to(torch.float64) * weights).sum(dim=1)
-    return (summed[keep] / counts[keep].unsqueeze(-1).to(torch.float64))
+    # where, not acts·mask: NaN·0 = NaN would turn a padded NaN into a NaN mean
+    real = torch.where(mask.unsqueeze(-1), acts, torch.zeros((), dtype=acts.dtype, device=acts.device))
+    summed = real.sum(dim=1, dtype=torch.float64)
+    return summed[keep] / counts[keep].unsqueeze(-1).to(torch.float64)
 
 
 def _mirror_upper_blocks(s: torch.Tensor, block: int) -> torch.Tensor:
@@ -185,7 +189,8 @@ class _ExactLayerStats:
     The O(n·d) vectors vx, vy, sc give the debiased (HSIC₁) measure, which needs row norms.
 
     The reference ``update`` keeps everything in float64. The compiled engine fills the same
-    fields (Grams in float32, only the upper blocks of Sxx/Syy: ``upper_block``); ``finish`` always
+    fields (Grams: fp32 products per update summed in ``_GRAM_ACCUM_DTYPE`` = float64, only the upper
+    blocks of Sxx/Syy: ``upper_block``); ``finish`` always
     combines them in float64.
     """
 
@@ -389,6 +394,52 @@ def _flatten_for_engine(acts: torch.Tensor, mask: torch.Tensor | None, pooling: 
 
 _ENGINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GRAM_BLOCK_OVERRIDE: int | None = None  # tests force the symmetric block split on small widths
+# Dtype of the engine's Gram statistics Sxx, Syy, Syx. Each update's products are fp32 (BLAS, or
+# tensor cores with fp32 accumulation) and are added into these: float64 keeps the sum over a
+# study-sized probe (≈ 256 updates of 4096 tokens) from adding √U·2⁻²⁴ of relative error per entry,
+# which is already 1e-2 of 1 − CKA when 1 − CKA ≈ 1e-4 (benchmarks/bench_cka.py --accuracy).
+# float32 is the old layout, kept so the tests and the benchmark can show the difference.
+_GRAM_ACCUM_DTYPE = torch.float64
+
+# Messages of RuntimeErrors that mean "the compiled kernels cannot run on this device" (a _C built
+# for another architecture, a launch failure): the accumulator then falls back to the reference.
+_DEVICE_FAILURES = ("no kernel image is available", "cudaErrorNoKernelImageForDevice", "CUDA error",
+                    "CUDA kernel errors", "invalid device function", "cudaError")
+_BROKEN_DEVICES: set[str] = set()  # devices on which the engine failed in this process
+_FALLBACK_NOTICE = [False]  # printed once per process
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_FAILURES)
+
+
+def _fallback_notice(device, exc: BaseException) -> None:
+    if not _FALLBACK_NOTICE[0]:
+        _FALLBACK_NOTICE[0] = True
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"depthfast: the compiled CKA engine failed on {device} ({first}); using the float64 reference "
+              "path for CKA from now on (statistics so far are kept)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Inside: fp32 matmuls on CUDA in IEEE fp32 (no TF32: its 10-bit mantissa would make the CKA Grams
+    a 10-bit computation); the user's settings are restored on exit, also after an exception. Uses
+    the fp32_precision API where torch has it (≥ 2.9; mixing it with allow_tf32 makes torch raise),
+    else allow_tf32. The compiled engine also holds at::NoTF32Guard around its own products."""
+    saved = []
+    for mod in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        if hasattr(mod, "fp32_precision"):
+            saved.append((mod, "fp32_precision", mod.fp32_precision))
+            mod.fp32_precision = "ieee"
+        else:  # pragma: no cover (torch < 2.9)
+            saved.append((mod, "allow_tf32", mod.allow_tf32))
+            mod.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
 
 
 class StreamingCKA:
@@ -407,11 +458,18 @@ class StreamingCKA:
 
     backend "auto" uses the compiled engine depthfast._C when it is built (CPU: ATen/BLAS float32
     with shifted sums; CUDA: the kernels in csrc/*.cu) and this module's float64 reference
-    otherwise; "reference" / "extension" force one. ``self.backend`` says which one runs.
-    Engine precision: Grams in fp32 from operands shifted by the first batch's mean (16-bit inputs
-    on CUDA stay 16-bit for the tensor cores, see tests/test_cka.py for the bounds); everything
-    else float64. DEPTHFAST_CKA_SYRK=1 switches the CUDA exact Grams from cuBLAS upper blocks to
-    the one-launch WMMA kernel (experimental, not yet run on a GPU).
+    otherwise; "reference" / "extension" force one. ``self.backend`` says which one runs. Under
+    "auto", a device failure of the engine (a _C built for another GPU architecture: "no kernel image
+    is available", or another CUDA launch error) switches this accumulator to the reference for good,
+    with one notice on stderr per process: the statistics accumulated so far are converted to float64
+    and the failed batch goes through the reference (launch failures leave the engine's state
+    untouched, see csrc/cka.cpp), so the result equals an all-reference run. Under "extension" the
+    failure is raised.
+    Engine precision: each update's Grams in fp32 from operands shifted by the first batch's mean
+    (16-bit inputs on CUDA stay 16-bit for the tensor cores, see tests/test_cka.py for the bounds;
+    never TF32), added into float64 statistics (``_GRAM_ACCUM_DTYPE``); everything else float64.
+    DEPTHFAST_CKA_SYRK=1 switches the CUDA exact Grams from cuBLAS upper blocks to the one-launch
+    WMMA kernel (experimental, not yet run on a GPU).
 
     Reusing the base model's statistics along a training trajectory: after one full pass over the
     probe set, ``reset_tuned()`` forgets everything that depends on the tuned model and keeps the
@@ -429,6 +487,7 @@ class StreamingCKA:
             raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}")
         self.num_layers, self.pooling, self.estimator = num_layers, pooling, estimator
         self._ext = _resolve_backend(backend)
+        self._forced = backend == "extension"
         self.backend = "reference" if self._ext is None else "extension"
         stats = _ExactLayerStats if estimator == "exact" else _UnbiasedLayerStats
         self._layers = [stats() for _ in range(num_layers)]
@@ -448,11 +507,20 @@ class StreamingCKA:
         attention_mask: torch.Tensor | None = None,
     ) -> None:
         self._check_counts(base_acts, tuned_acts)
-        if self._ext is not None and all(t.dtype in _ENGINE_DTYPES for t in (*base_acts, *tuned_acts)):
-            self._update_engine(base_acts, tuned_acts, attention_mask)
-            return
+        with ieee_fp32_matmul():
+            if self._ext is not None and not self._forced and str(base_acts[0].device) in _BROKEN_DEVICES:
+                self._fall_back()
+            if self._ext is not None and all(t.dtype in _ENGINE_DTYPES for t in (*base_acts, *tuned_acts)):
+                self._update_engine(base_acts, tuned_acts, attention_mask)
+            else:
+                self._update_reference(base_acts, tuned_acts, attention_mask)
+
+    def _update_reference(self, base_acts, tuned_acts, attention_mask, skip=()) -> None:
+        """float64 reference update of every layer not in ``skip`` (layers the engine already did)."""
         n = None
         for layer, (xb, yb) in enumerate(zip(base_acts, tuned_acts)):
+            if layer in skip:
+                continue
             x = pool_activations(xb, attention_mask, self.pooling)
             y = pool_activations(yb, attention_mask, self.pooling)
             if x.shape[0] != y.shape[0]:
@@ -460,7 +528,7 @@ class StreamingCKA:
             n = x.shape[0]
             if self.estimator == "unbiased" and n <= 3:
                 if layer == 0:
-                    warnings.warn(f"unbiased CKA: skipped a minibatch of {n} ≤ 3 samples", stacklevel=2)
+                    warnings.warn(f"unbiased CKA: skipped a minibatch of {n} ≤ 3 samples", stacklevel=3)
                 continue
             if n > 0:
                 self._layers[layer].update(x, y)
@@ -500,6 +568,7 @@ class StreamingCKA:
             for layer, (x, y) in enumerate(zip(xs, ys)):
                 key = (x.shape[1], y.shape[1], x.device)
                 self._groups.setdefault(key, []).append(layer)
+        done: list[int] = []
         for (d1, d2, device), layers in self._groups.items():
             gx = [xs[i] for i in layers]
             gy = [ys[i] for i in layers]
@@ -507,11 +576,42 @@ class StreamingCKA:
                 raise ValueError("activation width changed between updates of the same layer")
             if any(t.device != device for t in (*gx, *gy)):
                 raise ValueError("activations moved to another device between updates")
-            if self.estimator == "exact":
-                self._engine_exact(layers, gx, gy, mask, n)
-            else:
-                self._engine_unbiased(layers, gx, gy, mask, n)
+            try:
+                if self.estimator == "exact":
+                    self._engine_exact(layers, gx, gy, mask, n)
+                else:
+                    self._engine_unbiased(layers, gx, gy, mask, n)
+            except RuntimeError as exc:
+                if not _is_device_failure(exc):
+                    raise
+                if self._forced:
+                    raise DepthfastError(f"the compiled CKA engine failed on {device} (backend='extension'; "
+                                         f"'auto' would fall back to the reference): {exc}") from exc
+                _BROKEN_DEVICES.add(str(device))
+                _fallback_notice(device, exc)
+                self._fall_back()
+                # the groups done so far keep this batch; the failed one and the rest take the reference
+                self._update_reference(base_acts, tuned_acts, attention_mask, skip=set(done))
+                return
+            done.extend(layers)
         self.num_samples += n
+
+    def _fall_back(self) -> None:
+        """Switch to the float64 reference for good, converting the engine's statistics in place:
+        upper blocks mirrored, everything float64 and detached from the stacked engine buffers. Any
+        shift is exact for the statistics, so the reference continues with the engine's."""
+        for s in self._layers:
+            if isinstance(s, _ExactLayerStats) and getattr(s, "_stacked", None) is not None:
+                f64 = lambda t: None if t is None else t.to(torch.float64, copy=True)  # noqa: E731
+                s.sxx = f64(_mirror_upper_blocks(s.sxx, s.upper_block))
+                s.syy = f64(_mirror_upper_blocks(s.syy, s.upper_block))
+                for name in ("syx", "sx", "sy", "vx", "vy", "sc", "shift_x", "shift_y"):
+                    setattr(s, name, f64(getattr(s, name)))
+                s.upper_block = 0
+                s._stacked = None
+        self._ext = None
+        self._groups = None
+        self.backend = "reference"
 
     def _engine_exact(self, layers, gx, gy, mask, n) -> None:
         stats = [self._layers[i] for i in layers]
@@ -520,11 +620,12 @@ class StreamingCKA:
         if first.sx is None:  # allocate stacked state; per-layer stats are views into it
             f32 = dict(dtype=torch.float32, device=dev)
             f64 = dict(dtype=torch.float64, device=dev)
+            gram = dict(dtype=_GRAM_ACCUM_DTYPE, device=dev)
             block = _GRAM_BLOCK_OVERRIDE or int(self._ext.gram_block(max(d1, d2), dev.type == "cuda"))
             st = dict(
                 shift_x=torch.zeros(g, d1, **f32), shift_y=torch.zeros(g, d2, **f32),
-                sxx=torch.zeros(g, d1, d1, **f32), syy=torch.zeros(g, d2, d2, **f32),
-                syx=torch.zeros(g, d2, d1, **f32), sx=torch.zeros(g, d1, **f64), sy=torch.zeros(g, d2, **f64),
+                sxx=torch.zeros(g, d1, d1, **gram), syy=torch.zeros(g, d2, d2, **gram),
+                syx=torch.zeros(g, d2, d1, **gram), sx=torch.zeros(g, d1, **f64), sy=torch.zeros(g, d2, **f64),
                 vx=torch.zeros(g, 2, d1, **f64), vy=torch.zeros(g, 2, d2, **f64), sc=torch.zeros(g, 5, **f64),
             )
             for j, s in enumerate(stats):
@@ -554,6 +655,10 @@ class StreamingCKA:
 
     # --- results and reuse --------------------------------------------------------------------
     def compute(self, measure: str = "linear") -> torch.Tensor:
+        with ieee_fp32_matmul():
+            return self._compute(measure)
+
+    def _compute(self, measure: str) -> torch.Tensor:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
         if self.estimator == "unbiased" and measure != "linear":

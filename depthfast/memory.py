@@ -14,7 +14,9 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
                                                       the a·s score term only for eager attention);
                        with gradient checkpointing: L · t · h · e + one block's full set
     logits             3 · t · V · 4                  LM heads: fp32 logits, softmax, gradient
-    measurement        (L+1) · 3 d² · 8 + 2 (L+1) · t_probe · h · 4   float64 CKA statistics + captured activations
+    measurement        CKA statistics + captured activations + the larger of one CKA update's and one
+                       per-text HSIC batch's staging (``cka_statistics_bytes``, ``cka_update_bytes``,
+                       ``per_text_hsic_bytes``), t_probe = probe batch size × max length, e = 4
 
 It is an estimate (allocator fragmentation and framework workspaces come on top); the check refuses
 only when the estimate alone exceeds the device's memory.
@@ -90,12 +92,70 @@ def estimate_run_memory(model: torch.nn.Module, cfg, num_blocks: int, num_proces
         "θ₀ copy": weights if theta0_on_device else 0,
         "activations": int(activations),
         "logits": 3 * tokens * vocab * 4,
-        "measurement": (num_blocks + 1) * 3 * hidden * hidden * 8 + 2 * (num_blocks + 1) * probe_tokens * hidden * 4,
+        "measurement": measurement_bytes(num_blocks + 1, probe_tokens, hidden, cfg.estimator,
+                                         cfg.probe_batch_size, seq),
     }
     if shards > 1:
         for name in ("weights", "gradients", "optimizer states", "control snapshot", "θ₀ copy"):
             parts[name] //= shards
     return MemoryEstimate(parts)
+
+
+def measurement_bytes(layers: int, tokens: int, width: int, estimator: str, texts: int, seq: int,
+                      element_size: int = 4) -> int:
+    """The measurement line: statistics + the base and tuned models' captured activations
+    2·layers·t·d·e + max(one CKA update's staging, one per-text HSIC batch's staging). Block outputs
+    are counted at e = 4: under bf16 autocast most residual streams stay fp32."""
+    return (cka_statistics_bytes(layers, width, estimator) + 2 * layers * tokens * width * element_size
+            + max(cka_update_bytes(layers, tokens, width, estimator, element_size),
+                  per_text_hsic_bytes(texts, seq, width, element_size)))
+
+
+def cka_statistics_bytes(layers: int, width: int, estimator: str) -> int:
+    """StreamingCKA's state, all layers of width d. exact: float64 Sxx, Syy, Syx (3 d² · 8; the upper
+    blocks only are filled, the buffers are full), float64 sx, sy, vx, vy (6 d · 8), fp32 shifts
+    (2 d · 4), sc (5 · 8). unbiased: three floats per layer (0 here)."""
+    if estimator != "exact":
+        return 0
+    return layers * (3 * width * width * 8 + 6 * width * 8 + 2 * width * 4 + 5 * 8)
+
+
+def cka_update_bytes(layers: int, tokens: int, width: int, estimator: str, element_size: int = 4) -> int:
+    """Peak memory staged by one engine update (csrc/cka.cpp) of G layers × t rows (padding
+    included) × width d, input element size e; operands op = round(x − c) are e bytes for 16-bit
+    inputs, else 4 (e_op), and live for the whole call, for X and Y:
+        base        2·G·t·d·e_op (X', Y') + 2·G·t·8 (row norms k, l) + t·4 (the fp32 row mask)
+        exact       + max(G·d²·4                     the fp32 product Y'ᵀX' before it is added into
+                                                     the float64 statistics (block products are smaller),
+                          G·t·(48 + 8·e_op) + 48·G·d)  the split weights of Σ k_i x'_i: (G, 2, t) float64
+                                                     stack, scaled copy and remainder, hi/lo and their
+                                                     (G, 4, t) concatenation in e_op, (G, 4, d) fp32 → f64
+        unbiased    + max(2·G·t·d·e − G·t·d·e_op      the minibatch mean of Y: stacked and masked copies
+                                                     (G, t, d)·e while X' is alive
+                          8·G·d²)                    fp32 feature-space block products and their squares
+                                                     (fp32 operands; 16-bit operands reduce in the kernel)
+    The first batch also takes each layer's float64 mean (2·t·d·8, one layer at a time), before the
+    operands exist; the result is the larger of the two."""
+    g, t, d, e = layers, tokens, width, element_size
+    e_op = e if e == 2 else 4
+    base = 2 * g * t * d * e_op + 2 * g * t * 8 + t * 4
+    if estimator == "exact":
+        extra = max(g * d * d * 4, g * t * (48 + 8 * e_op) + 48 * g * d)
+    else:
+        extra = max(2 * g * t * d * e - g * t * d * e_op, 8 * g * d * d)
+    return max(base + extra, 2 * t * d * 8)
+
+
+def per_text_hsic_bytes(texts: int, seq: int, width: int, element_size: int = 4) -> int:
+    """Peak of ``metrics.per_text_hsic_batch`` (layers one after another, texts in chunks of
+    c = min(B, _PER_TEXT_GRAM_BYTES / (16 s²)) on a GPU, where the Grams are fp32): K̃ (c, s, s)·4 is kept
+    while Y's masked copy (c, s, d)·e and centered fp32 rows (c, s, d)·4 and L̃ are formed, then one
+    (c, s, s) product: c·(2·s²·4 + max(s·d·(e + 4), s²·4)). On the CPU (float64) the same bound holds."""
+    from depthfast.metrics import _PER_TEXT_GRAM_BYTES
+
+    s, d, e = seq, width, element_size
+    c = min(texts, max(1, _PER_TEXT_GRAM_BYTES // (16 * s * s)))
+    return c * (2 * s * s * 4 + max(s * d * (e + 4), s * s * 4))
 
 
 def optimizer_states(cfg) -> int:

@@ -166,8 +166,9 @@ def test_padding_never_counts():
     m.update([acts_x], [acts_y], mask)
     assert abs(float(m.compute()[0]) - want) < 1e-10
     mean = cka.StreamingCKA(1, pooling="mean", backend="reference")
-    mean.update([acts_x], [acts_y.nan_to_num(0.0)], mask)  # mean pooling: 3 samples, 1 per sequence
-    assert torch.isfinite(mean.compute()).all()
+    mean.update([acts_x], [acts_y], mask)  # mean pooling: 3 samples, 1 per sequence; NaN padding ignored
+    pooled = [torch.stack([a[i][mask[i].bool()].double().mean(0) for i in range(3)]) for a in (acts_x, acts_y)]
+    assert abs(float(mean.compute()[0]) - float(cka.linear_cka(*pooled))) < 1e-10
 
 
 @pytest.mark.parametrize("backend", ["reference", "extension"])
@@ -364,8 +365,9 @@ def test_engine_cuda_matches_reference(dtype, estimator):
     ys = [y.to(dtype)] * 4
     ref = cka.StreamingCKA(4, estimator=estimator, backend="reference")
     got = cka.StreamingCKA(4, estimator=estimator, backend="extension")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would make fp32 behave like a 10-bit format
+    # the user asks for TF32 (which would make fp32 a 10-bit format): the engine must not use it
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         for a in range(0, x.shape[0], 256):
             ref.update([t[a:a + 256] for t in xs], [t[a:a + 256] for t in ys])
@@ -373,8 +375,38 @@ def test_engine_cuda_matches_reference(dtype, estimator):
         tol = TOL_F32 if dtype == torch.float32 else tol_16bit(dtype, 256)
         for measure in cka.MEASURES if estimator == "exact" else ("linear",):
             assert (got.compute(measure) - ref.compute(measure)).abs().max() < tol, measure
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+def test_engine_cuda_production_probe_batches(dtype, estimator):
+    """What real runs feed: probe batches of 32 texts × 128 tokens (RunConfig defaults, measure.py),
+    (batch, seq, d) block outputs with a padding mask (NaN in the padding), d = 2048 (Pythia-1.4B: the
+    symmetric block split gram_block takes), layers in one group; 1 − CKA ≈ 1e-4 (nearly identical) and
+    relative tolerances of the section above, against float64 on the same values."""
+    layers, b, s, d = 4, 32, 128, 2048
+    g = gen(110)
+    lengths = torch.randint(8, s + 1, (b,), generator=g)
+    mask = (torch.arange(s)[None] < lengths[:, None]).long()
+    base = [torch.randn(b, s, d, generator=g) + 30.0 * (torch.arange(d) < 4) for _ in range(layers)]
+    tuned = [x + 0.01 * torch.randn(x.shape, generator=g) for x in base]
+    for t in (*base, *tuned):
+        t[mask == 0] = float("nan")
+    base, tuned = [t.to(dtype) for t in base], [t.to(dtype) for t in tuned]
+    ref = cka.StreamingCKA(layers, estimator=estimator, backend="reference")
+    got = cka.StreamingCKA(layers, estimator=estimator, backend="extension")
+    for half in (slice(0, b // 2), slice(b // 2, b)):
+        ref.update([t[half] for t in base], [t[half] for t in tuned], mask[half])
+        got.update([t[half].cuda() for t in base], [t[half].cuda() for t in tuned], mask[half].cuda())
+    c = 1.0 - ref.compute()
+    rel = float(((1.0 - got.compute()) - c).abs().max() / c.min())
+    tol = REL_TOL_F32 if dtype == torch.float32 else rel_tol_16bit(dtype, float(c.min()))
+    assert rel < tol, (rel, tol, c)
+    assert got.backend == "extension"  # no silent fall back on the GPU under test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,3 +423,494 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     res = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time safety: device failures, TF32, strided inputs, NaN padding (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+NO_KERNEL_IMAGE = "CUDA error: no kernel image is available for execution on the device"
+
+
+class FailingExtension:
+    """A stand-in for depthfast._C: the real engine for the first ``ok`` engine calls, then every
+    call raises what a _C built for another GPU architecture raises (the launch fails before any
+    state is touched, as csrc/cka.cpp orders it)."""
+
+    def __init__(self, ok: int, message: str = NO_KERNEL_IMAGE):
+        self.real, self.ok, self.message, self.calls = _ext.extension(), ok, message, 0
+        self.with_cuda = True
+
+    def gram_block(self, *a, **k):
+        return self.real.gram_block(*a, **k)
+
+    def _call(self, name, *args):
+        self.calls += 1
+        if self.calls > self.ok:
+            raise RuntimeError(self.message)
+        return getattr(self.real, name)(*args)
+
+    def exact_update(self, *args):
+        return self._call("exact_update", *args)
+
+    def unbiased_update(self, *args):
+        return self._call("unbiased_update", *args)
+
+
+def _two_width_batches(seed=90, batches=3):
+    """Three layers in two width groups (24, 24 | 16), three padded batches with NaN padding."""
+    g = gen(seed)
+    out = []
+    for _ in range(batches):
+        xs = [torch.randn(4, 12, d, generator=g) + 50.0 * (torch.arange(d) < 2) for d in (24, 24, 16)]
+        ys = [x + 0.3 * torch.randn(x.shape, generator=g) for x in xs]
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[1, 7:] = 0
+        mask[3, 2:] = 0
+        for t in (*xs, *ys):
+            t[mask == 0] = float("nan")
+        out.append((xs, ys, mask))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+@pytest.mark.parametrize("ok", [0, 3])  # fails at the first call, or in the 2nd batch's 2nd width group
+def test_device_failure_falls_back_to_reference_once(estimator, ok, monkeypatch, capsys):
+    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    batches = _two_width_batches()
+    ref = cka.StreamingCKA(3, estimator=estimator, backend="reference")
+    for xs, ys, mask in batches:
+        ref.update(xs, ys, mask)
+    stand_in = FailingExtension(ok)
+    monkeypatch.setattr(_ext, "_C", stand_in)
+    got = cka.StreamingCKA(3, estimator=estimator)  # backend "auto"
+    assert got.backend == "extension"
+    for xs, ys, mask in batches:
+        got.update(xs, ys, mask)
+    assert got.backend == "reference" and stand_in.calls == ok + 1  # never called again after the failure
+    assert got.num_samples == ref.num_samples
+    measures = cka.MEASURES if estimator == "exact" else ("linear",)
+    for measure in measures:  # engine part (groups done before the failure) within TOL_F32
+        err = (got.compute(measure) - ref.compute(measure)).abs().max()
+        assert err < TOL_F32, (measure, float(err))
+    # a second accumulator on the same device goes straight to the reference: no second notice
+    again = cka.StreamingCKA(3, estimator=estimator)
+    for xs, ys, mask in batches:
+        again.update(xs, ys, mask)
+    assert again.backend == "reference" and stand_in.calls == ok + 1
+    assert (again.compute() - ref.compute()).abs().max() < 1e-12
+    err_text = capsys.readouterr().err
+    assert err_text.count("depthfast: the compiled CKA engine failed") == 1, err_text
+    assert "no kernel image" in err_text
+
+
+@needs_ext
+def test_device_failure_is_raised_when_the_engine_is_forced_and_other_errors_pass(monkeypatch):
+    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    xs, ys, mask = _two_width_batches(batches=1)[0]
+    monkeypatch.setattr(_ext, "_C", FailingExtension(0))
+    with pytest.raises(DepthfastError, match="backend='extension'.*no kernel image"):
+        cka.StreamingCKA(3, backend="extension").update(xs, ys, mask)
+    monkeypatch.setattr(_ext, "_C", FailingExtension(0, message="cka: something else is wrong"))
+    with pytest.raises(RuntimeError, match="something else"):  # not a device failure: never swallowed
+        cka.StreamingCKA(3).update(xs, ys, mask)
+
+
+def _fp32_precision():
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision
+
+
+@pytest.fixture
+def user_allows_tf32():
+    """The user's process asks for TF32 (new API), restored after the test."""
+    saved = _fp32_precision()
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.fp32_precision = "tf32"
+    yield ("tf32", "tf32")
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = saved
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+def test_tf32_is_off_inside_cka_and_the_user_setting_restored(backend, user_allows_tf32, monkeypatch):
+    """A spy on every engine call and on every float64-reference update records the matmul precision
+    in force: IEEE fp32 inside, the user's TF32 again outside, also after an exception."""
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    seen = []
+    if backend == "extension":
+        real = _ext.extension()
+
+        class Spy:
+            with_cuda = False
+            gram_block = staticmethod(real.gram_block)
+
+            @staticmethod
+            def exact_update(*args):
+                seen.append(_fp32_precision())
+                return real.exact_update(*args)
+
+            @staticmethod
+            def unbiased_update(*args):
+                seen.append(_fp32_precision())
+                return real.unbiased_update(*args)
+
+        monkeypatch.setattr(_ext, "_C", Spy)
+    else:
+        for cls in (cka._ExactLayerStats, cka._UnbiasedLayerStats):
+            orig = cls.update
+
+            def spy(self, x, y, _orig=orig):
+                seen.append(_fp32_precision())
+                return _orig(self, x, y)
+
+            monkeypatch.setattr(cls, "update", spy)
+    x, y = pair(64, 8, 6, seed=91)
+    for estimator in ("exact", "unbiased"):
+        m = cka.StreamingCKA(1, estimator=estimator, backend=backend)
+        m.update([x], [y])
+        assert _fp32_precision() == user_allows_tf32
+        m.compute()
+        assert _fp32_precision() == user_allows_tf32
+        with pytest.raises(ValueError):  # an error inside the guarded region: still restored
+            m.update([x], [y[:10]])
+        assert _fp32_precision() == user_allows_tf32
+    assert len(seen) == 2 and all(s == ("ieee", "ieee") for s in seen), seen
+    # the per-text statistics' fp32 Grams too
+    bmm_seen = []
+    real_bmm = torch.bmm
+
+    def bmm_spy(*a, **k):
+        bmm_seen.append(_fp32_precision())
+        return real_bmm(*a, **k)
+
+    from depthfast import metrics
+
+    monkeypatch.setattr(torch, "bmm", bmm_spy)
+    metrics.per_text_hsic_batch([x.view(4, 16, 8)], [y.view(4, 16, 6)], torch.ones(4, 16), gram_dtype=torch.float32)
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    assert bmm_seen and all(s == ("ieee", "ieee") for s in bmm_seen)
+    assert _fp32_precision() == user_allows_tf32
+
+
+def strided_layouts(x: torch.Tensor):
+    """The same (n, d) values in four memory layouts: contiguous, rows wider than d (a column slice
+    of a wider tensor), a transposed buffer (column stride n), every other column of a 2d-wide one."""
+    n, d = x.shape
+    wide = torch.full((n, d + 5), float("nan"), dtype=x.dtype)
+    wide[:, :d] = x
+    trans = x.T.contiguous().T
+    every_other = torch.full((n, 2 * d), float("nan"), dtype=x.dtype)
+    every_other[:, ::2] = x
+    layouts = {"contiguous": x, "row_stride": wide[:, :d], "transposed": trans, "column_stride_2": every_other[:, ::2]}
+    assert layouts["row_stride"].stride() == (d + 5, 1) and layouts["transposed"].stride() == (1, n)
+    return layouts
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+def test_strided_2d_inputs_are_accepted(backend, estimator):
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    x, y = pair(96, 20, 12, seed=92, offset=1e3)
+    x, y = x.float(), y.float()
+    want = None
+    for name, (xv, yv) in zip(strided_layouts(x), zip(strided_layouts(x).values(), strided_layouts(y).values())):
+        m = cka.StreamingCKA(2, estimator=estimator, backend=backend)
+        m.update([xv[:48], xv[:48]], [yv[:48], yv[:48]])
+        m.update([xv[48:], xv[48:]], [yv[48:], yv[48:]])
+        got = m.compute()
+        want = got if want is None else want
+        assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-12, name
+
+
+def _padded_pair(seed=93, b=5, s=11, d1=14, d2=9):
+    g = gen(seed)
+    x = torch.randn(b, s, d1, generator=g) + 30.0 * (torch.arange(d1) < 2)
+    y = x[..., :d2] + 0.4 * torch.randn(b, s, d2, generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, 6:] = 0
+    mask[2, 4:] = 0
+    mask[4, 9:] = 0
+    return x, y, mask
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+@pytest.mark.parametrize("pooling", ["token", "mean"])
+def test_nan_and_inf_in_padding_never_reach_a_statistic(backend, estimator, pooling):
+    """inf/NaN in padded positions (a masked softmax's output, garbage) give the same CKA as clean
+    zeros there: token pooling selects real rows, mean pooling averages with where (NaN·0 = NaN
+    before, which turned into "no variance")."""
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    x, y, mask = _padded_pair()
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xf, yf = x.clone(), y.clone()
+        xf[mask == 0] = fill
+        yf[mask == 0] = -fill if fill == float("inf") else fill
+        m = cka.StreamingCKA(2, pooling=pooling, estimator=estimator, backend=backend)
+        # token pooling: two minibatches; mean pooling: one of 5 samples (HSIC₁ needs > 3)
+        for sl in (slice(0, 3), slice(3, 5)) if pooling == "token" else (slice(0, 5),):
+            m.update([xf[sl], xf[sl]], [yf[sl], yf[sl]], mask[sl])
+        results.append(m.compute())
+    assert torch.isfinite(results[0]).all()
+    tol = 1e-12 if backend == "reference" else TOL_F32
+    for r in results[1:]:
+        assert (r - results[0]).abs().max() < tol, (results, pooling)
+    # and the mean samples are the means of the real tokens only
+    pooled = cka.pool_activations(torch.where(mask.bool().unsqueeze(-1), x, float("nan")), mask, "mean")
+    want = torch.stack([x[i][mask[i].bool()].double().mean(0) for i in range(x.shape[0])])
+    assert torch.allclose(pooled, want, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics where they can fail: relative error on 1 − CKA ≈ 1e-4 (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+# Nearly identical X, Y (Y = X + 0.01·σ·noise): 1 − CKA = c ≈ 5e-5 … 3e-4, so the tolerances are on
+# |Δ(1 − CKA)| / c. Derivation (first order in the errors E of the centered Grams, C ≈ Cxx ≈ Cyy ≈ Cyx):
+#     δCKA = [2⟨C, E_yx⟩ − ⟨C, E_xx⟩ − ⟨C, E_yy⟩] / ‖C‖²_F.
+# Independent roundings of relative size ε per Gram entry give each inner product a standard deviation
+# ε·(Σ C⁴)^½ ≈ ε‖C‖²/√d (d ≥ 32 comparable eigenvalues here), so at 3σ |δ(1 − CKA)| / c ≤ 3√6·ε / (√d·c):
+#   * float64 reference: ε ≈ √t·2⁻⁵³ (t = 256 rows per update) → ≤ 1e-9: REL_TOL_F64 = 1e-8.
+#   * engine, fp32 products of the (exactly upcast) inputs, float64 sums: ε ≤ √t·2⁻²⁴ for a naive
+#     sequential dot product (blocked BLAS is far better): 7.35·16·6e-8 / (8·1e-4) = 8.8e-3 → REL_TOL_F32.
+#     Measured (d = 64, 4 updates of 256): exact 1.4e-4, unbiased 4.6e-4 (fp32); 1.2e-4, 1.1e-4 (bf16). TF32 (ε ≈ 2⁻¹¹) would be ≈ 8000× that, fp32 sums over many updates see
+#     test_float64_gram_sums_keep_relative_accuracy_over_a_study_sized_probe.
+#   * 16-bit tensor-core operands (CUDA path, emulated): every shifted operand entry is rounded to the
+#     input format once (unit roundoff u), which adds ≈ u²/3 of each entry's square to the variances
+#     but not to the cross term: a bias of 1 − CKA ≤ 2u²/3, relative 2u²/(3c) (bf16: ≤ 0.1 at c = 1e-4,
+#     fp16: 1.6e-3), on top of REL_TOL_F32. Measured (CPU emulation, d = 64, zero-mean channels, whose
+#     shift is not Sterbenz-exact): bf16 1.2e-2 exact, 1.7e-2 unbiased; fp16 1.1e-3, 1.0e-3.
+REL_TOL_F64 = 1e-8
+REL_TOL_F32 = 1e-2
+
+
+def rel_tol_16bit(dtype: torch.dtype, c: float) -> float:
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    return 2 * u * u / (3 * c) + REL_TOL_F32
+
+
+def nearly_identical(n=1024, d=64, seed=95, offset=1e3, noise=0.01):
+    """x (n, d) anisotropic with offsets on two channels, y = x + noise·σ_channel·N(0, 1): 1 − CKA ≈ noise²/2."""
+    g = gen(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5)
+    x[:, :2] += offset
+    y = x + noise * torch.randn(n, d, generator=g, dtype=torch.float64) * x.std(0)
+    return x, y
+
+
+def relative_change_errors(x, y, dtype, backend, estimators=("exact", "unbiased"), batch=256):
+    """{estimator: (|Δ(1 − CKA)| / (1 − CKA), 1 − CKA)} of ``backend`` vs float64 on the quantized inputs."""
+    xq, yq = x.to(dtype), y.to(dtype)
+    out = {}
+    for estimator in estimators:
+        ms = {b: cka.StreamingCKA(2, estimator=estimator, backend=b) for b in ("reference", backend)}
+        for a in range(0, x.shape[0], batch):
+            for m in ms.values():
+                m.update([xq[a:a + batch]] * 2, [yq[a:a + batch]] * 2)
+        c_ref = 1.0 - ms["reference"].compute().double()
+        c_got = 1.0 - ms[backend].compute().double()
+        if estimator == "exact":  # the reference itself against linear_cka on the concatenation (float64)
+            c_cat = 1.0 - float(cka.linear_cka(xq, yq))
+            assert abs(float(c_ref[0]) - c_cat) / c_cat < REL_TOL_F64
+        out[estimator] = (float(((c_got - c_ref).abs() / c_ref).max()), float(c_ref.min()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+def test_nearly_identical_representations_relative_error(dtype, backend):
+    if backend == "extension" and _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    x, y = nearly_identical()
+    tol = REL_TOL_F64 if backend == "reference" else REL_TOL_F32
+    for estimator, (rel, c) in relative_change_errors(x, y, dtype, backend).items():
+        assert 2e-5 < c < 1e-3, c  # the regime the tolerance is derived for
+        assert rel < tol, (estimator, rel, c, tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nearly_identical_16bit_operands_emulated_on_cpu(dtype):
+    """The CUDA path's 16-bit operand rounding (host logic, on the CPU): within rel_tol_16bit."""
+    ext = _ext.extension()
+    x, y = nearly_identical(offset=0.0)  # offsets are exact (Sterbenz); zero-mean channels are the hard case
+    ext._set_emulate_tensor_cores(True)
+    try:
+        errors = relative_change_errors(x, y, dtype, "extension")
+    finally:
+        ext._set_emulate_tensor_cores(False)
+    for estimator, (rel, c) in errors.items():
+        assert rel < rel_tol_16bit(dtype, c), (estimator, rel, c)
+
+
+def test_float64_gram_sums_keep_relative_accuracy_over_a_study_sized_probe(monkeypatch):
+    """256 updates of 64 rows (4 layers, d = 32, 1 − CKA ≈ 1e-4). Adding U updates into an fp32 running
+    sum rounds each add by ±½ ulp of the running value: entry error std ≈ 2⁻²⁴·|S|·√U / 3, and with
+    the first-order δCKA above the relative error on 1 − CKA is ≈ √6/3·2⁻²⁴·√U / (√d·c) ≈ 1.4e-3 here
+    (benchmarks/bench_cka.py --accuracy: 2.4e-3 after 256 updates of 4096 at d = 64, growing as √U).
+    float64 sums leave only each update's own fp32 product error, which averages down over updates
+    (bench, d = 64, 4096-row updates: 1.8e-5). accum_tol = 5e-4 sits between: the widened sums must
+    pass it, and for the old fp32 layout the worst of 4 independent layers must fail it (else this test
+    could not tell them apart). Measured here (MKL, 2 cores): fp32 sums 0.8–3.2e-3 per layer, float64
+    sums 1.3e-6–1.1e-4."""
+    if _ext.extension() is None:
+        pytest.skip("depthfast._C not built")
+    accum_tol = 5e-4
+    layers, d, t, updates = 4, 32, 64, 256
+    g = gen(96)
+    xs = [torch.randn(updates * t, d, generator=g) @ (torch.randn(d, d, generator=g) / d**0.5) + 5.0
+          for _ in range(layers)]
+    ys = [x + 0.01 * torch.randn(x.shape, generator=g) * x.std(0) for x in xs]
+    # float64 truth on the concatenation (the streamed reference equals it to 1e-10, tested above)
+    c = torch.stack([1.0 - cka.linear_cka(x, y) for x, y in zip(xs, ys)])
+    assert ((c > 3e-5) & (c < 3e-4)).all(), c
+    rel = {}
+    for name, dt in (("float32", torch.float32), ("float64", torch.float64)):
+        monkeypatch.setattr(cka, "_GRAM_ACCUM_DTYPE", dt)  # read when the state is allocated
+        m = cka.StreamingCKA(layers, backend="extension")
+        for a in range(0, updates * t, t):
+            m.update([x[a:a + t] for x in xs], [y[a:a + t] for y in ys])
+        assert m._layers[0].sxx.dtype == dt
+        rel[name] = ((1.0 - m.compute()) - c).abs() / c
+    assert rel["float64"].max() < accum_tol, rel
+    assert rel["float32"].max() > accum_tol, rel  # the old layout loses it: the test can fail
+
+
+
+# ---------------------------------------------------------------------------------------------
+# per-text HSIC₁ (metrics.per_text_hsic_batch, the bootstrap's input) and the memory estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def per_text_hsic_loop(base_acts, tuned_acts, mask):
+    """The previous implementation, kept as the float64 reference: one text at a time, its real
+    rows selected, centered, float64 n×n Grams, ``cka.hsic1``; texts with n ≤ 3 left out."""
+    rows = []
+    for i in range(mask.shape[0]):
+        keep = mask[i].bool()
+        if int(keep.sum()) <= 3:
+            continue
+        h = []
+        for x, y in zip(base_acts, tuned_acts):
+            xc, yc = x[i][keep].double(), y[i][keep].double()
+            xc, yc = xc - xc.mean(0), yc - yc.mean(0)
+            k, l = xc @ xc.T, yc @ yc.T
+            h.append(cka.hsic1(torch.stack([k, k, l]), torch.stack([l, k, l])))
+        rows.append(torch.stack(h))
+    return torch.stack(rows) if rows else torch.zeros(0, len(base_acts), 3, dtype=torch.float64)
+
+
+def _texts(seed, lengths, seq, widths, offset=1e3, noise=0.01):
+    g = gen(seed)
+    mask = (torch.arange(seq)[None] < torch.tensor(lengths)[:, None]).long()
+    xs = [torch.randn(len(lengths), seq, d, generator=g) + offset * (torch.arange(d) < 2) for d in widths]
+    ys = [x + noise * torch.randn(x.shape, generator=g) for x in xs]
+    for t in (*xs, *ys):
+        t[mask == 0] = float("nan")  # padding garbage must not reach any text's statistics
+    return xs, ys, mask
+
+
+def _per_text_change(h):
+    """1 − CKA_S of the per-text bootstrap's ratio of sums over all texts, per layer."""
+    return 1.0 - h[:, :, 0].sum(0) / (h[:, :, 1].sum(0) * h[:, :, 2].sum(0)).sqrt()
+
+
+def test_per_text_hsic_batch_matches_the_per_text_float64_loop():
+    """Texts of lengths 1 … seq, including n ≤ 3 (HSIC₁ undefined: left out, as before), NaN padding.
+    CPU default (float64): to float64 roundoff. fp32 Grams (the GPU path, run here on the CPU): per
+    triple, each Gram entry carries a relative error ≲ √d·2⁻²⁴ (≤ 1.9e-6 at d = 1024), the sums over
+    n² entries stay within that: REL 2e-5 (measured ≤ 2.5e-6 up to d = 2048); on the bootstrap's
+    1 − CKA_S (≈ 1e-4 here) the triples' errors partly cancel: ABS 1e-6 (measured ≤ 4.1e-7 at d = 1024)."""
+    from depthfast import metrics
+
+    lengths = [1, 2, 3, 4, 5, 17, 40, 40, 23, 3, 8]
+    xs, ys, mask = _texts(98, lengths, 40, (24, 24, 64))
+    want = per_text_hsic_loop(xs, ys, mask)
+    assert want.shape == (len([n for n in lengths if n > 3]), 3, 3)
+    got = metrics.per_text_hsic_batch(xs, ys, mask)
+    assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == want.shape
+    assert ((got - want).abs() / want.abs()).max() < 1e-10
+    f32 = metrics.per_text_hsic_batch(xs, ys, mask, gram_dtype=torch.float32)
+    assert ((f32 - want).abs() / want.abs()).max() < 2e-5
+    assert (_per_text_change(f32) - _per_text_change(want)).abs().max() < 1e-6
+    # texts of ≤ 3 tokens only: no rows (and per_text_hsic of one such text: None), as before
+    assert metrics.per_text_hsic_batch(xs, ys, (mask * 0 + 1) * (torch.arange(40) < 3)).shape == (0, 3, 3)
+    assert metrics.per_text_hsic([x[1, :2] for x in xs], [y[1, :2] for y in ys]) is None
+    one = metrics.per_text_hsic([x[5, :17] for x in xs], [y[5, :17] for y in ys])
+    assert ((one - want[2]).abs() / want[2].abs()).max() < 1e-10  # texts 0-2 (n ≤ 3) were left out
+
+
+def test_per_text_hsic_batch_fp32_at_wide_layers_and_chunks(monkeypatch):
+    """d = 1024 (the √d term of the fp32 bound), offsets of 1e3, texts split into chunks of 3."""
+    from depthfast import metrics
+
+    monkeypatch.setattr(metrics, "_PER_TEXT_GRAM_BYTES", 3 * 4 * 48 * 48 * 4)  # 3 texts per chunk
+    xs, ys, mask = _texts(99, [48, 30, 7, 4, 48, 12, 2], 48, (1024,))
+    want = per_text_hsic_loop(xs, ys, mask)
+    f32 = metrics.per_text_hsic_batch(xs, ys, mask, gram_dtype=torch.float32)
+    assert ((f32 - want).abs() / want.abs()).max() < 2e-5
+    assert (_per_text_change(f32) - _per_text_change(want)).abs().max() < 1e-6
+    f64 = metrics.per_text_hsic_batch(xs, ys, mask)
+    assert ((f64 - want).abs() / want.abs()).max() < 1e-10
+
+
+def test_memory_estimate_counts_the_cka_staging():
+    """Pythia-1.4B shapes (24 blocks → 25 layers of d = 2048), probe batches of 32 × 128 tokens: the
+    measurement line = float64 statistics + captured activations + the larger of one engine update's
+    and one per-text batch's staging, each as csrc/cka.cpp and metrics.py allocate it."""
+    from transformers import AutoModelForCausalLM
+
+    from depthfast import memory
+    from depthfast.config import RunConfig
+    from depthfast.registry import lookup
+
+    G, t, d = 25, 32 * 128, 2048
+    stats = G * (3 * d * d * 8 + 6 * d * 8 + 2 * d * 4 + 5 * 8)
+    assert memory.cka_statistics_bytes(G, d, "exact") == stats
+    # X', Y' fp32 operands, row norms, the row mask, then the fp32 Y'ᵀX' product (bigger than the
+    # split weights' G·t·(48 + 32) + 48·G·d)
+    staging = 2 * G * t * d * 4 + 2 * G * t * 8 + t * 4 + G * d * d * 4
+    assert memory.cka_update_bytes(G, t, d, "exact", 4) == staging
+    assert staging > 2 * G * t * d * 4  # at least the two shifted operand copies of the group
+    bf16 = 2 * G * t * d * 2 + 2 * G * t * 8 + t * 4 + G * d * d * 4
+    assert memory.cka_update_bytes(G, t, d, "exact", 2) == bf16
+    per_text = memory.per_text_hsic_bytes(32, 128, d)
+    assert per_text == 32 * (2 * 128 * 128 * 4 + 128 * d * 8) < staging
+    config = lookup("EleutherAI/pythia-1.4b").config()
+    config.num_hidden_layers = 1  # the estimate's block count is passed in; hidden size is what counts
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    cfg = RunConfig(objective="clm", batch_size=8, max_length=128, probe_batch_size=32)
+    est = memory.estimate_run_memory(model, cfg, 24)
+    assert est.parts["measurement"] == stats + 2 * G * t * d * 4 + staging
+    unbiased = memory.estimate_run_memory(model, RunConfig(objective="clm", batch_size=8, max_length=128,
+                                                            probe_batch_size=32, estimator="unbiased"), 24)
+    # no d × d state; the staging peak is the minibatch mean's copies or the fp32 block products
+    assert unbiased.parts["measurement"] == (2 * G * t * d * 4 + 2 * G * t * 8 + t * 4
+                                             + max(G * t * d * 4, 8 * G * d * d) + 2 * G * t * d * 4)
+
+
+@needs_cuda
+def test_memory_estimate_brackets_a_real_engine_update_on_gpu():
+    """Production shape of a probe batch (32 texts × 128 tokens, 25 layers of 2048, bf16): the peak
+    the CUDA allocator sees during one exact update, above the state, is within the estimate."""
+    from depthfast import memory
+
+    G, t, d = 25, 32 * 128, 2048
+    x = [torch.randn(t, d, device="cuda", dtype=torch.bfloat16) for _ in range(G)]
+    m = cka.StreamingCKA(G, backend="extension")
+    m.update(x, x)  # allocates the state and the shift
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m.update(x, x)
+    torch.cuda.synchronize()
+    staged = torch.cuda.max_memory_allocated() - base
+    est = memory.cka_update_bytes(G, t, d, "exact", 2)
+    assert 0.5 * est <= staged <= 1.1 * est, (staged, est)

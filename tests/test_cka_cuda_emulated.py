@@ -284,3 +284,80 @@ def test_kernels_stay_inside_their_buffers_under_asan():
                          timeout=1200)
     report = res.stdout[-3000:] + res.stderr[-3000:]
     assert res.returncode == 0 and " passed" in res.stdout and "AddressSanitizer: " not in report, report
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time safety and relative accuracy through the CUDA dispatch (issues 11, 12)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_2d_inputs_behave_as_on_the_cpu_build(emu, estimator, dtype):
+    """Rows wider than d, a transposed buffer, every other column: the CUDA kernels read rows by their
+    stride and need unit column stride, so cka.cpp copies the last two; before, the CUDA path refused
+    them ("activations need unit column stride") while the CPU build took them."""
+    x, y = T.pair(96, 20, 12, seed=92, offset=1e3)
+    x, y = x.to(dtype), y.to(dtype)
+    ref = cka.StreamingCKA(2, estimator=estimator, backend="reference")
+    for h in (slice(0, 48), slice(48, 96)):
+        ref.update([x[h]] * 2, [y[h]] * 2)
+    want = ref.compute()
+    before = emu("prepare_kernel")
+    for name, (xv, yv) in zip(T.strided_layouts(x), zip(T.strided_layouts(x).values(), T.strided_layouts(y).values())):
+        m = cka.StreamingCKA(2, estimator=estimator, backend="extension")
+        for h in (slice(0, 48), slice(48, 96)):
+            m.update([xv[h]] * 2, [yv[h]] * 2)
+        err = float((m.compute() - want).abs().max())
+        assert err < _tolerance(dtype, 48), (name, err)
+    assert emu("prepare_kernel") - before == 4 * 2 * 2  # layouts × updates × (x, y): the kernels ran
+
+
+@pytest.mark.parametrize("estimator", ["exact", "unbiased"])
+@pytest.mark.parametrize("pooling", ["token", "mean"])
+def test_nan_and_inf_in_padding_through_the_kernels(emu, estimator, pooling):
+    x, y, mask = T._padded_pair()
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xf, yf = x.clone().bfloat16(), y.clone().bfloat16()
+        xf[mask == 0] = fill
+        yf[mask == 0] = -fill if fill == float("inf") else fill
+        m = cka.StreamingCKA(2, pooling=pooling, estimator=estimator, backend="extension")
+        for sl in (slice(0, 3), slice(3, 5)) if pooling == "token" else (slice(0, 5),):
+            m.update([xf[sl], xf[sl]], [yf[sl], yf[sl]], mask[sl])
+        results.append(m.compute())
+    assert torch.isfinite(results[0]).all()
+    for r in results[1:]:
+        assert (r - results[0]).abs().max() < 1e-12, results  # same operands: the same bits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nearly_identical_relative_error_through_the_kernels(emu, dtype):
+    """1 − CKA ≈ 5e-5 … 2e-4: relative tolerances of test_cka.py (rel_tol_16bit for 16-bit operands,
+    REL_TOL_F32 for fp32), exact and unbiased estimators; 16-bit: zero-mean channels (their shift is
+    not Sterbenz-exact: the operand rounding's bias shows), fp32: offsets of 1e3."""
+    for offset in (1e3,) if dtype == torch.float32 else (0.0,):
+        x, y = T.nearly_identical(n=512, offset=offset)
+        for estimator, (rel, c) in T.relative_change_errors(x, y, dtype, "extension").items():
+            tol = T.REL_TOL_F32 if dtype == torch.float32 else T.rel_tol_16bit(dtype, c)
+            assert rel < tol, (offset, estimator, rel, c, tol)
+
+
+def test_device_failure_in_the_cuda_dispatch_falls_back(emu, monkeypatch, capsys):
+    """The emulated CUDA build as the engine, failing like a _C built for another architecture in the
+    second batch: the result equals the reference and the notice prints once."""
+    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    batches = T._two_width_batches()
+    ref = cka.StreamingCKA(3, backend="reference")
+    for xs, ys, mask in batches:
+        ref.update(xs, ys, mask)
+    stand_in = T.FailingExtension(ok=2)  # wraps the emulated module (emu swapped it in)
+    assert stand_in.real.with_cuda
+    monkeypatch.setattr(_ext, "_C", stand_in)
+    got = cka.StreamingCKA(3)
+    for xs, ys, mask in batches:
+        got.update(xs, ys, mask)
+    assert got.backend == "reference"
+    assert (got.compute() - ref.compute()).abs().max() < T.TOL_F32
+    assert capsys.readouterr().err.count("depthfast: the compiled CKA engine failed") == 1
