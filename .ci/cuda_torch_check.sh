@@ -9,7 +9,14 @@
 #   * pass the tests chosen below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-env="${DEPTHFAST_CUDA_VENV:-build/venv-cuda}"  # build/ is git-ignored
+env="$PWD/${DEPTHFAST_CUDA_VENV:-build/venv-cuda}"  # build/ is git-ignored
+# A copy of the tree: an editable install builds depthfast/_C*.so inside the source tree, and the CUDA
+# build (linked to libc10_cuda) would replace the CPU environment's extension there.
+src="$PWD/build/ci-cuda-src"
+rm -rf "$src" && mkdir -p "$src"
+tar --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.so' --exclude='*.egg-info' -cf - . \
+  | tar -xf - -C "$src" || { echo "cuda-torch env: FAILED: copying the tree"; exit 1; }
+cd "$src"
 torch_req="${DEPTHFAST_CI_CUDA_TORCH:-torch==2.14.1}"
 fail() { echo "cuda-torch env: FAILED: $*"; exit 1; }
 t0=$SECONDS

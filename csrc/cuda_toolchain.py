@@ -208,7 +208,9 @@ def plan(env=None, torch_cuda: str | None = None) -> Plan:
 
 if __name__ == "__main__":
     import sys
+    import warnings
 
+    warnings.filterwarnings("ignore")  # torch without numpy yet (install.sh calls this before the dependencies)
     try:
         import torch
     except ImportError:
