@@ -33,7 +33,9 @@ for name in ("torch", "triton"):
         pass
 PY
 )
-# An environment this script made for the CPU machine stays one (.depthfast-cpu): its torch is ours.
+# An environment this script made for the CPU machine stays one (.depthfast-cpu, or the stamp of the
+# install.sh before it, which ended in the torch requirement): its torch is ours.
+if grep -qs -- '-torch==2.13.0$' "$venv/.depthfast-installed"; then touch "$venv/.depthfast-cpu"; fi
 if [ -f "$venv/.depthfast-cpu" ] || ! grep -q '^torch==' <<<"$pins"; then mode=cpu; pins=; else mode=existing; fi
 
 stamp="$venv/.depthfast-installed"
