@@ -1,20 +1,49 @@
-"""Build depthfast and its extension depthfast._C.
+"""Build depthfast and its extension depthfast._C against the torch already in the environment.
 
-C++ sources in csrc/ are always compiled (the CPU path). CUDA sources (csrc/*.cu) are added only
-when the installed torch was built with CUDA and nvcc is found: a CUDA extension cannot be built
-against a CPU-only torch. Triton kernels live in kernels/ and install as depthfast.kernels (the
-top-level name ``kernels`` belongs to another PyPI package).
+    pip install --no-build-isolation -e .
+
+C++ sources in csrc/ are always compiled (the CPU path). CUDA sources (csrc/*.cu) are added when
+torch was built with CUDA and csrc/cuda_toolchain.py finds a matching toolkit; it also fixes
+CUDA_HOME and TORCH_CUDA_ARCH_LIST (default 7.5;8.0;8.6;8.9;9.0+PTX, no GPU needed) before
+torch.utils.cpp_extension is imported. A CUDA extension cannot be built against a CPU-only torch.
+Triton kernels live in kernels/ and install as depthfast.kernels (the top-level name ``kernels``
+belongs to another PyPI package).
 """
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:
+    sys.exit("depthfast: error: setup.py needs the environment's torch to build depthfast._C, and torch is not "
+             "importable here: install torch first, then `pip install --no-build-isolation -e .` (pip's default "
+             "build isolation hides the environment's torch)")
+
+sys.path.insert(0, os.path.join(HERE, "csrc"))
+import cuda_toolchain  # noqa: E402
+
+try:
+    PLAN = cuda_toolchain.plan(torch_cuda=torch.version.cuda)
+except cuda_toolchain.ToolchainError as exc:  # DEPTHFAST_CUDA=1 and no usable toolkit
+    sys.exit(f"depthfast: error: {exc}")
+print(PLAN.line, file=sys.stderr)
+os.environ.update(PLAN.env)
+# torch calls `ninja` from PATH; pip's ninja sits beside the interpreter, not on PATH unless activated.
+_bin = os.path.dirname(sys.executable)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is fixed: read at import)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if PLAN.cuda:
+    cpp_extension.CUDA_HOME = PLAN.cuda_home  # in case something imported it before
 
 
 def extension_modules():
@@ -23,18 +52,21 @@ def extension_modules():
     if not cpp_sources:
         return []
     # No -std flag: BuildExtension adds the standard the installed torch needs (C++17 up to ~2.9, C++20 later).
-    cxx_flags = ["-O3"]
-    if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
-        nvcc_flags = ["-O3", "-lineinfo"]  # no fast-math: CKA numerics are the product
+    # OpenMP in both builds: the C++ CPU path of a CUDA build runs on all cores too.
+    cxx_flags = ["-O3", "-fopenmp"]
+    if PLAN.cuda and cuda_sources:
+        # No fast-math: CKA numerics are the product. Architectures: TORCH_CUDA_ARCH_LIST (PLAN.env).
+        nvcc_flags = ["-O3", "-lineinfo", "-Xcompiler", "-fopenmp"]
         return [
             CUDAExtension(
                 "depthfast._C",
                 cpp_sources + cuda_sources,
                 define_macros=[("DEPTHFAST_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=["-fopenmp"],
             )
         ]
-    return [CppExtension("depthfast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
+    return [CppExtension("depthfast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                          extra_link_args=["-fopenmp"])]
 
 

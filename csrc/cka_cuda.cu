@@ -13,6 +13,11 @@
 //                  their squared Frobenius norms in the block (feature-space unbiased HSIC, used
 //                  whenever d1 + d2 ≤ n for 16-bit inputs): no d × d workspace either.
 //
+// Tensor cores: WMMA has fp16 fragments from sm_70 but bf16 ones only from sm_80, so offdiag_kernel
+// and syrk_kernel come in two variants, WMMA and a plain SIMT tile (fp32 accumulation too), and the
+// host picks by the device's compute capability (tensor_cores_on). A device pass below sm_80 compiles
+// the SIMT body into the bf16 WMMA variant as well (use_wmma), so every architecture from sm_70 builds.
+//
 // The feature-space Gram products of the exact estimator go to cuBLAS by default (cka.cpp, bmm
 // with fp32 output on the upper blocks only): it already runs the tensor cores at ~86 % of peak,
 // so the engine wins by not doing the lower blocks and by fusing shift/mask/cast/sums in one pass.
@@ -27,6 +32,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include <type_traits>
 
 namespace depthfast {
 namespace {
@@ -189,12 +196,112 @@ __device__ __forceinline__ void store_warp_tile(const WarpAcc& acc, float (*s)[k
       nvcuda::wmma::store_matrix_sync(&s[wr + 16 * i][wc + 16 * j], acc[i][j], kTile + 4, nvcuda::wmma::mem_row_major);
 }
 
+// ---- one block's kTile × kTile fp32 product tile, with tensor cores or without ------------------
+
+// Lowest architecture (×10) with WMMA fragments for T: fp16 from Volta, bf16 from Ampere.
 template <typename T>
+__host__ __device__ constexpr int wmma_min_arch() {
+  return std::is_same<T, __nv_bfloat16>::value ? 800 : 700;
+}
+
+// Whether a kernel variant asked for tensor cores (kTensorCores) really uses WMMA in the code being
+// compiled: not in a device pass for an architecture without T's fragments (that variant is never
+// launched there, see tensor_cores_on, but must compile; it gets the SIMT body, correct everywhere).
+template <typename T, bool kTensorCores>
+__host__ __device__ constexpr bool use_wmma() {
+#if defined(__CUDA_ARCH__)
+  return kTensorCores && __CUDA_ARCH__ >= wmma_min_arch<T>();
+#else
+  return kTensorCores;
+#endif
+}
+
+// C(i, j) += Σ_k A(i, k) B(k, j) over one staged k-slab of kDepth, A and B 16-bit in shared memory,
+// C a kTile × kTile fp32 tile spread over the block's kOffThreads threads. kKInner: operands staged
+// as s[row][k] (A(i, k) = a[i·ld + k], B(k, j) = b[j·ld + k]); otherwise as s[k][row]
+// (A(i, k) = a[k·ld + i], B(k, j) = b[k·ld + j]).
+template <typename T, bool kWmma>
+struct TileAcc;
+
+// Tensor cores: 4 warps in a 2 × 2 grid, each 32 × 32 of C as 2 × 2 m16n16k16 fragments.
+template <typename T>
+struct TileAcc<T, true> {
+  WarpAcc acc;
+  __device__ __forceinline__ void zero() { zero_warp_tile(acc); }
+  __device__ __forceinline__ void store(float (*s)[kTile + 4]) const { store_warp_tile(acc, s); }
+
+  template <bool kKInner, int kDepth>
+  __device__ __forceinline__ void accumulate(const T* a, const T* b, int ld) {
+    using namespace nvcuda;
+    using LA = typename std::conditional<kKInner, wmma::row_major, wmma::col_major>::type;
+    using LB = typename std::conditional<kKInner, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32;
+    const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+#pragma unroll
+    for (int kk = 0; kk < kDepth; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], kKInner ? a + (wr + 16 * i) * ld + kk : a + kk * ld + wr + 16 * i, ld);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(fb[j], kKInner ? b + (wc + 16 * j) * ld + kk : b + kk * ld + wc + 16 * j, ld);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+};
+
+// SIMT (bf16 before Ampere): thread t holds rows 4·(t / 8) + i (i < 4) and columns t % 8 + 8·j
+// (j < 8) of C in registers. Products of 16-bit values are exact in fp32 and sums round in fp32, as
+// in the tensor cores; only the summation order differs.
+template <typename T>
+struct TileAcc<T, false> {
+  static constexpr int kRows = 4, kCols = 8;
+  static_assert((kTile / kRows) * (kTile / kCols) == kOffThreads, "one 4 × 8 piece of C per thread");
+  float acc[kRows][kCols];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc[i][j] = 0.f;
+  }
+  __device__ __forceinline__ void store(float (*s)[kTile + 4]) const {
+    const int r0 = (threadIdx.x / 8) * kRows, c0 = threadIdx.x % 8;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) s[r0 + i][c0 + 8 * j] = acc[i][j];
+  }
+
+  template <bool kKInner, int kDepth>
+  __device__ __forceinline__ void accumulate(const T* a, const T* b, int ld) {
+    const int r0 = (threadIdx.x / 8) * kRows, c0 = threadIdx.x % 8;
+#pragma unroll 4
+    for (int kk = 0; kk < kDepth; ++kk) {
+      float av[kRows], bv[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) av[i] = to_f32<T>(kKInner ? a[(r0 + i) * ld + kk] : a[kk * ld + r0 + i]);
+#pragma unroll
+      for (int j = 0; j < kCols; ++j)
+        bv[j] = to_f32<T>(kKInner ? b[(c0 + 8 * j) * ld + kk] : b[kk * ld + c0 + 8 * j]);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+};
+
+// Tile (I, J) of K = a·aᵀ for a (n, d) into acc: k-slabs of kKStep staged as sa[row][k], zero-padded
+// past n and d.
+template <typename T, typename Acc>
 __device__ void accumulate_gram_tile(const T* __restrict__ a, int64_t n, int64_t d, int64_t i0, int64_t j0,
-                                     T (*sa)[kKStep + 8], T (*sb)[kKStep + 8], WarpAcc& acc) {
-  using namespace nvcuda;
-  const int warp = threadIdx.x / 32;
-  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+                                     T (*sa)[kKStep + 8], T (*sb)[kKStep + 8], Acc& acc) {
   for (int64_t k0 = 0; k0 < d; k0 += kKStep) {
     // Stage rows i0.. and j0.. of a (n, d), columns k0..k0+31, zero-padded past n and d.
     for (int e = threadIdx.x; e < kTile * kKStep; e += kOffThreads) {
@@ -205,27 +312,14 @@ __device__ void accumulate_gram_tile(const T* __restrict__ a, int64_t n, int64_t
       sb[r][cc] = (rj < n && col < d) ? a[rj * d + col] : from_f32<T>(0.f);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kKStep; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sa[wr + 16 * i][kk], kKStep + 8);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sb[wc + 16 * j][kk], kKStep + 8);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    acc.template accumulate<true, kKStep>(&sa[0][0], &sb[0][0], kKStep + 8);
     __syncthreads();
   }
 }
 
-template <typename T>
+template <typename T, bool kTensorCores>
 __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y, double* __restrict__ out, int64_t n,
                                int64_t d1, int64_t d2, int64_t tiles) {
-  using namespace nvcuda;
   int64_t I, J;
   upper_tile_pair(blockIdx.x, tiles, I, J);
   const int g = blockIdx.y;
@@ -237,13 +331,13 @@ __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y,
   __shared__ __align__(32) float sk[kTile][kTile + 4];
   __shared__ __align__(32) float sl[kTile][kTile + 4];
 
-  WarpAcc acc;
-  zero_warp_tile(acc);
-  accumulate_gram_tile<T>(xg, n, d1, I * kTile, J * kTile, sa, sb, acc);
-  store_warp_tile(acc, sk);
-  zero_warp_tile(acc);
-  accumulate_gram_tile<T>(yg, n, d2, I * kTile, J * kTile, sa, sb, acc);
-  store_warp_tile(acc, sl);
+  TileAcc<T, use_wmma<T, kTensorCores>()> acc;
+  acc.zero();
+  accumulate_gram_tile(xg, n, d1, I * kTile, J * kTile, sa, sb, acc);
+  acc.store(sk);
+  acc.zero();
+  accumulate_gram_tile(yg, n, d2, I * kTile, J * kTile, sa, sb, acc);
+  acc.store(sl);
   __syncthreads();
 
   // Off-diagonal entries only (K̃, L̃); rows past n are zero and add nothing.
@@ -269,11 +363,10 @@ __global__ void offdiag_kernel(const T* __restrict__ x, const T* __restrict__ y,
 
 // kReduce: instead of storing, reduce ‖Y'ᵀX'‖²_F, ‖X'ᵀX'‖²_F, ‖Y'ᵀY'‖²_F into sq (G, 3) float64 —
 // the feature-space unbiased-HSIC moments with no d × d workspace at all.
-template <typename T, bool kReduce>
+template <typename T, bool kReduce, bool kTensorCores>
 __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, float* __restrict__ sxx,
                             float* __restrict__ syy, float* __restrict__ syx, double* __restrict__ sq, int64_t n,
                             int64_t d1, int64_t d2, int64_t tiles, bool skip_xx) {
-  using namespace nvcuda;
   int64_t I, J;
   upper_tile_pair(blockIdx.x, tiles, I, J);
   if (skip_xx && (J + 1) * kTile <= d1) return;  // tile entirely in the kept base block
@@ -285,10 +378,8 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
   __shared__ __align__(32) T sa[kKStep][kTile + 8];
   __shared__ __align__(32) T sb[kKStep][kTile + 8];
   __shared__ __align__(32) float sc[kTile][kTile + 4];
-  const int warp = threadIdx.x / 32;
-  const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-  WarpAcc acc;
-  zero_warp_tile(acc);
+  TileAcc<T, use_wmma<T, kTensorCores>()> acc;
+  acc.zero();
 
   auto z = [&](int64_t row, int64_t col) -> T {
     if (row >= n || col >= D) return from_f32<T>(0.f);
@@ -301,22 +392,10 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
       sb[kk][cc] = z(k0 + kk, J * kTile + cc);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kKStep; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];  // A(i, k) = Z(k, i)
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];  // B(k, j) = Z(k, j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sa[kk][wr + 16 * i], kTile + 8);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sb[kk][wc + 16 * j], kTile + 8);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    acc.template accumulate<false, kKStep>(&sa[0][0], &sb[0][0], kTile + 8);  // A(i, k) = Z(k, i), B(k, j) = Z(k, j)
     __syncthreads();
   }
-  store_warp_tile(acc, sc);
+  acc.store(sc);
   __syncthreads();
 
   const bool mirror = I != J;
@@ -353,6 +432,18 @@ __global__ void syrk_kernel(const T* __restrict__ x, const T* __restrict__ y, fl
       }  // i ≥ d1 > j: only inside a diagonal tile, the transpose of an entry written above
     }
   }
+}
+
+// Whether the device holding t has WMMA fragments for T (compute capability ≥ wmma_min_arch): the
+// kernels' tensor-core variant, else the SIMT one. Asked per call: cudaDeviceGetAttribute is a
+// cheap host-side lookup, and the emulator (tests/cuda_emu) changes its device between tests.
+template <typename T>
+bool tensor_cores_on(const at::Tensor& t) {
+  const int device = t.device().index() < 0 ? 0 : t.device().index();
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return 100 * major + 10 * minor >= wmma_min_arch<T>();
 }
 
 }  // namespace
@@ -398,14 +489,18 @@ void offdiag_sums_cuda(const at::Tensor& x, const at::Tensor& y, at::Tensor& out
   dim3 grid(static_cast<unsigned>(pairs), static_cast<unsigned>(g));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kBFloat16) {
-    offdiag_kernel<__nv_bfloat16><<<grid, kOffThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x.data_ptr()), static_cast<const __nv_bfloat16*>(y.data_ptr()),
-        out.data_ptr<double>(), n, d1, d2, tiles);
+    using T = __nv_bfloat16;
+    const auto* xp = static_cast<const T*>(x.data_ptr());
+    const auto* yp = static_cast<const T*>(y.data_ptr());
+    if (tensor_cores_on<T>(x))
+      offdiag_kernel<T, true><<<grid, kOffThreads, 0, stream>>>(xp, yp, out.data_ptr<double>(), n, d1, d2, tiles);
+    else
+      offdiag_kernel<T, false><<<grid, kOffThreads, 0, stream>>>(xp, yp, out.data_ptr<double>(), n, d1, d2, tiles);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kHalf, "offdiag_sums_cuda: operands must be bf16 or fp16");
-    offdiag_kernel<__half><<<grid, kOffThreads, 0, stream>>>(static_cast<const __half*>(x.data_ptr()),
-                                                             static_cast<const __half*>(y.data_ptr()),
-                                                             out.data_ptr<double>(), n, d1, d2, tiles);
+    offdiag_kernel<__half, true><<<grid, kOffThreads, 0, stream>>>(static_cast<const __half*>(x.data_ptr()),
+                                                                   static_cast<const __half*>(y.data_ptr()),
+                                                                   out.data_ptr<double>(), n, d1, d2, tiles);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -429,12 +524,19 @@ void launch_syrk(const at::Tensor& x, const at::Tensor& y, float* sxx, float* sy
   dim3 grid(static_cast<unsigned>(pairs), static_cast<unsigned>(g));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kBFloat16) {
-    syrk_kernel<__nv_bfloat16, kReduce><<<grid, kOffThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x.data_ptr()), static_cast<const __nv_bfloat16*>(y.data_ptr()), sxx, syy,
-        syx, sq, n, d1, d2, tiles, skip_xx);
+    using T = __nv_bfloat16;
+    const auto* xp = static_cast<const T*>(x.data_ptr());
+    const auto* yp = static_cast<const T*>(y.data_ptr());
+    if (tensor_cores_on<T>(x))
+      syrk_kernel<T, kReduce, true><<<grid, kOffThreads, 0, stream>>>(xp, yp, sxx, syy, syx, sq, n, d1, d2, tiles,
+                                                                      skip_xx);
+    else
+      syrk_kernel<T, kReduce, false><<<grid, kOffThreads, 0, stream>>>(xp, yp, sxx, syy, syx, sq, n, d1, d2, tiles,
+                                                                       skip_xx);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kHalf, "syrk (CUDA): operands must be bf16 or fp16");
-    syrk_kernel<__half, kReduce><<<grid, kOffThreads, 0, stream>>>(
+    // fp16 WMMA exists on every architecture the build accepts (sm_70 and up).
+    syrk_kernel<__half, kReduce, true><<<grid, kOffThreads, 0, stream>>>(
         static_cast<const __half*>(x.data_ptr()), static_cast<const __half*>(y.data_ptr()), sxx, syy, syx, sq, n,
         d1, d2, tiles, skip_xx);
   }

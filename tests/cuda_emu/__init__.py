@@ -24,7 +24,7 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
 
 CUDA_INCLUDE = re.compile(r"(?m)^#include <(c10/cuda/\w+\.h|cuda_bf16\.h|cuda_fp16\.h|mma\.h)>\n")
 LAUNCH = re.compile(r"(?m)^(?P<indent>[ \t]*)(?P<kernel>[A-Za-z_]\w*(?:<[^;{}()<>]*>)?)<<<(?P<cfg>[^;<>]*)>>>\(")
-EXPECTED_LAUNCHES = 5  # prepare; offdiag bf16/fp16; syrk bf16/fp16
+EXPECTED_LAUNCHES = 7  # prepare; offdiag bf16 WMMA/SIMT, fp16; syrk bf16 WMMA/SIMT, fp16
 
 
 def emulated_source(cu_text: str) -> str:

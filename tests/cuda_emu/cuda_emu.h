@@ -63,6 +63,27 @@ struct CUDAGuard {
 };
 }  // namespace c10::cuda
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+#define C10_CUDA_CHECK(expr) ((void)(expr))
+
+// The emulated device: compute capability 9.0 unless a test sets another through
+// cuda_emu_set_compute_capability (e.g. 75: a Turing GPU, no bf16 WMMA; the host code then picks
+// the kernels' SIMT variants).
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+namespace emu {
+inline int& compute_capability() {
+  static int cc = 90;
+  return cc;
+}
+}  // namespace emu
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? emu::compute_capability() / 10 : emu::compute_capability() % 10;
+  return cudaSuccess;
+}
+extern "C" inline __attribute__((used, visibility("default"))) void cuda_emu_set_compute_capability(int cc) {
+  emu::compute_capability() = cc;
+}
 
 namespace emu {
 
@@ -169,7 +190,7 @@ inline void run_block(Block& b, std::vector<std::unique_ptr<char[]>>& stacks, co
 }
 
 // Launches per kernel name, so a test can tell which kernels a call really ran (read through
-// cuda_emu_launches below).
+// cuda_emu_launches below); "wmma::mma_sync" counts warp-level tensor-core products.
 inline std::map<std::string, int64_t>& launch_counts() {
   static std::map<std::string, int64_t> counts;
   return counts;
@@ -298,6 +319,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
               const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
   emu::warp_collective();
   if (emu::lane() != 0) return;
+  ++emu::launch_counts()["wmma::mma_sync"];
   float out[16][16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
