@@ -255,7 +255,7 @@ def test_dry_run_lists_memory_and_fit(tmp_path):
 models:
   - {{model: gpt2, objectives: [cls]}}
   - {{model: EleutherAI/pythia-6.9b, objectives: [clm], precision: bf16, gradient_checkpointing: true,
-     theta0_offload: true}}
+     theta0_offload: true, probe_batch_size: 16}}
   - {{model: EleutherAI/pythia-6.9b, objectives: [cls], steps: 7}}
   - {{model: someone/unknown-model}}
 """)
