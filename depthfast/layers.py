@@ -188,12 +188,9 @@ class ModelLayers:
         return exempt
 
 
-TIED_POLICIES = TIED_EMBEDDINGS
-
-
 def check_tied_policy(policy: str) -> None:
-    if policy not in TIED_POLICIES:
-        raise DepthfastError(f"tied embeddings must be one of {TIED_POLICIES}; got {policy!r}")
+    if policy not in TIED_EMBEDDINGS:
+        raise DepthfastError(f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {policy!r}")
 
 
 # Parameters that the architecture's authors keep out of weight decay, by their own name: Mamba's

@@ -629,6 +629,8 @@ def fit_of(cfg: RunConfig) -> Fit:
     """One GPU of each kind in ``GPUS`` (fits when the estimate ≤ HEADROOM × its memory); else the
     smallest FSDP size in ``FSDP_SIZES`` at which a process fits an H100 (then an H200). Under FSDP θ₀
     is sharded on the device (--theta0-offload is refused there)."""
+    from depthfast.memory import human_bytes
+
     try:
         estimate = estimate_memory(cfg)
     except Exception as exc:  # an architecture the meta device cannot build: say so, never stop the listing
@@ -662,10 +664,6 @@ def fit_of(cfg: RunConfig) -> Fit:
         if found:
             return Fit(estimate.total, fits, f"fsdp ×{found[0]} {gpu}", how(found[0], gpu, found[1]))
     return Fit(estimate.total, fits, f"too big for fsdp ×{FSDP_SIZES[-1]}")
-
-
-def human_bytes(size: float) -> str:
-    return f"{size / 2**30:.1f} GiB"
 
 
 def fit_summary(runs: list[Run], fits: list[Fit]) -> str:
@@ -712,6 +710,8 @@ def sweep(grid_path: str, out: str | None = None, workers: int | None = None, dr
     runs = plan(build_runs(grid, out))
     pending = [r for r in runs if r.action == "run"]
     if dry_run:
+        from depthfast.memory import human_bytes
+
         fits = [fit_of(r.config) for r in runs]
         gpus = list(GPUS)
         echo(format_table(["run", "action", "reason", "resume", "memory (1 GPU)", *[f"fits {g}" for g in gpus],

@@ -58,21 +58,17 @@ def warmup_linear(warmup_steps: int, total_steps: int):
     return factor
 
 
-def build_optimizer(named_groups, cfg: RunConfig, no_decay: set[int] | None = None):
+def build_optimizer(named_groups, cfg: RunConfig, no_decay: set[int]):
     """AdamW or SGD with momentum over the groups' parameters, and its linear warm-up/decay schedule.
 
     Weight decay cfg.weight_decay on every parameter except those whose id is in ``no_decay``
-    (``ModelLayers.no_weight_decay()``: biases, norms, Mamba's A_log/D, RWKV's time_*; see
-    depthfast.layers.decays); without it, on every parameter of dim ≥ 2 not marked ``_no_weight_decay``.
+    (``ModelLayers.no_weight_decay()``, the one rule: biases, norms, Mamba's A_log/D, RWKV's time_*;
+    see depthfast.layers.decays).
     """
     decay, exempt = [], []
     for _, params in named_groups:
         for p in params:
-            if no_decay is None:
-                skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False)
-            else:
-                skip = id(p) in no_decay
-            (exempt if skip else decay).append(p)
+            (exempt if id(p) in no_decay else decay).append(p)
     param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -18,7 +18,7 @@ def test_static_parts_match_real_tensors_after_a_step(optimizer):
     model, tokenizer = tiny_models.build("gpt2")
     cfg = RunConfig(objective="clm", batch_size=4, max_length=16, optimizer=optimizer)
     estimate = estimate_run_memory(model, cfg, discover_layers(model).num_blocks)
-    opt, _ = build_optimizer([("all", list(model.parameters()))], cfg)
+    opt, _ = build_optimizer([("all", list(model.parameters()))], cfg, discover_layers(model).no_weight_decay())
     batch = tokenizer(["a b c d e f g h"] * 4, return_tensors="pt")
     model(**batch, labels=batch["input_ids"]).loss.backward()
     opt.step()
