@@ -91,7 +91,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7"],
+        "peft": ["peft>=0.13"],  # LoRA runs and `depthfast compare` on an adapter directory
+        "test": ["pytest>=7", "peft>=0.13"],
+        # benchmarks/ compares against these CKA libraries where they are installed
+        "bench": ["pytorch-cka>=1.1", "ckatorch>=1.0", "torch-cka>=0.21"],
     },
     ext_modules=extension_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
