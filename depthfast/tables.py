@@ -1,4 +1,5 @@
-"""Plain-text tables: aligned columns for the terminal, pipe tables for markdown. Cells are printed with str()."""
+"""Plain-text tables: aligned columns for the terminal, pipe tables for markdown (cells printed with
+str()), and the cell formats of the report ("—" for a missing number)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,17 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def fmt_cell(value, spec: str = ".3g") -> str:
+    """A table cell: "—" for None, a float with ``spec``, anything else as str()."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def fmt_ci(low, high, spec: str = "+.2e") -> str:
+    """A confidence-interval cell "[low, high]", "—" when either end is None."""
+    return f"[{fmt_cell(low, spec)}, {fmt_cell(high, spec)}]" if low is not None and high is not None else "—"
