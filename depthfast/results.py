@@ -1,4 +1,6 @@
-"""Writing a run's results: every file atomically (write a temporary file, then rename over)."""
+"""A run's artifacts on disk: atomic writes (a temporary file, then a rename over), JSON without NaN
+(``json_safe``, ``finite_or_none``) and reading it back (``read_json``), results.json / profile.csv /
+train_log.csv (``write_results``; profile.png via ``depthfast.plotting``), and the terminal results table."""
 
 from __future__ import annotations
 
@@ -27,19 +29,38 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def _json_safe(value):
-    """Floats that are not finite become null: JSON has no NaN, and a NaN must never pass as a number."""
+def finite_or_none(value):
+    """A scalar for JSON or a table: a float that is not finite (NaN, ±inf) becomes None, anything
+    else (None, bools, ints, finite floats, strings) is returned as it is."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
     return value
 
 
+def json_safe(value):
+    """``value`` with every non-finite float, in dicts, lists and tuples too, replaced by None (tuples
+    become lists): JSON has no NaN, and a NaN must never pass as a number."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return finite_or_none(value)
+
+
+def read_json(path: str):
+    """(value, problem): the parsed JSON of ``path`` and "", or None and a short reason: "missing",
+    or "unreadable (<error type>: <first 80 characters of the message>)"."""
+    try:
+        with open(path) as f:
+            return json.load(f), ""
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})"
+
+
 def atomic_write_json(path: str, data) -> None:
-    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n").encode())
 
 
 def atomic_write_csv(path: str, header: list[str], rows: list[list]) -> None:
@@ -48,33 +69,6 @@ def atomic_write_csv(path: str, header: list[str], rows: list[list]) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-def plot_profile(path: str, depths: list[float], changes: list[float], weight_changes: list[float],
-                 title: str, slope: float | None) -> None:
-    """profile.png: representational change (and weight change) against normalized depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(depths, changes, "o-", color="tab:blue", label="1 − CKA (probe set)")
-    ax.set_xlabel("normalized depth ℓ / L")
-    ax.set_ylabel("representational change 1 − CKA", color="tab:blue")
-    ax.set_ylim(bottom=0)
-    twin = ax.twinx()
-    twin.plot(depths, weight_changes, "s--", color="tab:orange", alpha=0.8, label="‖W_T − W_0‖ / ‖W_0‖")
-    twin.set_ylabel("weight change ‖W_T − W_0‖ / ‖W_0‖", color="tab:orange")
-    twin.set_ylim(bottom=0)
-    slope_text = f"locality gradient {slope:+.4g}" if slope is not None else "locality gradient n/a"
-    ax.set_title(f"{title}\n{slope_text}", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> list[dict]:
@@ -89,6 +83,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
     """
     import depthfast
+    from depthfast.plotting import plot_profile  # here, not at the top: plotting writes through this module
 
     depths = layers.normalized_depths
     rows = profile_rows(layers.layer_names, depths, measured.cka)

@@ -9,7 +9,7 @@ import pytest
 
 from depthfast import report as rp
 from depthfast.config import RunConfig
-from depthfast.metrics import profile_metrics
+from depthfast.metrics import PER_TEXT_ESTIMATOR, profile_metrics
 
 
 def _results(changes, block_type="sequential", architecture="encoder", objective="cls", control="none",
@@ -245,7 +245,7 @@ def test_estimators_are_never_mixed(tmp_path):
     tied = {row[0]: row[4] for row in rows}
     assert tied == {"exact/token": "untied", "unbiased/token": "tied (head)", "exact/mean": "unknown"}
     panels = rp.slope_panels(records)
-    assert [p["estimator"] for p in panels] == ["exact/mean", "exact/token", "unbiased/token", rp.PER_TEXT_ESTIMATOR]
+    assert [p["estimator"] for p in panels] == ["exact/mean", "exact/token", "unbiased/token", PER_TEXT_ESTIMATOR]
     for panel in panels[:-1]:
         assert all(rp.estimator_of(r) == panel["estimator"] for item in panel["items"] for r in item[2])
         assert panel["estimator"] in panel["title"] and panel["estimator"] in panel["ylabel"]
