@@ -14,7 +14,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,7 +74,8 @@ setup(
     name="depthfast",
     version="0.1.0",
     description="Measure the depth profile of fine-tuning: per-layer representational change, with the equal-step control",
-    packages=["depthfast", "depthfast.kernels", "depthfast.report", "depthfast.sweep"],
+    # every subpackage of depthfast/ (report, sweep, cka, optim, …), plus kernels/ mapped below
+    packages=find_packages(include=["depthfast", "depthfast.*"], exclude=["depthfast.kernels*"]) + ["depthfast.kernels"],
     package_dir={"depthfast": "depthfast", "depthfast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
