@@ -1,4 +1,5 @@
-"""Profile arithmetic: the locality gradient, weight change, and how results are written."""
+"""The probe pass (depthfast.probe: measure_probe, weight_changes) and the arithmetic around it: the locality
+gradient, results written without NaN, and the objective distance's pretraining head on the shared backbone."""
 
 import json
 import math
