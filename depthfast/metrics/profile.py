@@ -41,13 +41,11 @@ def locality_gradient(depths: list[float], changes: list[float]) -> float | None
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(depths, changes)) / sxx
 
 
-
 def _check_profile(depths: Sequence[float], changes: Sequence[float]) -> tuple[list[float], list[float]]:
     depths, changes = [float(d) for d in depths], [float(c) for c in changes]
     if len(depths) != len(changes):
         raise ValueError(f"depths and changes differ in length: {len(depths)} vs {len(changes)}")
     return depths, changes
-
 
 
 def _positive(changes: list[float]) -> list[float]:
