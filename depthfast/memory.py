@@ -21,7 +21,7 @@ size, t = tokens per micro-batch, h the hidden size, L blocks, a heads, s the se
 It is an estimate (allocator fragmentation and framework workspaces come on top); the check refuses
 only when the estimate alone exceeds the device's memory.
 
-The objective distance at θ₀ (depthfast.distance) runs before training, alone: its own peak
+The objective distance at θ₀ (depthfast.objective_distance) runs before training, alone: its own peak
 (objective_distance_peak) enters as the line "objective distance (excess)", what it needs beyond
 all the parts above, so that the total is the larger of the two phases.
 """
@@ -151,7 +151,7 @@ def per_text_hsic_bytes(texts: int, seq: int, width: int, element_size: int = 4)
     c = min(B, _PER_TEXT_GRAM_BYTES / (16 s²)) on a GPU, where the Grams are fp32): K̃ (c, s, s)·4 is kept
     while Y's masked copy (c, s, d)·e and centered fp32 rows (c, s, d)·4 and L̃ are formed, then one
     (c, s, s) product: c·(2·s²·4 + max(s·d·(e + 4), s²·4)). On the CPU (float64) the same bound holds."""
-    from depthfast.metrics import _PER_TEXT_GRAM_BYTES
+    from depthfast.metrics.per_text import _PER_TEXT_GRAM_BYTES
 
     s, d, e = seq, width, element_size
     c = min(texts, max(1, _PER_TEXT_GRAM_BYTES // (16 * s * s)))
@@ -168,7 +168,7 @@ def optimizer_states(cfg) -> int:
 
 def objective_distance_peak(model: torch.nn.Module, backbone: torch.nn.Module, cfg, num_blocks: int,
                             head_parameters: int) -> int:
-    """Device bytes while the gradient-alignment distance runs (depthfast.distance; main process,
+    """Device bytes while the gradient-alignment distance runs (depthfast.objective_distance; main process,
     before training, before sharding, fp32, eval mode, no gradient checkpointing), with
     B = batch_size · max_length tokens (the whole batch, on one process) and P_b the backbone's
     parameters:

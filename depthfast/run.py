@@ -96,11 +96,11 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.batches import probe_batches
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
     from depthfast.data import load_task
-    from depthfast.distance import (backbone_of, distance_is_trivial, gradient_alignment_at_init,
-                                    pretraining_head_parameters, pretraining_objective)
+    from depthfast.objective_distance import (backbone_of, distance_is_trivial, gradient_alignment_at_init,
+                                              pretraining_head_parameters, pretraining_objective)
     from depthfast.distributed import offload_to_host, reshard, shard_mesh, shard_model
     from depthfast.layers import discover_layers, prepare_for_measurement
-    from depthfast.measure import measure_probe, weight_changes
+    from depthfast.probe import measure_probe, weight_changes
     from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
     from depthfast.metrics import locality_gradient
     from depthfast.models import check_objective, load_config, load_model, load_tokenizer
@@ -206,8 +206,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
     """Profile shape (blocks only, like the locality gradient) and the objective distances at θ₀."""
-    from depthfast.metrics import (PER_TEXT_ESTIMATOR, chance_normalized_loss, kernel_target_alignment,
-                                   profile_metrics, slope_estimator_label)
+    from depthfast.metrics import PER_TEXT_ESTIMATOR, profile_metrics, slope_estimator_label
+    from depthfast.objective_distance import chance_normalized_loss, kernel_target_alignment
 
     per_text = measured.per_text_hsic[:, 1:] if measured.per_text_hsic is not None else None
     metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed)

@@ -298,7 +298,7 @@ def test_layer0_weight_change_excludes_or_includes_the_tied_matrix(family):
     under "embeddings"; Mamba (no position embeddings) has no embeddings group at all under "head"."""
     import copy
 
-    from depthfast.measure import weight_changes
+    from depthfast.probe import weight_changes
 
     base = tiny_models.build(family)[0]
     tuned = copy.deepcopy(base)

@@ -38,3 +38,41 @@ def test_lookup():
     assert lookup("eleutherai/PYTHIA-6.9b").num_layers == 32
     assert lookup("nobody/nothing") is None
     assert len(STUDY_MODELS) >= 16
+
+
+def test_family_quirks_reach_results_json_and_the_table(tmp_path):
+    """A study model's quirks (OPT-350m: post-LN blocks, projected widths) are written to results.json as
+    family_quirks and printed under the run's table; a model outside the registry records []."""
+    import io
+    import json
+
+    import tiny_models
+    from depthfast.config import RunConfig
+    from depthfast.data import Task
+    from depthfast.probe import ProbeResult
+    from depthfast.registry import family_quirks
+    from depthfast.results import print_table, write_results
+    from depthfast.train import TrainLog
+
+    quirks = family_quirks("FACEBOOK/opt-350m")
+    assert any(q.startswith("post-LN blocks") for q in quirks) and any(q.startswith("LM head tied") for q in quirks)
+    assert family_quirks(str(tmp_path)) == []
+    model, _ = tiny_models.build("opt")
+    layers = discover_layers(model)
+    n = layers.num_blocks + 1
+    measured = ProbeResult(cka=[0.9] * n, num_samples=4, loss_base=1.0, loss_tuned=0.9, accuracy_base=None,
+                           accuracy_tuned=None)
+    task = Task("test", ["a b c"], ["d e f"])
+    written = {}
+    for model_id in ("facebook/opt-350m", str(tmp_path / "local")):
+        cfg = RunConfig(model=model_id, objective="clm", out=str(tmp_path / f"out{len(written)}"))
+        write_results(cfg, layers, task, TrainLog(group_names=[]), measured, {}, [0.1] * n, None, {},
+                      wall_seconds=1.0, torch_version=torch.__version__)
+        with open(tmp_path / cfg.out / "results.json") as f:
+            written[model_id] = json.load(f)
+    assert written["facebook/opt-350m"]["family_quirks"] == quirks
+    assert written[str(tmp_path / "local")]["family_quirks"] == []
+    out = io.StringIO()
+    print_table(written["facebook/opt-350m"], file=out)
+    assert [l for l in out.getvalue().splitlines() if l.startswith("family quirk: ")] == [
+        f"family quirk: {q}" for q in quirks]

@@ -115,7 +115,7 @@ def test_identical_models_have_no_change():
     """θ_T = θ₀ gives CKA = 1 on every layer (the measurement's zero)."""
     from depthfast.batches import probe_batches
     from depthfast.layers import discover_layers
-    from depthfast.measure import measure_probe
+    from depthfast.probe import measure_probe
 
     model, tokenizer = tiny_models.build("gpt2")
     twin = copy.deepcopy(model)
@@ -308,7 +308,7 @@ def test_memory_refusal_comes_before_the_distance_loads_a_model(headless_bert, t
     beyond the model itself (no θ₀ copy, no pretraining head); the estimate counts the distance."""
     import depthfast.memory as memory
     import depthfast.models as models
-    from depthfast.distance import distance_is_trivial, pretraining_head_parameters
+    from depthfast.objective_distance import distance_is_trivial, pretraining_head_parameters
     from depthfast.layers import discover_layers
     from depthfast.memory import estimate_run_memory, objective_distance_peak
     from depthfast.models import load_model, load_tokenizer

@@ -1,10 +1,10 @@
-"""The depth profile: per-layer representational change and weight change between θ₀ and θ_T.
+"""The probe pass: θ₀ and θ_T on the held-out probe set → the depth profile, and the weight change.
 
     change_ℓ         = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_T))        on the held-out probe set
     weight_change_g  = ‖W_g(θ_T) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per parameter group (role groups,
                        depthfast.layers.ModelLayers.param_groups; None where W₀ = 0 and W moved)
 
-Profile-shape numbers (locality gradient, steepness, width, …) are in depthfast.metrics.
+Profile-shape numbers (locality gradient, steepness, width, …) are in depthfast.metrics.profile.
 """
 
 from __future__ import annotations

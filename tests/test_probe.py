@@ -1,4 +1,5 @@
-"""Profile arithmetic: the locality gradient, weight change, and how results are written."""
+"""The probe pass (depthfast.probe: measure_probe, weight_changes) and the arithmetic around it: the locality
+gradient, results written without NaN, and the objective distance's pretraining head on the shared backbone."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from depthfast.measure import weight_changes
+from depthfast.probe import weight_changes
 from depthfast.metrics import locality_gradient
 from depthfast.results import atomic_write_json
 
@@ -62,7 +63,7 @@ def test_mlm_probe_compares_clean_inputs_and_scores_the_masked_copy(monkeypatch)
     from depthfast.batches import probe_batches, tokenize
     from depthfast.cka import StreamingCKA
     from depthfast.layers import BlockCapture, discover_layers
-    from depthfast.measure import measure_probe
+    from depthfast.probe import measure_probe
 
     model, tokenizer = tiny_models.build("bert")
     model.eval()
@@ -108,7 +109,7 @@ def test_cls_and_clm_probes_are_the_plain_batches(family, objective):
     import tiny_models
     from depthfast.batches import make_batch, probe_batches
     from depthfast.layers import discover_layers
-    from depthfast.measure import measure_probe
+    from depthfast.probe import measure_probe
 
     model, tokenizer = tiny_models.build(family)
     if objective == "cls":
@@ -135,7 +136,7 @@ def test_pretraining_head_is_tied_to_the_shared_backbone(tmp_path, family, objec
     loss's gradient on them holds the output term, as in the checkpoint's own tied model."""
     import tiny_models
     from depthfast.batches import make_batch
-    from depthfast.distance import pretraining_model
+    from depthfast.objective_distance import pretraining_model
     from depthfast.models import load_model, load_tokenizer
 
     path = tiny_models.save(family, str(tmp_path / family))
