@@ -31,7 +31,7 @@ import torch
 
 from depthfast.batches import make_batch
 from depthfast.layers import family_of
-from depthfast.metrics._finite import _finite
+from depthfast.results import finite_or_none
 
 # Keys that run.py stores under results["metrics"] for the objective distance (read by the report).
 OBJECTIVE_DISTANCE_KEYS = ("initial_loss_normalized", "gradient_alignment_distance", "kernel_target_alignment")
@@ -47,7 +47,7 @@ def chance_normalized_loss(loss: float, num_classes: int) -> float | None:
     """
     if num_classes is None or num_classes < 2:
         return None
-    return _finite(float(loss) / math.log(num_classes))
+    return finite_or_none(float(loss) / math.log(num_classes))
 
 
 def gradient_alignment_distance(shared_params: Sequence[torch.nn.Parameter],
@@ -114,7 +114,7 @@ def kernel_target_alignment(features: torch.Tensor, labels: torch.Tensor | Seque
         return None
     onehot = torch.nn.functional.one_hot(labels, num_labels).to(torch.float64)
     try:
-        return _finite(linear_cka(features.detach().to(torch.float64), onehot))
+        return finite_or_none(linear_cka(features.detach().to(torch.float64), onehot))
     except DepthfastError:
         return None
 

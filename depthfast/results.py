@@ -32,11 +32,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def finite_or_none(value):
-    """A scalar for JSON or a table: a float that is not finite (NaN, ±inf) becomes None, anything
-    else (None, bools, ints, finite floats, strings) is returned as it is."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    """A number for JSON or a table, or None where it is not finite: the one rule for "undefined".
+
+    NaN and ±inf become None (JSON has no NaN, and a NaN must never pass as a number); other floats,
+    and numpy or one-element torch scalars (as floats), are kept; None, bools, ints, strings and
+    containers are returned as they are.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if not isinstance(value, float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return value
+    return value if math.isfinite(value) else None
 
 
 def json_safe(value):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthfast import metrics
+from depthfast import metrics, objective_distance
 from depthfast.cka import debiased_cka, hsic1, linear_cka
 from depthfast.metrics import locality_gradient
 
@@ -192,10 +192,10 @@ def test_run_metrics_names_each_slope_estimator():
 # --- objective distance -----------------------------------------------------------------------
 
 def test_chance_normalized_loss():
-    assert metrics.chance_normalized_loss(math.log(8), 8) == pytest.approx(1.0)
-    assert metrics.chance_normalized_loss(2.0, 30522) == pytest.approx(2.0 / math.log(30522))
-    assert metrics.chance_normalized_loss(1.0, 1) is None
-    assert metrics.chance_normalized_loss(float("nan"), 4) is None
+    assert objective_distance.chance_normalized_loss(math.log(8), 8) == pytest.approx(1.0)
+    assert objective_distance.chance_normalized_loss(2.0, 30522) == pytest.approx(2.0 / math.log(30522))
+    assert objective_distance.chance_normalized_loss(1.0, 1) is None
+    assert objective_distance.chance_normalized_loss(float("nan"), 4) is None
 
 
 def test_gradient_alignment_on_tiny_model():
@@ -206,10 +206,10 @@ def test_gradient_alignment_on_tiny_model():
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     params = [p for n, p in model.named_parameters() if n.startswith("transformer.")]
     clm = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
-    assert metrics.gradient_alignment_distance(params, clm, clm) == pytest.approx(0.0, abs=1e-9)
-    assert metrics.gradient_alignment_distance(params, clm, lambda: -clm()) == pytest.approx(2.0, abs=1e-9)
+    assert objective_distance.gradient_alignment_distance(params, clm, clm) == pytest.approx(0.0, abs=1e-9)
+    assert objective_distance.gradient_alignment_distance(params, clm, lambda: -clm()) == pytest.approx(2.0, abs=1e-9)
     other = lambda: model(input_ids=ids.flip(-1), labels=ids.flip(-1)).loss  # noqa: E731
-    d = metrics.gradient_alignment_distance(params, clm, other)
+    d = objective_distance.gradient_alignment_distance(params, clm, other)
     assert 0.0 < d < 2.0
     assert all(p.grad is None for p in params)  # nothing accumulated into .grad
 
@@ -217,10 +217,10 @@ def test_gradient_alignment_on_tiny_model():
 def test_gradient_alignment_by_hand():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     unused = torch.nn.Parameter(torch.tensor([3.0]))
-    assert metrics.gradient_alignment_distance([w, unused], lambda: w[0] * 3, lambda: w[1]) == pytest.approx(1.0)
-    d = metrics.gradient_alignment_distance([w], lambda: w[0] + w[1], lambda: 2 * w[0])  # cos = 1/√2
+    assert objective_distance.gradient_alignment_distance([w, unused], lambda: w[0] * 3, lambda: w[1]) == pytest.approx(1.0)
+    d = objective_distance.gradient_alignment_distance([w], lambda: w[0] + w[1], lambda: 2 * w[0])  # cos = 1/√2
     assert d == pytest.approx(1 - 1 / math.sqrt(2))
-    assert metrics.gradient_alignment_distance([w], lambda: (w * 0).sum(), lambda: w[0]) is None
+    assert objective_distance.gradient_alignment_distance([w], lambda: (w * 0).sum(), lambda: w[0]) is None
 
 
 def test_kernel_target_alignment():
@@ -228,16 +228,16 @@ def test_kernel_target_alignment():
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 1, 2])
     features = torch.randn(10, 6, generator=g) + labels[:, None].float()
     onehot = torch.nn.functional.one_hot(labels, 4).double()
-    kta = metrics.kernel_target_alignment(features, labels, num_labels=4)
+    kta = objective_distance.kernel_target_alignment(features, labels, num_labels=4)
     assert kta == pytest.approx(float(linear_cka(features, onehot)), rel=1e-12)
     # by definition: ⟨HKH, HLH⟩ / (‖HKH‖‖HLH‖)
     h = torch.eye(10, dtype=torch.float64) - 1 / 10
     k, l = h @ features.double() @ features.double().T @ h, h @ onehot @ onehot.T @ h
     assert kta == pytest.approx(float((k * l).sum() / (k.norm() * l.norm())), rel=1e-10)
-    assert metrics.kernel_target_alignment(onehot[:, :3].float() * 5, labels, 3) == pytest.approx(1.0)
-    assert metrics.kernel_target_alignment(features, torch.zeros(10, dtype=torch.long), 3) is None
+    assert objective_distance.kernel_target_alignment(onehot[:, :3].float() * 5, labels, 3) == pytest.approx(1.0)
+    assert objective_distance.kernel_target_alignment(features, torch.zeros(10, dtype=torch.long), 3) is None
     with pytest.raises(ValueError):
-        metrics.kernel_target_alignment(features, labels, num_labels=2)
+        objective_distance.kernel_target_alignment(features, labels, num_labels=2)
 
 
 def test_pearson_ci():

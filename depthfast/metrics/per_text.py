@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from depthfast.metrics._finite import _finite
+from depthfast.results import finite_or_none
 
 # What results["metrics"]["slope_per_text"] is (stored as metrics["slope_per_text_estimator"]).
 PER_TEXT_ESTIMATOR = "token HSIC₁ per text"
@@ -171,7 +171,7 @@ def bootstrap_slope_ci(depths: Sequence[float], per_text_hsic: torch.Tensor, num
               "num_texts": int(t), "num_resamples": int(num_resamples), "num_valid_resamples": 0}
     if t == 0 or m < 2 or float(((x - x.mean()) ** 2).sum()) == 0:
         return result
-    result["slope"] = _finite(_slopes(x, _change_from_sums(h.sum(dim=0))))
+    result["slope"] = finite_or_none(_slopes(x, _change_from_sums(h.sum(dim=0))))
     if t < 2 or num_resamples < 2:
         return result
     generator = torch.Generator().manual_seed(int(seed))
@@ -186,6 +186,6 @@ def bootstrap_slope_ci(depths: Sequence[float], per_text_hsic: torch.Tensor, num
         return result
     alpha = (1.0 - confidence) / 2.0
     low, high = torch.quantile(slopes, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
-    result.update(ci_low=_finite(low), ci_high=_finite(high), std=_finite(slopes.std()))
+    result.update(ci_low=finite_or_none(low), ci_high=finite_or_none(high), std=finite_or_none(slopes.std()))
     return result
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from depthfast.metrics._finite import _finite
+from depthfast.results import finite_or_none
 from depthfast.metrics.per_text import bootstrap_slope_ci
 
 # Relative floor of the steepness ratio: 1 % of the profile's largest change (see ``steepness``).
@@ -81,7 +81,7 @@ def steepness(depths: Sequence[float], changes: Sequence[float], floor: float = 
     if peak <= 0:
         return out
     eps = floor * peak
-    out["steepness"] = _finite(math.log((top + eps) / (bottom + eps)))
+    out["steepness"] = finite_or_none(math.log((top + eps) / (bottom + eps)))
     return out
 
 
@@ -135,11 +135,11 @@ def profile_metrics(depths: Sequence[float], changes: Sequence[float], per_text_
     slope = locality_gradient(depths, changes) if m else None
     out = {
         "num_blocks": m,
-        "mean_change": _finite(mean),
-        "max_change": _finite(max(changes)) if m else None,
+        "mean_change": finite_or_none(mean),
+        "max_change": finite_or_none(max(changes)) if m else None,
         "peak_depth": depths[max(range(m), key=lambda i: changes[i])] if m else None,
-        "locality_gradient": _finite(slope),
-        "relative_locality_gradient": _finite(slope / mean) if slope is not None and mean and mean > 0 else None,
+        "locality_gradient": finite_or_none(slope),
+        "relative_locality_gradient": finite_or_none(slope / mean) if slope is not None and mean and mean > 0 else None,
     }
     out.update(steepness(depths, changes))
     out.update(width(depths, changes))
@@ -151,4 +151,4 @@ def profile_metrics(depths: Sequence[float], changes: Sequence[float], per_text_
                slope_ci_low=ci["ci_low"], slope_ci_high=ci["ci_high"],
                slope_ci_std=ci["std"], slope_ci_confidence=ci["confidence"], slope_ci_texts=ci["num_texts"],
                slope_ci_resamples=ci["num_valid_resamples"])
-    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in out.items()}
+    return {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in out.items()}

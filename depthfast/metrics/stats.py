@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from depthfast.metrics._finite import _finite
+from depthfast.results import finite_or_none
 
 
 def pearson_ci(x: Sequence[float], y: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
@@ -33,7 +33,7 @@ def pearson_ci(x: Sequence[float], y: Sequence[float], num_resamples: int = 2000
         den = ((a * a).sum(-1) * (b * b).sum(-1)).sqrt()
         return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
 
-    out["r"] = _finite(corr(xy[:, 0], xy[:, 1]))
+    out["r"] = finite_or_none(corr(xy[:, 0], xy[:, 1]))
     if out["r"] is None or len(pairs) < 4:
         return out
     generator = torch.Generator().manual_seed(int(seed))
@@ -43,7 +43,7 @@ def pearson_ci(x: Sequence[float], y: Sequence[float], num_resamples: int = 2000
     if rs.numel() >= 2:
         alpha = (1.0 - confidence) / 2.0
         low, high = torch.quantile(rs, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
-        out.update(ci_low=_finite(low), ci_high=_finite(high))
+        out.update(ci_low=finite_or_none(low), ci_high=finite_or_none(high))
     return out
 
 
@@ -129,14 +129,14 @@ def seed_summary(values: Sequence[float | None], confidence: float = 0.95) -> di
     if n == 0:
         return out
     mean = sum(vals) / n
-    out["mean"] = _finite(mean)
+    out["mean"] = finite_or_none(mean)
     if n == 1:
         out["note"] = "n/a (1 seed)"
         return out
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
     se = sd / math.sqrt(n)
     half = t_quantile((1.0 + confidence) / 2.0, n - 1) * se
-    out.update(sd=_finite(sd), se=_finite(se), ci_low=_finite(mean - half), ci_high=_finite(mean + half))
+    out.update(sd=finite_or_none(sd), se=finite_or_none(se), ci_low=finite_or_none(mean - half), ci_high=finite_or_none(mean + half))
     return out
 
 
@@ -155,14 +155,14 @@ def ratio_ci(numerator: dict, denominator: dict, confidence: float = 0.95) -> di
     if m1 is None or not m2:
         return out
     ratio = m1 / m2
-    out["ratio"] = _finite(ratio)
+    out["ratio"] = finite_or_none(ratio)
     s1, s2 = numerator.get("se"), denominator.get("se")
     if s1 is None or s2 is None or m1 == 0:
         return out
     se = abs(ratio) * math.sqrt((s1 / m1) ** 2 + (s2 / m2) ** 2)
     df = min(numerator["n"], denominator["n"]) - 1
     half = t_quantile((1.0 + confidence) / 2.0, df) * se
-    out.update(se=_finite(se), ci_low=_finite(ratio - half), ci_high=_finite(ratio + half), df=df)
+    out.update(se=finite_or_none(se), ci_low=finite_or_none(ratio - half), ci_high=finite_or_none(ratio + half), df=df)
     return out
 
 

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 
 from depthfast.config import RunConfig
-from depthfast.metrics import OBJECTIVE_DISTANCE_KEYS, pearson_ci, persistence_verdict, ratio_ci, seed_summary
+from depthfast.metrics import pearson_ci, persistence_verdict, ratio_ci, seed_summary
+from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
 from depthfast.report.records import RunRecord, estimator_of, headline_slope, tied_of
 from depthfast.tables import fmt_cell
 

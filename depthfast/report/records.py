@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 
 from depthfast.errors import DepthfastError
-from depthfast.metrics import OBJECTIVE_DISTANCE_KEYS, profile_metrics, slope_estimator_label
+from depthfast.metrics import profile_metrics, slope_estimator_label
+from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
 from depthfast.results import finite_or_none, read_json
 
 
