@@ -122,12 +122,18 @@ class DepthProfileCallback(TrainerCallback):
         self.mlm_probability, self.seed, self.tied_embeddings, self.progress = mlm_probability, seed, tied_embeddings, progress
         self.trajectory: list[dict] = []
         self.results: dict | None = None  # results.json's contents after train end (main process)
-        self._base, self._cka, self._ratios, self._lrs, self._unused = None, None, [], [], None
+        self._base, self._base_groups, self._cka, self._ratios, self._lrs, self._unused = None, None, None, [], [], None
 
     @property
     def theta0(self) -> torch.nn.Module | None:
         """The frozen θ₀ copy while training runs (None before train begin, after train end, off the main process)."""
         return self._base
+
+    @property
+    def theta0_groups(self) -> list[tuple[str, list[torch.Tensor]]] | None:
+        """θ₀'s weights by role group, [(name, tensors)] (with ``offload`` the host tensors; the copy's own
+        parameters are then meta tensors), while training runs; None otherwise."""
+        return self._base_groups if self._base is not None else None
 
     def settings(self) -> dict:
         """config.json's ``callback`` entry: what this callback was told."""

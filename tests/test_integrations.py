@@ -1,0 +1,238 @@
+"""depthfast inside a real transformers.Trainer (CPU, tiny GPT-2 from a config, a few steps).
+
+DepthProfileCallback: the run's artifacts in OUTPUT_DIR/depthfast; the train-end profile equals
+depthfast's own measure_probe between a θ₀ copy made by the test and the trained model, on the same
+probe batches (float64 CKA statistics: 1e-10); the weight change equals weight_changes on the same
+groups; the measured steps are the trajectory; the callback's θ₀ is the pre-training model, bit for
+bit, at train end. equal_step_optimizer: per-group ‖ΔW‖/‖W‖ of every optimizer step, recomputed here in
+float64 from snapshots around the step, equal across the profile's groups to 1e-6 relative, with
+gradient accumulation 2 and clipping (one rescale per optimizer step); control="none" equals a plain
+torch AdamW bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+import tiny_models  # noqa: E402
+from depthfast.batches import probe_batches  # noqa: E402
+from depthfast.errors import DepthfastError  # noqa: E402
+from depthfast.integrations import DepthProfileCallback, EqualStepOptimizer, equal_step_optimizer  # noqa: E402
+from depthfast.layers import discover_layers  # noqa: E402
+from depthfast.measure import measure_probe, weight_changes  # noqa: E402
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    """(model, tokenizer, train dataset, probe texts): a tiny GPT-2 causal LM, never trained."""
+    from pydoc_data.topics import topics
+
+    model, tokenizer = tiny_models.build("gpt2", seed=0)
+    texts = [t[:240] for t in topics.values()]
+    enc = tokenizer(texts[:24], truncation=True, max_length=SEQ, padding="max_length")
+    labels = [[i if m else -100 for i, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    train = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                        "labels": labels})
+    return model, tokenizer, train, texts[40:52]
+
+
+def training_args(out, steps=3, accumulation=1, **kw):
+    kw = {"save_strategy": "no", **kw}
+    return transformers.TrainingArguments(
+        output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation, learning_rate=2e-3, weight_decay=0.01, logging_steps=1,
+        disable_tqdm=True, seed=0, **kw)
+
+
+class Snapshots(transformers.TrainerCallback):
+    """Per optimizer step: each group's ‖W(t+1) − W(t)‖/‖W(t)‖ from float64 snapshots; forwards per step."""
+
+    def __init__(self, names_and_groups):
+        self.groups = names_and_groups
+        self.ratios, self.forwards, self.before = [], 0, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before = [[p.detach().double().clone() for p in ps] for _, ps in self.groups]
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        row = []
+        for (_, ps), before in zip(self.groups, self.before):
+            delta = sum(float(((p.detach().double() - b) ** 2).sum()) for p, b in zip(ps, before))
+            norm = sum(float((b ** 2).sum()) for b in before)
+            row.append(math.sqrt(delta / norm))
+        self.ratios.append(row)
+
+
+class Theta0Check(transformers.TrainerCallback):
+    """At train end (before the depth callback, which then frees θ₀): is its θ₀ the pre-training model?"""
+
+    def __init__(self, depth, reference):
+        self.depth, self.reference, self.same = depth, reference, None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        groups = self.depth.theta0_groups  # host tensors under offload (the copy's parameters are meta then)
+        expected = discover_layers(self.reference).param_groups()
+        self.same = [n for n, _ in groups] == [n for n, _ in expected] and all(
+            torch.equal(a, b) for (_, ts), (_, ps) in zip(groups, expected) for a, b in zip(ts, ps))
+        reference = self.reference.state_dict()
+        if not self.depth.offload:
+            theta0 = self.depth.theta0.state_dict()
+            self.same = self.same and set(theta0) == set(reference) and all(
+                torch.equal(theta0[k], reference[k]) for k in reference)
+        self.reference = reference
+        self.trained_moved = not torch.equal(model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                                             self.reference["transformer.h.0.attn.c_attn.weight"])
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_callback_writes_the_run_and_matches_measure_probe(pristine, tmp_path, offload):
+    base_model, tokenizer, train, probe_texts = pristine
+    model, reference = copy.deepcopy(base_model), copy.deepcopy(base_model).eval()
+    depth = DepthProfileCallback(probe_texts, steps=(0, 2), max_length=SEQ, batch_size=8, offload=offload)
+    check = Theta0Check(depth, copy.deepcopy(base_model))
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, steps=3), train_dataset=train,
+                                   processing_class=tokenizer, callbacks=[check, depth])
+    trainer.train()
+
+    out = tmp_path / "depthfast"
+    for name in ("results.json", "profile.csv", "profile.png", "config.json", "trajectory.csv"):
+        assert (out / name).is_file(), name
+    assert not (out / "train_log.csv").exists()  # the Trainer's own AdamW: no update ratios to log
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert results["source"] == "trainer" and config["source"] == "trainer"
+    assert config["callback"]["offload"] is offload and config["training_args"]["max_steps"] == 3
+    assert results["control"] == "none" and results["objective"] == "clm" and results["train"]["steps"] == 3
+
+    # θ₀ stayed the pre-training model; the trained one moved.
+    assert check.same and check.trained_moved
+    assert depth.theta0 is None  # freed at train end
+
+    # The train-end profile is depthfast's own measurement between θ₀ and the trained model.
+    batches = probe_batches("clm", tokenizer, probe_texts, None, 8, SEQ, 0.15, 0)
+    layers, ref_layers = discover_layers(model), discover_layers(reference)
+    expected = measure_probe(reference, model, ref_layers, layers, batches, torch.device("cpu"), "token", "exact",
+                             progress=False)
+    got = [row["cka"] for row in results["layers"]]
+    assert len(got) == layers.num_blocks + 1
+    assert max(abs(a - b) for a, b in zip(got, expected.cka)) < 1e-10
+    assert min(row["change"] for row in results["layers"][1:]) > 1e-4  # training did change the blocks
+    assert results["probe"]["loss_base"] == pytest.approx(expected.loss_base, rel=1e-6)
+    assert results["probe"]["loss_tuned"] == pytest.approx(expected.loss_tuned, rel=1e-6)
+    groups = weight_changes([(n, list(ps)) for n, ps in ref_layers.param_groups()],
+                            [(n, list(ps)) for n, ps in layers.param_groups()])
+    assert results["group_weight_change"] == pytest.approx(groups, rel=1e-12)
+
+    # The trajectory: the measured steps, then train end; step 0 compares θ₀ with itself.
+    assert [e["step"] for e in results["trajectory"]] == [0, 2, 3]
+    assert max(r["change"] for r in results["trajectory"][0]["layers"]) < 1e-9
+    assert results["trajectory"][-1]["layers"] == [{k: r[k] for k in ("layer", "depth", "cka", "change")}
+                                                   for r in results["layers"]]
+    lines = (out / "trajectory.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3 * (layers.num_blocks + 1) and lines[1].startswith("0,embeddings,")
+
+
+def test_measuring_leaves_training_as_it_was(pristine, tmp_path):
+    """Dropout is on (GPT-2's 0.1) and the data order is drawn: a measurement that drew random numbers
+    would change the trained weights (checked: one torch.rand in the measurement fails this test). Eval
+    mode left on would not show here (Trainer's training_step calls model.train() itself); the callback
+    restores the mode anyway."""
+    base_model, tokenizer, train, probe_texts = pristine
+    finals = []
+    for with_callback in (False, True):
+        model = copy.deepcopy(base_model)
+        callbacks = [DepthProfileCallback(probe_texts, steps=(0, 1), max_length=SEQ)] if with_callback else []
+        transformers.Trainer(model=model, args=training_args(tmp_path / str(with_callback), steps=2),
+                             train_dataset=train, processing_class=tokenizer, callbacks=callbacks).train()
+        finals.append(model.state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_equal_step_inside_trainer_with_gradient_accumulation(pristine, tmp_path):
+    base_model, tokenizer, train, probe_texts = pristine
+    model = copy.deepcopy(base_model)
+    args = training_args(tmp_path, steps=3, accumulation=2, max_grad_norm=0.5, save_strategy="steps", save_steps=3)
+    opt = equal_step_optimizer(model, args)
+    assert isinstance(opt, torch.optim.Optimizer)
+    layers = discover_layers(model)
+    named = layers.param_groups()
+    assert opt.group_names == [n for n, _ in named]
+    snaps = Snapshots(named)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, _: forwards.append(1) if module.training else None)
+    depth = DepthProfileCallback(probe_texts, max_length=SEQ)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                                   optimizers=(opt, None), callbacks=[snaps, depth])  # the Trainer's own scheduler
+    trainer.train()
+
+    # One rescale per optimizer step, two micro-batches each.
+    assert opt.steps == trainer.state.global_step == 3 and len(snaps.ratios) == 3 and len(forwards) == 6
+    head = opt.group_names.index("head")
+    for row, reported in zip(snaps.ratios[-1:], [opt.ratios_after.tolist()]):
+        assert row == pytest.approx(reported, rel=1e-6)  # EqualStep reports what happened
+    for row in snaps.ratios:
+        layers_only = [r for i, r in enumerate(row) if i != head]
+        mean = sum(layers_only) / len(layers_only)
+        assert mean > 0 and max(abs(r / mean - 1) for r in layers_only) < 1e-6
+        assert abs(row[head] / mean - 1) > 1e-3  # the head is free: it keeps AdamW's own step
+
+    # The Trainer's linear schedule drives the wrapped AdamW.
+    assert trainer.lr_scheduler.get_last_lr() == [g["lr"] for g in opt.optimizer.param_groups]
+    # Checkpoints hold the plain AdamW state, and it loads back.
+    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    fresh = equal_step_optimizer(copy.deepcopy(base_model), args)
+    fresh.load_state_dict(saved)
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 3
+
+    results = json.loads((tmp_path / "depthfast" / "results.json").read_text())
+    assert results["control"] == "equal-step" and results["optimizer"] == "AdamW"
+    log = (tmp_path / "depthfast" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 1 + 3 and log[0].startswith("step,lr,ratio_before:embeddings")
+
+
+def test_control_none_is_plain_adamw_bit_for_bit(pristine, tmp_path):
+    base_model, tokenizer, train, _ = pristine
+    runs = []
+    for kind in ("plain", "none"):
+        model = copy.deepcopy(base_model)
+        args = training_args(tmp_path / kind, steps=3, accumulation=2)
+        if kind == "plain":  # torch AdamW with depthfast's decay rule, built here
+            exempt = discover_layers(model).no_weight_decay()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in exempt], "weight_decay": 0.01},
+                                     {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}], lr=2e-3)
+        else:
+            opt = equal_step_optimizer(model, args, control="none")
+        snaps = Snapshots(discover_layers(model).param_groups())
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, None),
+                                       callbacks=[snaps])
+        trainer.train()
+        runs.append((model.state_dict(), [e["loss"] for e in trainer.state.log_history if "loss" in e], snaps.ratios))
+    (plain, plain_loss, ratios), (none, none_loss, _) = runs
+    assert plain_loss == none_loss and len(plain_loss) == 3
+    assert all(torch.equal(plain[k], none[k]) for k in plain)
+    # Without the control the groups' steps differ: the equal-step test above can fail.
+    assert max(max(row) / min(row) for row in ratios) > 1.05
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(DepthfastError, match="pooling"):
+        DepthProfileCallback(["a text"], pooling="max")
+    with pytest.raises(DepthfastError, match="empty"):
+        DepthProfileCallback([])
+    with pytest.raises(DepthfastError, match="list of texts or of probe batches"):
+        DepthProfileCallback([{"input_ids": torch.zeros(1, 4)}])
+    with pytest.raises(TypeError):
+        EqualStepOptimizer(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
