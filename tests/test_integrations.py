@@ -236,3 +236,64 @@ def test_bad_input_is_refused():
         DepthProfileCallback([{"input_ids": torch.zeros(1, 4)}])
     with pytest.raises(TypeError):
         EqualStepOptimizer(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
+
+
+def test_fused_equal_step_follows_the_trainers_schedule(pristine, tmp_path):
+    """The fused Triton path (forced on the CPU, interpreted) reads the lr the Trainer's scheduler sets:
+    its weights stay within fp32 rounding of the reference path's, and its group ratios are equal."""
+    base_model, tokenizer, train, _ = pristine
+    finals = []
+    for fused in (False, True):
+        model = copy.deepcopy(base_model)
+        args = training_args(tmp_path / str(fused), steps=2)  # linear decay: lr 2e-3, then 1e-3
+        opt = equal_step_optimizer(model, args, fused=fused)
+        assert opt.equal_step.fused is fused
+        snaps = Snapshots(discover_layers(model).param_groups())
+        transformers.Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, None),
+                             callbacks=[snaps]).train()
+        finals.append(model.state_dict())
+        head = opt.group_names.index("head")
+        for row in snaps.ratios:
+            layers_only = [r for i, r in enumerate(row) if i != head]
+            assert max(layers_only) / min(layers_only) - 1 < 1e-5
+    worst = max(float((finals[0][k] - finals[1][k]).abs().max()) for k in finals[0])
+    assert worst < 1e-5
+
+
+def test_mlm_probe_with_mean_pooling_and_unbiased_estimator(tmp_path):
+    """BERT masked LM (objective from its class; probe batches with their masked copy), the callback's
+    pooling and estimator reach the measurement."""
+    from pydoc_data.topics import topics
+
+    base_model, tokenizer = tiny_models.build("bert", seed=0)
+    texts = [t[:200] for t in topics.values()]
+    enc = tokenizer(texts[:16], truncation=True, max_length=SEQ, padding="max_length")
+    labels = [[i if m else -100 for i, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    train = datasets.Dataset.from_dict({**{k: enc[k] for k in ("input_ids", "attention_mask")}, "labels": labels})
+    model, reference = copy.deepcopy(base_model), copy.deepcopy(base_model).eval()
+    depth = DepthProfileCallback(texts[30:46], pooling="mean", estimator="unbiased", max_length=SEQ, batch_size=8)
+    transformers.Trainer(model=model, args=training_args(tmp_path, steps=2), train_dataset=train,
+                         processing_class=tokenizer, callbacks=[depth]).train()
+    results = depth.results
+    assert results["objective"] == "mlm" and results["pooling"] == "mean" and results["estimator"] == "unbiased"
+    batches = probe_batches("mlm", tokenizer, texts[30:46], None, 8, SEQ, 0.15, 0)
+    assert "masked_input_ids" in batches[0]
+    expected = measure_probe(reference, model, discover_layers(reference), discover_layers(model), batches,
+                             torch.device("cpu"), "mean", "unbiased", progress=False)
+    assert max(abs(row["cka"] - c) for row, c in zip(results["layers"], expected.cka)) < 1e-10
+    assert results["probe"]["samples"] == 16  # one sample per text under mean pooling
+    assert results["probe"]["loss_tuned"] == pytest.approx(expected.loss_tuned, rel=1e-6)
+
+
+def test_classification_probe_needs_labels(tmp_path):
+    config = tiny_models.CONFIGS["bert"](64)
+    config.num_labels = 2
+    model = transformers.BertForSequenceClassification(config)
+    train = datasets.Dataset.from_dict({"input_ids": [[1, 5, 6, 2]] * 8, "attention_mask": [[1] * 4] * 8,
+                                        "labels": [0, 1] * 4})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_models.minilm_path())
+    depth = DepthProfileCallback(["a probe text", "another one"], max_length=SEQ)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, steps=1), train_dataset=train,
+                                   processing_class=tokenizer, callbacks=[depth])
+    with pytest.raises(DepthfastError, match="probe_labels"):
+        trainer.train()
