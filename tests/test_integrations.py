@@ -163,7 +163,7 @@ def test_measuring_leaves_training_as_it_was(pristine, tmp_path):
 def test_equal_step_inside_trainer_with_gradient_accumulation(pristine, tmp_path):
     base_model, tokenizer, train, probe_texts = pristine
     model = copy.deepcopy(base_model)
-    args = training_args(tmp_path, steps=3, accumulation=2, max_grad_norm=0.5, save_strategy="steps", save_steps=3)
+    args = training_args(tmp_path, steps=3, accumulation=2, max_grad_norm=0.5)
     opt = equal_step_optimizer(model, args)
     assert isinstance(opt, torch.optim.Optimizer)
     layers = discover_layers(model)
@@ -190,16 +190,33 @@ def test_equal_step_inside_trainer_with_gradient_accumulation(pristine, tmp_path
 
     # The Trainer's linear schedule drives the wrapped AdamW.
     assert trainer.lr_scheduler.get_last_lr() == [g["lr"] for g in opt.optimizer.param_groups]
-    # Checkpoints hold the plain AdamW state, and it loads back.
-    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
-    fresh = equal_step_optimizer(copy.deepcopy(base_model), args)
-    fresh.load_state_dict(saved)
-    assert fresh.optimizer.state_dict()["state"][0]["step"] == 3
-
     results = json.loads((tmp_path / "depthfast" / "results.json").read_text())
     assert results["control"] == "equal-step" and results["optimizer"] == "AdamW"
     log = (tmp_path / "depthfast" / "train_log.csv").read_text().splitlines()
     assert len(log) == 1 + 3 and log[0].startswith("step,lr,ratio_before:embeddings")
+
+
+def test_resumed_run_is_measured_from_theta0(pristine, tmp_path):
+    """A run interrupted after its step-2 checkpoint and resumed in a new Trainer built on the pretrained
+    model: θ₀ is the pretrained model (copied when the Trainer is built, before the checkpoint loads),
+    and the equal-step optimizer's AdamW state comes back from the checkpoint: the resumed run ends
+    with the uninterrupted run's weights."""
+    base_model, tokenizer, train, probe_texts = pristine
+    runs = []
+    for resume in (None, tmp_path / "full" / "checkpoint-2"):
+        model = copy.deepcopy(base_model)
+        args = training_args(tmp_path / ("resumed" if resume else "full"), steps=3, accumulation=2,
+                             save_strategy="steps", save_steps=2)
+        depth = DepthProfileCallback(probe_texts, max_length=SEQ)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                                       optimizers=(equal_step_optimizer(model, args), None), callbacks=[depth])
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runs.append((model.state_dict(), depth.results))
+    (full, full_results), (resumed, resumed_results) = runs
+    assert resumed_results["resumed_from_step"] == 2 and resumed_results["train"]["steps"] == 1
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert [r["cka"] for r in resumed_results["layers"]] == pytest.approx([r["cka"] for r in full_results["layers"]],
+                                                                          abs=1e-12)
 
 
 def test_control_none_is_plain_adamw_bit_for_bit(pristine, tmp_path):

@@ -3,8 +3,12 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[DepthProfileCallback(probe_texts, steps=(0, 100))])
 
-At train begin the callback copies θ₀ (the model as training starts: a frozen copy, on the device or,
-with ``offload``, in host memory streamed to the device module by module while measuring). At the
+The callback copies θ₀, the model as given to the Trainer, when the Trainer is built (a callback added
+later with ``add_callback``, or a ``model_init``'s model: at train begin): a frozen copy, on the device
+or, with ``offload``, in host memory streamed to the device module by module while measuring. So
+``train(resume_from_checkpoint=…)`` in a new process, with the Trainer built on the pretrained model,
+measures from the pretrained weights (``resumed_from_step`` in results.json); the trajectory measured
+before the interruption is not carried over. At the
 steps in ``steps`` (0 = before the first update) and at train end it measures, on the probe set,
 
     change_ℓ        = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_t))            ℓ = 0 (embedding output) … L (block L)
@@ -123,16 +127,18 @@ class DepthProfileCallback(TrainerCallback):
         self.trajectory: list[dict] = []
         self.results: dict | None = None  # results.json's contents after train end (main process)
         self._base, self._base_groups, self._cka, self._ratios, self._lrs, self._unused = None, None, None, [], [], None
+        self._theta0_of = None
 
     @property
     def theta0(self) -> torch.nn.Module | None:
-        """The frozen θ₀ copy while training runs (None before train begin, after train end, off the main process)."""
+        """The frozen θ₀ copy, from Trainer construction (or train begin) to train end; None otherwise and off
+        the main process."""
         return self._base
 
     @property
     def theta0_groups(self) -> list[tuple[str, list[torch.Tensor]]] | None:
         """θ₀'s weights by role group, [(name, tensors)] (with ``offload`` the host tensors; the copy's own
-        parameters are then meta tensors), while training runs; None otherwise."""
+        parameters are then meta tensors), while the callback holds θ₀; None otherwise."""
         return self._base_groups if self._base is not None else None
 
     def settings(self) -> dict:
@@ -166,8 +172,14 @@ class DepthProfileCallback(TrainerCallback):
 
     # ---- Trainer events --------------------------------------------------------------------------
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # θ₀ is the model as given to the Trainer: copied here, before train(resume_from_checkpoint=…)
+        # loads a checkpoint's weights into it, so a resumed run is still measured from θ₀.
+        if state.is_world_process_zero and model is not None:
+            self._snapshot(model)
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
-        from depthfast.distributed import is_sharded, offload_to_host
+        from depthfast.distributed import is_sharded
         from depthfast.layers import discover_layers, prepare_for_measurement
 
         self.trajectory, self.results, self._ratios, self._lrs, self._unused = [], None, [], [], None
@@ -175,8 +187,9 @@ class DepthProfileCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if any(is_sharded(p) or hasattr(p, "ds_id") for p in model.parameters()):  # FSDP2 DTensor, ZeRO-3
+            self._base = self._base_groups = None
             raise DepthfastError("DepthProfileCallback measures unsharded models (one process or DDP); "
-                                 "FSDP and DeepSpeed shard the parameters")
+                                 "FSDP and DeepSpeed ZeRO-3 shard the parameters")
         objective = self.objective or objective_of(model)
         if objective is None:
             raise DepthfastError(f"cannot tell the objective of {type(model).__name__}; pass objective= "
@@ -189,16 +202,26 @@ class DepthProfileCallback(TrainerCallback):
         self._first_step = state.global_step
         prepare_for_measurement(model)
         self._layers = discover_layers(model)
-        # θ₀ keeps requires_grad as the model has it, so its role groups match the model's.
+        if self._base is None or self._theta0_of is not model:  # added after init, or a model_init's new model
+            self._snapshot(model)
+        if 0 in self.steps and state.global_step == 0:
+            self._measure(0, args, model)
+
+    def _snapshot(self, model: torch.nn.Module) -> None:
+        """θ₀: a frozen copy of ``model`` (requires_grad as the model's, so its role groups match)."""
+        from depthfast.distributed import is_sharded, offload_to_host
+        from depthfast.layers import discover_layers, prepare_for_measurement
+
+        if any(is_sharded(p) for p in model.parameters()):
+            return  # refused at train begin
+        prepare_for_measurement(model)
         base = _host_copy(model) if self.offload else copy.deepcopy(model)
         base.eval()
         self._base_layers = discover_layers(base)
         self._base_groups = [(n, [p.detach() for p in ps]) for n, ps in self._base_layers.param_groups(self.tied_embeddings)]
         if self.offload:
-            offload_to_host(base, self._device)  # _base_groups keep the host tensors
-        self._base = base
-        if 0 in self.steps and state.global_step == 0:
-            self._measure(0, args, model)
+            offload_to_host(base, next(model.parameters()).device)  # _base_groups keep the host tensors
+        self._base, self._theta0_of, self._cka = base, model, None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self._base is not None and self._unused is None:  # as depthfast.run: no gradient at the first step
@@ -226,7 +249,7 @@ class DepthProfileCallback(TrainerCallback):
         groups = weight_changes(self._base_groups, [(n, [p.detach() for p in ps])
                                 for n, ps in self._layers.param_groups(self.tied_embeddings)])
         self.results = self._write(args, state, model, optimizer, train_dataloader, final, groups)
-        self._base = self._base_groups = self._cka = None  # θ₀ and its statistics are no longer needed
+        self._base = self._base_groups = self._cka = self._theta0_of = None  # θ₀ and its statistics: no longer needed
 
     # ---- measuring and writing -------------------------------------------------------------------
 
