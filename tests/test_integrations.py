@@ -113,7 +113,8 @@ def test_callback_writes_the_run_and_matches_measure_probe(pristine, tmp_path, o
     results = json.loads((out / "results.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert results["source"] == "trainer" and config["source"] == "trainer"
-    assert config["callback"]["offload"] is offload and config["training_args"]["max_steps"] == 3
+    assert config["theta0_offload"] is offload and config["measure_at"] == "0,2" and config["steps"] == 3
+    assert config["training_args"]["max_steps"] == 3 and config["control"] == "none"
     assert results["control"] == "none" and results["objective"] == "clm" and results["train"]["steps"] == 3
 
     # θ₀ stayed the pre-training model; the trained one moved.
@@ -193,7 +194,9 @@ def test_equal_step_inside_trainer_with_gradient_accumulation(pristine, tmp_path
     results = json.loads((tmp_path / "depthfast" / "results.json").read_text())
     assert results["control"] == "equal-step" and results["optimizer"] == "AdamW"
     log = (tmp_path / "depthfast" / "train_log.csv").read_text().splitlines()
-    assert len(log) == 1 + 3 and log[0].startswith("step,lr,ratio_before:embeddings")
+    assert len(log) == 1 + 3 and log[0].startswith("step,loss,lr,ratio_before:embeddings")
+    first = log[1].split(",")
+    assert first[0] == "1" and float(first[1]) == trainer.state.log_history[0]["loss"] and float(first[2]) == 2e-3
 
 
 def test_resumed_run_is_measured_from_theta0(pristine, tmp_path):

@@ -122,7 +122,7 @@ class DepthProfileCallback(TrainerCallback):
         self.batches = None if self.texts is not None else probe
         self.probe_labels = probe_labels
         self.out, self.steps, self.pooling, self.estimator, self.offload = out, steps, pooling, estimator, offload
-        self.objective, self.tokenizer, self.max_length, self.batch_size = objective, tokenizer, max_length, batch_size
+        self.objective, self.tokenizer, self.max_length, self.probe_batch_size = objective, tokenizer, max_length, batch_size
         self.mlm_probability, self.seed, self.tied_embeddings, self.progress = mlm_probability, seed, tied_embeddings, progress
         self.trajectory: list[dict] = []
         self.results: dict | None = None  # results.json's contents after train end (main process)
@@ -142,12 +142,13 @@ class DepthProfileCallback(TrainerCallback):
         return self._base_groups if self._base is not None else None
 
     def settings(self) -> dict:
-        """config.json's ``callback`` entry: what this callback was told."""
-        return {"probe_texts": self._probe_texts(), "out": self.out, "steps": self.steps, "pooling": self.pooling,
-                "estimator": self.estimator, "offload": self.offload, "objective": self.objective,
-                "max_length": self.max_length, "batch_size": self.batch_size, "mlm_probability": self.mlm_probability,
-                "seed": self.seed, "tied_embeddings": self.tied_embeddings,
-                "probe": "texts" if self.texts is not None else "batches"}
+        """What this callback was told, under RunConfig's names where they mean the same
+        (``steps`` → measure_at, ``offload`` → theta0_offload, ``batch_size`` → probe_batch_size)."""
+        return {"measure_at": ",".join(str(s) for s in self.steps), "pooling": self.pooling,
+                "estimator": self.estimator, "theta0_offload": self.offload, "tied_embeddings": self.tied_embeddings,
+                "max_length": self.max_length, "probe_batch_size": self.probe_batch_size,
+                "mlm_probability": self.mlm_probability, "probe_seed": self.seed, "probe_size": self._probe_texts(),
+                "probe": "texts" if self.texts is not None else "batches", "out": self.out}
 
     def _probe_texts(self) -> int:
         if self.texts is not None:
@@ -168,7 +169,7 @@ class DepthProfileCallback(TrainerCallback):
         if objective == "cls" and (self.probe_labels is None or len(self.probe_labels) != len(self.texts)):
             raise DepthfastError("a classification probe needs probe_labels=, one label per probe text")
         return probe_batches(objective, tokenizer, self.texts, self.probe_labels if objective == "cls" else None,
-                             self.batch_size, self.max_length, self.mlm_probability, self.seed)
+                             self.probe_batch_size, self.max_length, self.mlm_probability, self.seed)
 
     # ---- Trainer events --------------------------------------------------------------------------
 
@@ -347,15 +348,27 @@ class DepthProfileCallback(TrainerCallback):
             "num_processes": int(getattr(args, "world_size", 1)),
             "wall_seconds": seconds,
         }
-        config = {"source": "trainer", "callback": self.settings(), "control": control,
+        # RunConfig's names for what a run's config.json says (depthfast report groups runs by them), then
+        # the Trainer's own arguments whole.
+        world, accumulation = int(getattr(args, "world_size", 1)), int(getattr(args, "gradient_accumulation_steps", 1))
+        config = {"source": "trainer", "model": results["model"], "objective": self._objective, "control": control,
+                  "optimizer": results["optimizer"].lower(), **self.settings(),
+                  "steps": state.max_steps, "lr": getattr(args, "learning_rate", None),
+                  "weight_decay": getattr(args, "weight_decay", None), "warmup_steps": getattr(args, "warmup_steps", None),
+                  "batch_size": getattr(args, "per_device_train_batch_size", 0) * accumulation * world,
+                  "grad_accum": accumulation, "seed": getattr(args, "seed", None),
                   "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
         atomic_write_json(os.path.join(out, "config.json"), config)
         atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
                          [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
         if before:
+            # The run's columns; loss where the Trainer logged it (every logging_steps), else empty.
+            logged = {e.get("step"): e["loss"] for e in state.log_history if "loss" in e}
             atomic_write_csv(os.path.join(out, "train_log.csv"),
-                             ["step", "lr"] + [f"ratio_before:{n}" for n in names] + [f"ratio_after:{n}" for n in names],
-                             [[self._first_step + i + 1, self._lrs[i]] + before[i] + after[i] for i in range(len(before))])
+                             ["step", "loss", "lr"] + [f"ratio_before:{n}" for n in names]
+                             + [f"ratio_after:{n}" for n in names],
+                             [[self._first_step + i + 1, logged.get(self._first_step + i + 1), self._lrs[i]]
+                              + before[i] + after[i] for i in range(len(before))])
         plot_profile(os.path.join(out, "profile.png"), depths, changes,
                      [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],
                      f"{results['model']} · {self._objective} · Trainer · control {control} · {steps} steps",
