@@ -95,11 +95,13 @@ class Theta0Check(transformers.TrainerCallback):
                                              self.reference["transformer.h.0.attn.c_attn.weight"])
 
 
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("offload", [False, True])  # offload=True also takes ready probe batches
 def test_callback_writes_the_run_and_matches_measure_probe(pristine, tmp_path, offload):
     base_model, tokenizer, train, probe_texts = pristine
     model, reference = copy.deepcopy(base_model), copy.deepcopy(base_model).eval()
-    depth = DepthProfileCallback(probe_texts, steps=(0, 2), max_length=SEQ, batch_size=8, offload=offload)
+    batches = probe_batches("clm", tokenizer, probe_texts, None, 8, SEQ, 0.15, 0)
+    probe = batches if offload else probe_texts  # ready probe batches, or texts for the Trainer's tokenizer
+    depth = DepthProfileCallback(probe, steps=(0, 2), max_length=SEQ, batch_size=8, offload=offload)
     check = Theta0Check(depth, copy.deepcopy(base_model))
     trainer = transformers.Trainer(model=model, args=training_args(tmp_path, steps=3), train_dataset=train,
                                    processing_class=tokenizer, callbacks=[check, depth])
@@ -115,6 +117,7 @@ def test_callback_writes_the_run_and_matches_measure_probe(pristine, tmp_path, o
     assert results["source"] == "trainer" and config["source"] == "trainer"
     assert config["theta0_offload"] is offload and config["measure_at"] == "0,2" and config["steps"] == 3
     assert config["training_args"]["max_steps"] == 3 and config["control"] == "none"
+    assert config["probe"] == ("batches" if offload else "texts") and results["probe"]["texts"] == len(probe_texts)
     assert results["control"] == "none" and results["objective"] == "clm" and results["train"]["steps"] == 3
 
     # θ₀ stayed the pre-training model; the trained one moved.
@@ -122,7 +125,6 @@ def test_callback_writes_the_run_and_matches_measure_probe(pristine, tmp_path, o
     assert depth.theta0 is None  # freed at train end
 
     # The train-end profile is depthfast's own measurement between θ₀ and the trained model.
-    batches = probe_batches("clm", tokenizer, probe_texts, None, 8, SEQ, 0.15, 0)
     layers, ref_layers = discover_layers(model), discover_layers(reference)
     expected = measure_probe(reference, model, ref_layers, layers, batches, torch.device("cpu"), "token", "exact",
                              progress=False)
