@@ -16,6 +16,9 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -319,3 +322,64 @@ def test_classification_probe_needs_labels(tmp_path):
                                    processing_class=tokenizer, callbacks=[depth])
     with pytest.raises(DepthfastError, match="probe_labels"):
         trainer.train()
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, transformers, datasets
+    import tiny_models
+    from depthfast.integrations import DepthProfileCallback, equal_step_optimizer
+    from pydoc_data.topics import topics
+
+    out = sys.argv[1]
+    model, tokenizer = tiny_models.build("gpt2", seed=0)
+    texts = [t[:240] for t in topics.values()]
+    enc = tokenizer(texts[:24], truncation=True, max_length=32, padding="max_length")
+    labels = [[i if m else -100 for i, m in zip(ids, mk)] for ids, mk in zip(enc["input_ids"], enc["attention_mask"])]
+    train = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                        "labels": labels})
+    args = transformers.TrainingArguments(output_dir=out, use_cpu=True, report_to=[], max_steps=2,
+                                          per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                          learning_rate=2e-3, save_strategy="no", disable_tqdm=True, seed=0)
+    opt = equal_step_optimizer(model, args)
+    depth = DepthProfileCallback(texts[40:52], steps=(0, 1), max_length=32)
+    transformers.Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         optimizers=(opt, None), callbacks=[depth]).train()
+    rank = args.process_index
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"world": args.world_size, "wrote": depth.results is not None, "steps": opt.steps,
+                   "ratios_after": opt.ratios_after.tolist(), "head": opt.group_names.index("head")}, f)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_two_processes_ddp(pristine, tmp_path):
+    """torchrun with 2 processes (gloo DDP): only the main process measures and writes; both end with the
+    same weights; the control equalizes the all-reduced update; the profile is measure_probe's."""
+    base_model, tokenizer, _, probe_texts = pristine
+    script = tmp_path / "ddp_trainer.py"
+    script.write_text(DDP_SCRIPT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["wrote"] for r in ranks] == [True, False]
+    assert [r["steps"] for r in ranks] == [2, 2]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    ratios = [r for i, r in enumerate(ranks[0]["ratios_after"]) if i != ranks[0]["head"]]
+    assert max(ratios) / min(ratios) - 1 < 1e-5
+    results = json.loads((tmp_path / "depthfast" / "results.json").read_text())
+    assert results["num_processes"] == 2 and [e["step"] for e in results["trajectory"]] == [0, 1, 2]
+    model = copy.deepcopy(base_model)
+    model.load_state_dict(states[0])
+    reference = copy.deepcopy(base_model).eval()
+    batches = probe_batches("clm", tokenizer, probe_texts, None, 32, SEQ, 0.15, 0)
+    expected = measure_probe(reference, model, discover_layers(reference), discover_layers(model), batches,
+                             torch.device("cpu"), "token", "exact", progress=False)
+    assert max(abs(r["cka"] - c) for r, c in zip(results["layers"], expected.cka)) < 1e-10
