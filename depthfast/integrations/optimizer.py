@@ -140,8 +140,8 @@ def equal_step_optimizer(model: torch.nn.Module, args=None, *, control: str = "e
     from depthfast.layers import discover_layers, prepare_for_measurement
     from depthfast.train import build_control, build_optimizer
 
-    if args is not None and getattr(args, "place_model_on_device", True):
-        model.to(args.device)
+    if args is not None and getattr(args, "place_model_on_device", True) and not getattr(model, "hf_device_map", None):
+        model.to(args.device)  # as Trainer.__init__ would (it leaves a model dispatched over devices where it is)
     if lr is None:
         lr = args.learning_rate if args is not None else RunConfig.lr
     if weight_decay is None:
