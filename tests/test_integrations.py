@@ -31,7 +31,7 @@ from depthfast.batches import probe_batches  # noqa: E402
 from depthfast.errors import DepthfastError  # noqa: E402
 from depthfast.integrations import DepthProfileCallback, EqualStepOptimizer, equal_step_optimizer  # noqa: E402
 from depthfast.layers import discover_layers  # noqa: E402
-from depthfast.measure import measure_probe, weight_changes  # noqa: E402
+from depthfast.probe import measure_probe, weight_changes  # noqa: E402
 
 SEQ = 32
 

@@ -14,7 +14,7 @@ steps in ``steps`` (0 = before the first update) and at train end it measures, o
     change_ℓ        = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_t))            ℓ = 0 (embedding output) … L (block L)
     weight_change_g = ‖W_g(θ_t) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per role group (train end)
 
-with depthfast's own measure_probe and weight_changes (depthfast.measure), as ``python -m depthfast.run``
+with depthfast's own measure_probe and weight_changes (depthfast.probe), as ``python -m depthfast.run``
 does; θ₀'s probe statistics (its XᵀX) are computed once and reused by every later measurement. It
 writes a run's artifacts into ``out`` (default ``args.output_dir/depthfast``), each file atomically,
 results.json last, on the main process only: results.json (the run's schema where it applies, plus
@@ -243,7 +243,7 @@ class DepthProfileCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self._base is None:
             return
-        from depthfast.measure import weight_changes
+        from depthfast.probe import weight_changes
 
         again = bool(self.trajectory) and self.trajectory[-1]["step"] == state.global_step  # stopped early at a step of `steps`
         final = self._measure(state.global_step, args, model, keep=True, record=bool(self.steps) and not again)
@@ -255,7 +255,7 @@ class DepthProfileCallback(TrainerCallback):
     # ---- measuring and writing -------------------------------------------------------------------
 
     def _measure(self, step: int, args, model, keep: bool = False, record: bool = True) -> dict:
-        from depthfast.measure import measure_probe
+        from depthfast.probe import measure_probe
         from depthfast.metrics import locality_gradient
         from depthfast.results import profile_rows
 
@@ -288,7 +288,8 @@ class DepthProfileCallback(TrainerCallback):
 
     def _write(self, args, state, model, optimizer, train_dataloader, final: dict, groups: dict) -> dict:
         import depthfast
-        from depthfast.results import atomic_write_csv, atomic_write_json, plot_profile
+        from depthfast.plotting import plot_profile
+        from depthfast.results import atomic_write_csv, atomic_write_json
         from depthfast.run import run_metrics
 
         layers, out = self._layers, self._out
