@@ -46,6 +46,18 @@ def lora_alpha(cfg) -> float:
     return float(cfg.lora_alpha) if cfg.lora_alpha else float(cfg.lora_r)
 
 
+# Linear layers whose weight a family's forward reads directly (``layer.weight @ x`` or a fused kernel
+# taking ``layer.weight``), bypassing the module's own forward: an adapter there would train nothing
+# and change nothing. Mamba (transformers 5.24, MambaMixer.forward): dt_proj.weight is multiplied in
+# directly on every path; under training with the mamba-ssm kernels mamba_inner_fn takes conv1d,
+# x_proj, dt_proj and out_proj weights (peft itself refuses out_proj and conv1d for Mamba). Only
+# in_proj is called as a module on every path.
+BYPASSED: dict[str, frozenset[str]] = {
+    "mamba": frozenset({"x_proj", "dt_proj", "out_proj", "conv1d"}),
+    "mamba2": frozenset({"dt_proj", "out_proj", "conv1d"}),
+}
+
+
 def _is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -56,18 +68,25 @@ def target_modules(model: nn.Module, targets: str = "") -> list[str]:
     """Qualified names of the modules to adapt, all inside the blocks (found by structure).
 
     Default (``targets`` empty): every linear layer of every block (nn.Linear, and transformers'
-    Conv1D for GPT-2): attention and MLP projections in every family, Mamba's in/x/dt/out projections,
-    RWKV's key/value/receptance/output. Otherwise ``targets`` is comma-separated module names, each
+    Conv1D for GPT-2): attention and MLP projections in every family, RWKV's key/value/receptance/
+    output, Mamba's in_proj (its other projections are ``BYPASSED``). Otherwise ``targets`` is comma-separated module names, each
     matched as the last dotted segment(s) of a module name inside the blocks ("query,value",
     "attn.c_attn"); one that matches no linear layer of the blocks is an error naming the ones there are.
     """
     from depthfast.layers import discover_layers
 
     layers = discover_layers(model)
+    bypassed = BYPASSED.get(layers.model_type, frozenset())
     linear = []  # (qualified name, name inside the block)
     for block_name, block in zip(layers.block_names, layers.blocks):
         linear += [(f"{block_name}.{name}", name) for name, m in block.named_modules() if name and _is_linear(m)]
     wanted = [t for t in (s.strip() for s in targets.split(",")) if t]
+    for target in wanted:
+        if target.split(".")[-1] in bypassed:
+            raise DepthfastError(f"--lora-targets {target!r}: {layers.model_type}'s forward reads that layer's weight "
+                                 "directly, so an adapter there would change nothing; adaptable: "
+                                 + ", ".join(sorted({local.split('.')[-1] for _, local in linear} - bypassed)))
+    linear = [(full, local) for full, local in linear if local.split(".")[-1] not in bypassed]
     if not wanted:
         if not linear:
             raise DepthfastError(f"{type(model).__name__}: its blocks have no linear layers to adapt with LoRA")
