@@ -157,10 +157,6 @@ def lora_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         (0 <= cfg.lora_dropout < 1, f"lora dropout must be in [0, 1); got {cfg.lora_dropout}"),
         (lora or not (cfg.lora_alpha or cfg.lora_targets or cfg.lora_dropout),
          "--lora-alpha, --lora-targets and --lora-dropout need --lora-r R (R ≥ 1)"),
-        (not lora or cfg.control == "none",
-         "--control equal-step does not combine with --lora-r: the control rescales each group's step of its "
-         "trainable tensors, here the factors A, B, and the merged step (α/r)(B'A' − BA) is not linear in a "
-         "common scale of (ΔA, ΔB), so equal factor steps are not equal weight steps; use --control none"),
         (not lora or cfg.parallel == "ddp",
          f"--lora-r runs with one process or --parallel ddp, not {cfg.parallel}: sharding peft's adapter "
          "layers with FSDP2 is not supported here"),

@@ -45,7 +45,7 @@ HELP = {
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
     "lora_r": "LoRA rank: train rank-r adapters (peft) on the blocks' linear layers, base weights frozen "
-              "(0: full fine-tuning; --control none only)",
+              "(0: full fine-tuning); update ratios and --control equal-step act on the merged weights",
     "lora_alpha": "LoRA α; the merged update is (α/r)·B·A (default 0: α = r, scale 1)",
     "lora_targets": "comma-separated names of the blocks' linear layers to adapt (default: all of them)",
     "lora_dropout": "dropout on the LoRA branch's input (default 0)",

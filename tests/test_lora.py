@@ -6,6 +6,7 @@ per role group (groups of the plain model), and measure_probe between plain θ�
 """
 
 import copy
+import csv
 import json
 import math
 import os
@@ -67,7 +68,8 @@ def relative_changes(plain0, merged):
 
 @pytest.mark.parametrize("family,extra", [
     ("gpt2", []),  # defaults: every linear layer of the blocks (Conv1D), α = r
-    ("bert", ["--lora-alpha", "8", "--lora-targets", "query,value"]),  # scale α/r = 2, two targets
+    # scale α/r = 2, two targets, the control on the merged weights
+    ("bert", ["--lora-alpha", "8", "--lora-targets", "query,value", "--control", "equal-step"]),
 ])
 def test_lora_run_measures_the_merged_model(checkpoints, tmp_path, monkeypatch, family, extra):
     import depthfast.lora
@@ -137,6 +139,53 @@ def test_lora_run_measures_the_merged_model(checkpoints, tmp_path, monkeypatch, 
     assert [r["cka"] for r in results["layers"]] == pytest.approx(independent.cka, abs=1e-6)
     assert results["layers"][-1]["change"] > 0
 
+    with open(os.path.join(out, "train_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # the head is free; the blocks' merged steps are equal up to fp32 storage (cf. test_run)
+        assert float(row["ratio_after:head"]) == pytest.approx(float(row["ratio_before:head"]), rel=1e-9)
+        after = [float(row[f"ratio_after:block.{i}"]) for i in (1, 2, 3)]
+        before = [float(row[f"ratio_before:block.{i}"]) for i in (1, 2, 3)]
+        if extra:
+            assert max(before) / min(before) > 1.01 and max(after) / min(after) - 1 < 1e-4
+        else:
+            assert after == before
+
+
+@pytest.mark.parametrize("control", ["none", "equal-step"])
+@pytest.mark.parametrize("family", ["gpt2", "bert"])  # Conv1D (fan_in_fan_out) and nn.Linear
+def test_control_on_merged_weights_float64(family, control):
+    """LoraEqualStep in float64, three AdamW steps from B = 0: its ratios are the merged weights'
+    ‖W_g(t+1) − W_g(t)‖/‖W_g(t)‖ of peft's merge (whole blocks, frozen weights included), and under
+    equal-step every block's merged step has the target ratio r* = mean of the optimizer's, to 1e-9."""
+    from depthfast.config import RunConfig
+    from depthfast.layers import discover_layers
+    from depthfast.lora import LoraEqualStep, apply_lora
+
+    model, _ = tiny_models.build(family)
+    model.double()
+    apply_lora(model, RunConfig(lora_r=4, lora_alpha=8.0).validate())
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    groups = discover_layers(model).param_groups()
+    optimizer = torch.optim.AdamW([p for _, ps in groups for p in ps], lr=1e-2)
+    control = LoraEqualStep(optimizer, groups, model, control=control)
+    ids = torch.randint(1, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(3):
+        before = merge_and_unload(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        control.step()
+        control.zero_grad()
+        independent = relative_changes(before, merge_and_unload(model))
+        measured = [independent[name] for name, _ in groups]
+        assert control.ratios_after.tolist() == pytest.approx(measured, rel=1e-9)
+        if control.control == "none":
+            assert control.ratios_before.tolist() == pytest.approx(measured, rel=1e-9)
+        else:
+            assert max(control.ratios_before) / min(control.ratios_before) > 1.001  # unequal before …
+            target = float(control.ratios_before.mean())
+            assert control.target_ratio == pytest.approx(target, rel=1e-12)
+            assert measured == pytest.approx([target] * len(groups), rel=1e-9)  # … equal after
+
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_default_targets_are_live_adapters_inside_the_blocks(family):
@@ -192,7 +241,6 @@ def test_lora_resumes_bit_for_bit(checkpoints, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lora-r", "4", "--control", "equal-step"], "--control equal-step does not combine with --lora-r"),
     (["--lora-r", "4", "--parallel", "fsdp"], "--lora-r runs with one process or --parallel ddp, not fsdp"),
     (["--lora-r", "4", "--parallel", "hsdp"], "not hsdp"),
     (["--lora-r", "4", "--theta0-offload"], "--theta0-offload does not combine with --lora-r"),
