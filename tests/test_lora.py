@@ -265,3 +265,26 @@ def test_refusals_are_one_line(checkpoints, tmp_path, monkeypatch, capsys, args,
     assert len(err) == 1 and message in err[0], err
     assert sorted(os.listdir(out)) == ["results.json"]
     assert (out / "results.json").read_text() == '{"earlier": true}\n'
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_lora_under_ddp_equals_one_process(checkpoints, tmp_path):
+    """Two DDP processes over gloo (frozen base weights, adapters and head replicated) give the
+    single-process run, the control on the merged weights included."""
+    import subprocess
+
+    common = ["--model", checkpoints("gpt_neox"), "--objective", "cls", "--lora-r", "2", "--control", "equal-step",
+              *FAST[:-1], "--steps", "3", "--quiet"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main([*common, "--out", one]) == 0
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "depthfast.run", *common, "--out", two],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (one, two))
+    assert b["num_processes"] == 2 and a["lora"] == b["lora"]
+    assert [r["cka"] for r in a["layers"]] == pytest.approx([r["cka"] for r in b["layers"]], abs=1e-6)
+    assert a["group_weight_change"] == pytest.approx(b["group_weight_change"], rel=1e-4)
+    assert a["train"]["final_loss"] == pytest.approx(b["train"]["final_loss"], rel=1e-4)
