@@ -70,6 +70,10 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: bool = False
     measure_at: str = ""
+    lora_r: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = ""
+    lora_dropout: float = 0.0
 
     def measure_steps(self) -> set[int]:
         """Steps (after k optimizer steps; 0 = before training) at which the trajectory is measured."""
@@ -104,6 +108,7 @@ class RunConfig:
             (self.equal_step_target == "mean" or _is_positive_float(self.equal_step_target),
              f"equal-step target must be 'mean' or a positive number; got {self.equal_step_target!r}"),
         ]
+        checks += lora_checks(self)
         for ok, message in checks:
             if not ok:
                 raise DepthfastError(message)
@@ -141,6 +146,25 @@ class RunConfig:
         if not isinstance(data, dict):
             raise DepthfastError(f"config file {path!r} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def lora_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """What --lora-r needs and what it does not combine with (depthfast.lora)."""
+    lora = cfg.lora_r > 0
+    return [
+        (cfg.lora_r >= 0, f"lora r must be ≥ 0 (0 = full fine-tuning); got {cfg.lora_r}"),
+        (cfg.lora_alpha >= 0, f"lora alpha must be ≥ 0 (0 = r); got {cfg.lora_alpha}"),
+        (0 <= cfg.lora_dropout < 1, f"lora dropout must be in [0, 1); got {cfg.lora_dropout}"),
+        (lora or not (cfg.lora_alpha or cfg.lora_targets or cfg.lora_dropout),
+         "--lora-alpha, --lora-targets and --lora-dropout need --lora-r R (R ≥ 1)"),
+        (not lora or cfg.parallel == "ddp",
+         f"--lora-r runs with one process or --parallel ddp, not {cfg.parallel}: sharding peft's adapter "
+         "layers with FSDP2 is not supported here"),
+        (not lora or not cfg.theta0_offload,
+         "--theta0-offload does not combine with --lora-r: the merged weight change reads θ₀'s base weights "
+         "and adapters from its module, which the offload leaves empty (the frozen base weights are "
+         "on the device anyway)"),
+    ]
 
 
 def _is_positive_float(value: str) -> bool:

@@ -88,7 +88,8 @@ def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> lis
 
 
 def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
-                  slope: float | None, metrics: dict, wall_seconds: float, torch_version: str, num_processes: int = 1) -> dict:
+                  slope: float | None, metrics: dict, wall_seconds: float, torch_version: str, num_processes: int = 1,
+                  extra: dict | None = None) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
 
     Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
@@ -150,6 +151,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         "resumed_from_step": log.resumed_from,
         "num_processes": num_processes,
         "wall_seconds": wall_seconds,
+        **(extra or {}),  # e.g. "lora": the LoRA settings and parameter counts (None for full fine-tuning)
     }
     out = cfg.out
     atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())

@@ -44,6 +44,11 @@ HELP = {
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
+    "lora_r": "LoRA rank: train rank-r adapters (peft) on the blocks' linear layers, base weights frozen "
+              "(0: full fine-tuning); update ratios and --control equal-step act on the merged weights",
+    "lora_alpha": "LoRA α; the merged update is (α/r)·B·A (default 0: α = r, scale 1)",
+    "lora_targets": "comma-separated names of the blocks' linear layers to adapt (default: all of them)",
+    "lora_dropout": "dropout on the LoRA branch's input (default 0)",
     "tied_embeddings": "group of a tied input/output matrix (GPT-2, OPT, Mamba, BERT's MLM decoder): head (default: "
                        "the output projection, free under the control like an untied LM head, not in layer 0's weight "
                        "change) or embeddings (equalized with the layers, counted in layer 0's weight change)",
@@ -120,6 +125,10 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     # on all of them alike, before any model is loaded.
     probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
                           cfg.max_length, cfg.mlm_probability, cfg.seed)
+    if cfg.lora_r:
+        from depthfast.lora import require_peft
+
+        require_peft()  # before any model is loaded
     sharded = cfg.parallel in ("fsdp", "hsdp") and accelerator.num_processes > 1
     if cfg.theta0_offload and sharded:
         raise DepthfastError("--theta0-offload runs with one process or --parallel ddp: under fsdp/hsdp θ₀ is "
@@ -129,6 +138,11 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if accelerator.process_index:
         torch.manual_seed(cfg.seed + 1_000 * accelerator.process_index)  # own dropout draws per process
     prepare_for_measurement(model)
+    lora = None
+    if cfg.lora_r:  # in place, before θ₀ is copied: θ₀ is the same structure with B = 0 (the same forward)
+        from depthfast.lora import apply_lora
+
+        lora = apply_lora(model, cfg)
     layers = discover_layers(model)
     # The memory check comes first, from the model still on the host: nothing model-sized is on the
     # device yet (no θ₀ copy, no pretraining head for the objective distance).
@@ -184,8 +198,13 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     results = None
     if main or sharded:  # under FSDP2 both are collective: every process takes part
         final = measure(cfg.steps, show=progress and main)
-        groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
-                                       for n, ps in layers.param_groups(cfg.tied_embeddings)])
+        if lora is not None:  # of the merged weights W₀ + (α/r)·B·A, per role group of the model's own weights
+            from depthfast.lora import lora_weight_changes
+
+            groups_change = lora_weight_changes(base, model, cfg.tied_embeddings)
+        else:
+            groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
+                                           for n, ps in layers.param_groups(cfg.tied_embeddings)])
     if main:
         measured = final.pop("_result")
         changes = [1.0 - c for c in measured.cka]
@@ -195,7 +214,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         metrics = run_metrics(cfg, task, model, measured, depths, changes, alignment)
         results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
-                                num_processes=accelerator.num_processes)
+                                num_processes=accelerator.num_processes, extra={"lora": lora})
         if not cfg.keep_checkpoints:
             remove_checkpoints(cfg.out)
         print_table(results)

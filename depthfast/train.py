@@ -88,13 +88,20 @@ def free_groups(named_groups, cfg: RunConfig) -> list[int]:
     return [] if cfg.equal_step_head else [i for i, (name, _) in enumerate(named_groups) if name == "head"]
 
 
-def build_control(optimizer, named_groups, cfg: RunConfig, fused: bool | None = None) -> EqualStep:
+def build_control(optimizer, named_groups, cfg: RunConfig, fused: bool | None = None,
+                  model: torch.nn.Module | None = None) -> EqualStep:
     """The equal-step wrapper (or, with control "none", the ratio recorder) over the role groups.
 
     EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick its
-    fused Triton path; both paths get the same groups and free indices.
+    fused Triton path; both paths get the same groups and free indices. Under --lora-r (``model``
+    given) it is depthfast.lora.LoraEqualStep: the ratios are those of the merged weights.
     """
     target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
+    if cfg.lora_r and model is not None:
+        from depthfast.lora import LoraEqualStep
+
+        return LoraEqualStep(optimizer, named_groups, model, cfg.tied_embeddings, target=target,
+                             control=cfg.control, free=free_groups(named_groups, cfg))
     return EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control,
                      free=free_groups(named_groups, cfg), fused=fused)
 
@@ -259,7 +266,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     model_p = model if sharded else prepare_ddp(model, accelerator, cfg, tokenizer, task)
     # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
     # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
-    control = build_control(optimizer, named_groups, cfg)
+    control = build_control(optimizer, named_groups, cfg, model=model)
     log = TrainLog(group_names=[name for name, _ in named_groups])
     start_step = 0
     if resume and out and read_pointer(out):
