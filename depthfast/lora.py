@@ -180,7 +180,7 @@ def structural_groups(model: nn.Module, tied_embeddings: str = "head") -> list[t
 @torch.no_grad()
 def lora_weight_changes(base: nn.Module, tuned: nn.Module, tied_embeddings: str = "head") -> dict[str, float | None]:
     """‖W_merged,g(θ_T) − W_merged,g(θ₀)‖_F / ‖W_merged,g(θ₀)‖_F per role group g of the model's own
-    weights, sums of squares in float64 (the rule of ``depthfast.measure.weight_changes``).
+    weights, sums of squares in float64 (the rule of ``depthfast.probe.weight_changes``).
 
     ``base`` and ``tuned`` are the same LoRA-injected structure (θ₀ is a copy taken after injection,
     B = 0). For an adapted weight the difference is taken directly, never as a difference of merged

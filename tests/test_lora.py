@@ -77,7 +77,7 @@ def test_lora_run_measures_the_merged_model(checkpoints, tmp_path, monkeypatch, 
     from depthfast.config import RunConfig
     from depthfast.data import load_task
     from depthfast.layers import discover_layers
-    from depthfast.measure import measure_probe
+    from depthfast.probe import measure_probe
     from depthfast.models import load_tokenizer
 
     seen = {}
