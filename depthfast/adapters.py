@@ -79,6 +79,9 @@ def load_adapter(model: nn.Module, path: str, base_name: str) -> nn.Module:
     if kind not in (None, "LORA"):
         raise DepthfastError(f"adapter {path!r} is a {kind} adapter; compare merges LoRA adapters only")
     expected = saved_keys(path)
+    # PEFT freezes the base's parameters; the merged model gets the flags it had (depthfast's parameter
+    # groups hold the trainable parameters only, so a frozen copy would have no groups to compare).
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing or unexpected keys are checked below, with one clear line
         try:
@@ -91,4 +94,7 @@ def load_adapter(model: nn.Module, path: str, base_name: str) -> nn.Module:
     if missing:
         raise DepthfastError(f"adapter {path!r} does not fit the base model {base_name!r}: {len(missing)} of its "
                              f"{len(expected)} tensors name modules the base does not have (first: {missing[0]})")
-    return wrapped.merge_and_unload()
+    merged = wrapped.merge_and_unload()
+    for name, p in merged.named_parameters():
+        p.requires_grad_(trainable.get(name, True))
+    return merged

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -70,6 +71,12 @@ class CompareConfig:
     device: str = "auto"
     offload: str = "none"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("base", "tuned", "out", "dataset"):  # pathlib paths are welcome where names are strings
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
 
     def validate(self) -> "CompareConfig":
         from depthfast.cka import ESTIMATORS, POOLINGS
@@ -454,8 +461,8 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
         "probe": {
             "texts": len(task.probe_texts),
             "samples": measured.num_samples,
-            "loss_base": measured.loss_base,
-            "loss_tuned": measured.loss_tuned,
+            "loss_base": _finite(measured.loss_base),  # NaN (objective none: nothing scored) → null
+            "loss_tuned": _finite(measured.loss_tuned),
             "accuracy_base": measured.accuracy_base,
             "accuracy_tuned": measured.accuracy_tuned,
         },
@@ -474,6 +481,10 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
                  f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
     atomic_write_json(os.path.join(out, "results.json"), results)
     return results
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def print_compare(results: dict, file=None) -> None:
@@ -496,7 +507,7 @@ def print_compare(results: dict, file=None) -> None:
           f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)
     probe = results["probe"]
     line = f"probe: {probe['texts']} texts, {probe['samples']} samples"
-    if probe["loss_base"] == probe["loss_base"]:  # not NaN: the objective scored a loss
+    if probe["loss_base"] is not None:  # the objective scored a loss
         line += f"; loss {probe['loss_base']:.3f} → {probe['loss_tuned']:.3f}"
     print(line + f"; wall {results['wall_seconds']:.1f} s", file=file)
 
@@ -515,7 +526,8 @@ HELP = {
                "directory (the probe: its validation split, else test, else a seeded hold-out, as a clm run's)",
     "tied_embeddings": "group of a tied input/output matrix: head (default) or embeddings (as in run)",
 }
-CHOICES = {"objective": COMPARE_OBJECTIVES, "offload": OFFLOAD, "precision": PRECISIONS,
+# --objective has no argparse choices: validate() refuses cls with the reason, not just "invalid choice".
+CHOICES = {"offload": OFFLOAD, "precision": PRECISIONS,
            "tied_embeddings": TIED_EMBEDDINGS}
 
 

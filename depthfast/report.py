@@ -132,6 +132,8 @@ def load_run(directory: str, root: str) -> RunRecord:
     for key in ("model", "objective", "control"):  # a run without config.json still says what it was
         if key not in record.config and isinstance(results, dict) and key in results:
             record.config[key] = results[key]
+    if source_of(record) == "compare":  # depthfast compare: two checkpoints, no training, no control
+        record.config["control"] = "compare"
     if record.results is not None:
         try:
             record.metrics, record.metrics_source = _metrics_of(record.results)
@@ -139,6 +141,13 @@ def load_run(directory: str, root: str) -> RunRecord:
             record.status, record.problem = "corrupt results", f"per-layer rows unusable ({exc})"
             record.results, record.metrics = None, {}
     return record
+
+
+def source_of(record: RunRecord) -> str:
+    """"compare" (depthfast compare: results.json "source", or a config with base and tuned) or "run"."""
+    if isinstance(record.results, dict) and "source" in record.results:
+        return str(record.results["source"])
+    return "compare" if {"base", "tuned"} <= set(record.config) else "run"
 
 
 def _missing_reason(directory: str) -> str:
@@ -184,9 +193,12 @@ def collect(runs_dir: str, exclude: str | None = None) -> list[RunRecord]:
 def row_of(record: RunRecord) -> dict:
     res = record.results or {}
     probe, train = res.get("probe") or {}, res.get("train") or {}
-    row = {"run": record.name, "status": record.status, "problem": record.problem}
+    row = {"run": record.name, "status": record.status, "problem": record.problem, "source": source_of(record)}
     for key in CONFIG_KEYS:
         row[key] = record.config.get(key)
+    for key, value in record.config.items():  # a compare's own keys (base, tuned, offload), newer fields
+        if key not in row:
+            row[key] = value
     row.update({
         "model_type": res.get("model_type"), "architecture": res.get("architecture"),
         "block_type": res.get("block_type"), "num_blocks": res.get("num_blocks"),
@@ -245,7 +257,7 @@ def write_table(out: str, header: list[str], rows: list[dict]) -> list[str]:
 # Config fields that do not change what a run measures: runs differing only in these (and the seed)
 # are seeds of one group.
 NOT_A_SETTING = ("out", "seed", "device", "tensorboard", "no_memory_check", "checkpoint_every", "keep_checkpoints",
-                 "measure_at", "theta0_offload")
+                 "measure_at", "theta0_offload", "save_model", "offload")
 # Shown in their own columns, so left out of the "settings" text.
 OWN_COLUMNS = ("model", "objective", "control", "estimator", "pooling")
 PER_TEXT_COLUMN = f"slope_per_text ({PER_TEXT_ESTIMATOR}) [95% CI over texts]"
@@ -315,7 +327,7 @@ def tied_of(record: RunRecord) -> str:
 
 def _settings_of(record: RunRecord) -> dict:
     config = dict(record.config)
-    if record.has_config:  # fields added later default to what the older run did
+    if record.has_config and source_of(record) == "run":  # fields added later default to what the older run did
         config = {**RunConfig().to_dict(), **config}
     return {k: v for k, v in config.items() if k not in NOT_A_SETTING}
 
