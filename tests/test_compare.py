@@ -247,3 +247,55 @@ def test_config_unknown_key_and_offload(models, tmp_path, capsys):
     assert "unknown compare config key(s): steps" in _error_line(capsys)
     with pytest.raises(DepthfastError, match="offload must be one of"):
         CompareConfig(tuned="x", offload="both").validate()
+
+
+@pytest.fixture(scope="module")
+def perturbed(models, tmp_path_factory):
+    """Tiny BERT (with its MLM head) with block 2's weights moved, and tiny GPT-2 with a resized vocabulary."""
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("perturbed")
+    bert = T.AutoModelForMaskedLM.from_pretrained(models["bert"])
+    with torch.no_grad():
+        for p in bert.bert.encoder.layer[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bert.save_pretrained(str(root / "bert"))
+    T.AutoTokenizer.from_pretrained(models["bert"]).save_pretrained(str(root / "bert"))
+    gpt2 = T.AutoModelForCausalLM.from_pretrained(models["gpt2"])
+    gpt2.resize_token_embeddings(gpt2.config.vocab_size + 8)
+    gpt2.save_pretrained(str(root / "gpt2_vocab"))
+    T.AutoTokenizer.from_pretrained(models["gpt2"]).save_pretrained(str(root / "gpt2_vocab"))
+    return {"bert": str(root / "bert"), "gpt2_vocab": str(root / "gpt2_vocab")}
+
+
+def test_mlm_profile_is_local_and_offload_changes_nothing(models, perturbed, tmp_path):
+    """Only block 2 moved: the layers below it are bit-identical (change exactly 0), block 2 and above
+    change; the same numbers with either model kept in host memory (accelerate's offload hooks)."""
+    runs = {}
+    for offload in ("none", "base", "tuned"):
+        runs[offload] = compare(CompareConfig(base=models["bert"], tuned=perturbed["bert"], offload=offload,
+                                              out=str(tmp_path / offload), **PROBE), progress=False)
+    got = runs["none"]
+    assert got["objective"] == "mlm" and got["probe"]["loss_base"] != got["probe"]["loss_tuned"]
+    changes = {r["layer"]: r["change"] for r in got["layers"]}
+    weights = {r["layer"]: r["weight_change"] for r in got["layers"]}
+    assert changes["embeddings"] == changes["block.1"] == 0.0 and changes["block.2"] > 0 and changes["block.3"] > 0
+    assert weights["block.2"] > 0 and all(weights[k] == 0.0 for k in ("embeddings", "block.1", "block.3"))
+    for offload in ("base", "tuned"):
+        for key in ("cka", "weight_change"):
+            assert [r[key] for r in runs[offload]["layers"]] == [r[key] for r in got["layers"]], (offload, key)
+        assert runs[offload]["probe"] == got["probe"]
+
+
+def test_other_shapes_give_representational_change_only(models, perturbed, tmp_path, capsys):
+    """A resized vocabulary: same family and depth, parameters of other shapes: no weight change, said once."""
+    out = str(tmp_path / "vocab")
+    capsys.readouterr()
+    assert main([models["gpt2"], perturbed["gpt2_vocab"], "--out", out, *PROBE_FLAGS]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "weight change not measured" in line]
+    assert len(notes) == 1 and "transformer.wte.weight" in notes[0]
+    got = read(out)
+    assert got["weight_change_measured"] is False and got["group_weight_change"] is None
+    assert "weight change not measured" in got["weight_change_note"]
+    assert all(r["weight_change"] is None for r in got["layers"])
+    assert [r["change"] for r in got["layers"]] == [0.0] * 4  # the probe never reaches the 8 new tokens
