@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     from depthfast.cka import ESTIMATORS, POOLINGS
 
     choices = {**CHOICES, "pooling": POOLINGS, "estimator": ESTIMATORS}
-    parser = argparse.ArgumentParser(prog="depthfast compare", description=__doc__.splitlines()[0].strip("`: "))
+    parser = argparse.ArgumentParser(prog="depthfast compare", description="The depth profile between two existing checkpoints, no training: 1 − CKA per "
+                                     "layer on the probe set, and the weight change per group.")
     parser.add_argument("base", help="BASE: hub id or local checkpoint directory")
     parser.add_argument("tuned", help="TUNED: hub id, local checkpoint directory, or PEFT (LoRA) adapter directory")
     parser.add_argument("--config", help="JSON file of CompareConfig fields (unknown keys are an error)")
