@@ -43,8 +43,10 @@ def test_minilm_against_itself_is_exactly_zero(tmp_path):
     """The shipped all-MiniLM-L6-v2 against itself: change and weight change exactly 0 on every layer.
 
     Exact, not approximately: both forwards run the same weights on the same inputs with the same CPU
-    kernels, so X == Y bit for bit; the engine's statistics for Y then equal X's, and CKA =
-    ‖YcᵀXc‖²/(‖XcᵀXc‖·‖YcᵀYc‖) = a²/(a·a) = 1 in floating point (a² and a·a round alike)."""
+    kernels, so X == Y bit for bit; the CPU engine's Syx then has the bits of Sxx and Syy (at d = 384 one
+    fp32 product each; measured exact too at d = 2048 and 4096, where Sxx and Syy are upper blocks of 512,
+    and for the unbiased estimator), so CKA = ‖YcᵀXc‖²/(‖XcᵀXc‖·‖YcᵀYc‖) = a²/(a·a) = 1 in floating
+    point (a² and a·a round alike). Not checked on a GPU, where cuBLAS could sum the blocks in another order."""
     out = str(tmp_path / "self")
     path = str(tiny_models.minilm_path())
     results = compare(CompareConfig(base=path, tuned=path, out=out, **PROBE), progress=False)
@@ -299,3 +301,30 @@ def test_other_shapes_give_representational_change_only(models, perturbed, tmp_p
     assert "weight change not measured" in got["weight_change_note"]
     assert all(r["weight_change"] is None for r in got["layers"])
     assert [r["change"] for r in got["layers"]] == [0.0] * 4  # the probe never reaches the 8 new tokens
+
+
+def test_cls_run_saves_its_backbone_and_compare_gives_its_block_profile(models, tmp_path):
+    """--save-model under cls saves the backbone (the fresh classifier head has no from_pretrained class):
+    compare (auto → none: the saved backbone has no MLM head) gives the run's 1 − CKA and the weight change
+    of every group the backbone has. A dataset with a validation split, so that the run's stratified
+    probe and compare's unlabelled one are the same texts."""
+    from pydoc_data.topics import topics
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": p.strip(), "label": name} for name in ("compound", "specialnames")
+            for p in topics[name].split("\n\n") if len(p.strip()) >= 80]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::2]))
+    (data / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[1::2]))
+    run_out = str(tmp_path / "run")
+    assert run_main(["--model", models["bert"], "--objective", "cls", "--dataset", str(data), "--save-model",
+                     "--out", run_out, *RUN_FLAGS]) == 0
+    out = str(tmp_path / "cmp")
+    assert main([models["bert"], os.path.join(run_out, "model"), "--dataset", str(data), "--out", out,
+                 *PROBE_FLAGS]) == 0
+    ran, got = read(run_out), read(out)
+    assert got["objective"] == "none"
+    assert [r["cka"] for r in got["layers"]] == [r["cka"] for r in ran["layers"]]
+    assert all(r["change"] > 0 for r in got["layers"][1:])
+    assert [r["weight_change"] for r in got["layers"]] == [r["weight_change"] for r in ran["layers"]]
+    assert "head" in ran["group_weight_change"] and "head" not in got["group_weight_change"]  # classifier, pooler
