@@ -82,7 +82,7 @@ class CompareConfig:
         from depthfast.cka import ESTIMATORS, POOLINGS
 
         checks = [
-            (bool(self.tuned), "compare needs TUNED: a hub id, a local checkpoint directory or a PEFT adapter directory"),
+            (bool(self.tuned), "compare needs TUNED: a hub id, a local checkpoint or a PEFT adapter directory"),
             (bool(self.base), "compare needs BASE: a hub id or a local checkpoint directory"),
             (self.objective != "cls", "objective 'cls' needs a trained classification head, and a checkpoint has none "
                                       "(a run's head is fresh); use none (representational change only), mlm or clm"),
@@ -535,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     from depthfast.cka import ESTIMATORS, POOLINGS
 
     choices = {**CHOICES, "pooling": POOLINGS, "estimator": ESTIMATORS}
-    parser = argparse.ArgumentParser(prog="depthfast compare", description="The depth profile between two existing checkpoints, no training: 1 − CKA per "
-                                     "layer on the probe set, and the weight change per group.")
+    parser = argparse.ArgumentParser(
+        prog="depthfast compare", description="The depth profile between two existing checkpoints, no training: "
+                                              "1 − CKA per layer on the probe set, and the weight change per group.")
     parser.add_argument("base", help="BASE: hub id or local checkpoint directory")
     parser.add_argument("tuned", help="TUNED: hub id, local checkpoint directory, or PEFT (LoRA) adapter directory")
     parser.add_argument("--config", help="JSON file of CompareConfig fields (unknown keys are an error)")
