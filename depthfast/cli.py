@@ -1,6 +1,7 @@
 """``depthfast``: one command with subcommands.
 
     depthfast run [RUN FLAGS]        one run (forwards to ``python -m depthfast.run``)
+    depthfast compare BASE TUNED     the profile between two checkpoints, no training (depthfast.compare)
     depthfast sweep GRID.yaml        expand a grid of runs and run them (resumable), or --dry-run, --slurm
     depthfast report RUNS_DIR        aggregate every run under RUNS_DIR: table, figures, report.md
 
@@ -18,10 +19,12 @@ from depthfast.errors import DepthfastError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthfast", description="Depth profile of fine-tuning: runs, sweeps, reports.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,sweep,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,compare,sweep,report}")
     sub.required = True
     sub.add_parser("run", help="one run; every flag of `python -m depthfast.run` (see `depthfast run --help`)",
                    add_help=False)
+    sub.add_parser("compare", help="the depth profile between two checkpoints (hub ids, directories or a PEFT "
+                   "adapter), no training (see `depthfast compare --help`)", add_help=False)
 
     sw = sub.add_parser("sweep", help="run a grid of configs (YAML: out, base, grid); resumable")
     sw.add_argument("grid", help="grid YAML file: out: DIR, base: {RunConfig fields}, grid: {field: [values]}")
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from depthfast.run import main as run_main
 
         return run_main(argv[1:])
+    if argv and argv[0] == "compare":  # likewise for depthfast.compare's parser
+        from depthfast.compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

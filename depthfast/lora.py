@@ -25,18 +25,15 @@ import math
 import torch
 from torch import nn
 
+from depthfast import adapters
 from depthfast.errors import DepthfastError
 
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 
 
 def require_peft():
-    """The peft module, or one clear error: LoRA is an optional dependency."""
-    try:
-        import peft
-    except ImportError:
-        raise DepthfastError("--lora-r needs the peft package (pip install peft)") from None
-    return peft
+    """The peft module, or one clear error: LoRA is an optional dependency (depthfast.adapters)."""
+    return adapters.require_peft("--lora-r")
 
 
 def lora_alpha(cfg) -> float:

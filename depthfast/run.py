@@ -41,6 +41,8 @@ HELP = {
     "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
+    "save_model": "save the fine-tuned model (save_pretrained, with its tokenizer) into OUT/model, e.g. for "
+                  "depthfast compare; under --objective cls only the backbone (the fresh classifier head is not saved)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
@@ -133,6 +135,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if cfg.theta0_offload and sharded:
         raise DepthfastError("--theta0-offload runs with one process or --parallel ddp: under fsdp/hsdp θ₀ is "
                              "sharded over the processes already")
+    if cfg.save_model and sharded:
+        raise DepthfastError("--save-model runs with one process or --parallel ddp (its parameters are sharded here)")
     seed_everything(cfg.seed)
     model = load_model(cfg.model, cfg.objective, num_labels=task.num_labels)  # on the host, identical everywhere
     if accelerator.process_index:
@@ -212,6 +216,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         if cfg.measure_steps():
             log.trajectory.append(final)
         metrics = run_metrics(cfg, task, model, measured, depths, changes, alignment)
+        if cfg.save_model:  # before results.json: a reader that finds it finds the model too
+            save_model(model, tokenizer, cfg.objective, os.path.join(cfg.out, "model"))
         results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
                                 num_processes=accelerator.num_processes, extra={"lora": lora})
@@ -221,6 +227,27 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, train_log.csv, config.json)")
     accelerator.wait_for_everyone()
     return results
+
+
+def save_model(model, tokenizer, objective: str, path: str) -> None:
+    """save_pretrained the fine-tuned model and its tokenizer into ``path``, replacing it whole: written
+    beside it first, then renamed over. Under cls the backbone only (from_pretrained has no class for
+    depthfast's fresh classifier head)."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".model.")
+    try:
+        (model.backbone if objective == "cls" else model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:

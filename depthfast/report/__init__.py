@@ -5,6 +5,9 @@ the report's own output directory is left out). Each run's metrics come from res
 "metrics" (written by the runner) or, for results without them, are computed here from the per-layer
 rows with ``depthfast.metrics.profile_metrics`` over the blocks (no CI then). Runs whose results.json
 is missing or unreadable are kept as rows with their status and listed in report.md and the terminal.
+A ``depthfast compare`` directory (results.json "source": "compare", config.json a CompareConfig) is
+collected like a run: column ``source`` says which, its control reads "compare" (so it never pairs with
+a run's), and no RunConfig default is filled into its settings.
 
 Output (default RUNS_DIR/report/):
     runs.csv (and runs.parquet if pyarrow imports)   one row per run: status, config, metrics, scores

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from depthfast.config import RunConfig
 from depthfast.metrics import pearson_ci, persistence_verdict, ratio_ci, seed_summary
 from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
-from depthfast.report.records import RunRecord, estimator_of, headline_slope, tied_of
+from depthfast.report.records import RunRecord, estimator_of, headline_slope, source_of, tied_of
 from depthfast.tables import fmt_cell
 
 
 # Config fields that do not change what a run measures: runs differing only in these (and the seed)
 # are seeds of one group.
 NOT_A_SETTING = ("out", "seed", "device", "tensorboard", "no_memory_check", "checkpoint_every", "keep_checkpoints",
-                 "measure_at", "theta0_offload")
+                 "measure_at", "theta0_offload", "save_model", "offload")
 # Shown in their own columns, so left out of the "settings" text.
 OWN_COLUMNS = ("model", "objective", "control", "estimator", "pooling")
 SEED_CI = "95% CI over seeds (t)"
@@ -41,7 +41,7 @@ def sd_of(values):
 
 def _settings_of(record: RunRecord) -> dict:
     config = dict(record.config)
-    if record.has_config:  # fields added later default to what the older run did
+    if record.has_config and source_of(record) == "run":  # fields added later default to what the older run did
         config = {**RunConfig().to_dict(), **config}
     return {k: v for k, v in config.items() if k not in NOT_A_SETTING}
 

@@ -82,6 +82,8 @@ def load_run(directory: str, root: str) -> RunRecord:
     for key in ("model", "objective", "control"):  # a run without config.json still says what it was
         if key not in record.config and isinstance(results, dict) and key in results:
             record.config[key] = results[key]
+    if source_of(record) == "compare":  # depthfast compare: two checkpoints, no training, no control
+        record.config["control"] = "compare"
     if record.results is not None:
         try:
             record.metrics, record.metrics_source = _metrics_of(record.results)
@@ -89,6 +91,14 @@ def load_run(directory: str, root: str) -> RunRecord:
             record.status, record.problem = "corrupt results", f"per-layer rows unusable ({exc})"
             record.results, record.metrics = None, {}
     return record
+
+
+def source_of(record: RunRecord) -> str:
+    """What made the directory: results.json "source" ("compare", "trainer"), else "compare" for a
+    config with base and tuned (a CompareConfig), else "run"."""
+    if isinstance(record.results, dict) and "source" in record.results:
+        return str(record.results["source"])
+    return "compare" if {"base", "tuned"} <= set(record.config) else "run"
 
 
 def _missing_reason(directory: str) -> str:

@@ -11,7 +11,8 @@ from dataclasses import fields
 from depthfast.config import RunConfig
 from depthfast.metrics import PER_TEXT_ESTIMATOR
 from depthfast.report.groups import SEED_CI, by_estimator, comparisons, mean_of, sd_of, seed_groups
-from depthfast.report.records import METRIC_KEYS, RunRecord, estimator_of, headline_slope, per_text_point, tied_of
+from depthfast.report.records import (METRIC_KEYS, RunRecord, estimator_of, headline_slope, per_text_point, source_of,
+                                     tied_of)
 from depthfast.results import atomic_write_bytes, atomic_write_csv, finite_or_none
 from depthfast.tables import fmt_ci, fmt_cell
 
@@ -23,9 +24,12 @@ PER_TEXT_COLUMN = f"slope_per_text ({PER_TEXT_ESTIMATOR}) [95% CI over texts]"
 def row_of(record: RunRecord) -> dict:
     res = record.results or {}
     probe, train = res.get("probe") or {}, res.get("train") or {}
-    row = {"run": record.name, "status": record.status, "problem": record.problem}
+    row = {"run": record.name, "status": record.status, "problem": record.problem, "source": source_of(record)}
     for key in CONFIG_KEYS:
         row[key] = record.config.get(key)
+    for key, value in record.config.items():  # a compare's own keys (base, tuned, offload), newer fields
+        if key not in row and key != "out":
+            row[key] = value
     row.update({
         "model_type": res.get("model_type"), "architecture": res.get("architecture"),
         "block_type": res.get("block_type"), "num_blocks": res.get("num_blocks"),
