@@ -159,8 +159,7 @@ class _UnbiasedLayerStats:
 
     def __init__(self) -> None:
         self.kl = self.kk = self.ll = 0.0
-        self.batches = 0
-        self.sizes: list[int] = []
+        self.sizes: list[int] = []  # samples per minibatch summed so far (its length: their count)
         self.frozen_sizes = None  # set by freeze_base(): Σ HSIC₁(K,K) is kept
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -173,7 +172,6 @@ class _UnbiasedLayerStats:
         if self.frozen_sizes is None:
             self.kk += float(hsic1(k, k))
         self.ll += float(hsic1(l, l))
-        self.batches += 1
         self.sizes.append(x.shape[0])
 
     def add(self, kl: float, kk: float, ll: float, n: int) -> None:
@@ -181,20 +179,18 @@ class _UnbiasedLayerStats:
         if self.frozen_sizes is None:
             self.kk += kk
         self.ll += ll
-        self.batches += 1
         self.sizes.append(n)
 
     def freeze_base(self, layer: int) -> None:
-        if self.batches == 0 and self.frozen_sizes is None:
+        if not self.sizes and self.frozen_sizes is None:
             raise DepthfastError(f"layer {layer}: reset_tuned() needs a completed pass over the probe set first")
         if self.frozen_sizes is None:
             self.frozen_sizes = list(self.sizes)
         self.kl = self.ll = 0.0
-        self.batches = 0
         self.sizes = []
 
     def cka(self, layer: int) -> torch.Tensor:
-        if self.batches == 0:
+        if not self.sizes:
             raise DepthfastError(f"layer {layer}: no minibatch had more than 3 samples; unbiased CKA is undefined")
         if self.frozen_sizes is not None and self.sizes != self.frozen_sizes:
             raise DepthfastError(
