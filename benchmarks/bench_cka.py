@@ -41,6 +41,7 @@ import time
 import torch
 
 from depthfast import _ext, cka
+from depthfast.cka import engine as cka_engine
 
 
 def timer(device: str, fn, reps: int, warmup: int = 1) -> float:
@@ -283,7 +284,7 @@ def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints
         g = torch.Generator(device=device).manual_seed(d)  # data made where it is used
         mix = torch.randn(d, d, generator=g, device=device) / d**0.5  # anisotropic, correlated channels
         accs = {"reference": cka.StreamingCKA(layers, backend="reference")}
-        saved = cka._GRAM_ACCUM_DTYPE
+        saved = cka_engine._GRAM_ACCUM_DTYPE
         for name in ("float32", "float64"):
             accs[name] = cka.StreamingCKA(layers, backend="extension")
         errs = {"float32": [], "float64": []}
@@ -295,14 +296,14 @@ def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints
                 x, y = x.to(dtype), y.to(dtype)
                 for name, m in accs.items():  # the float64 reference runs on the same device
                     # read when an accumulator allocates its state (its first update)
-                    cka._GRAM_ACCUM_DTYPE = torch.float32 if name == "float32" else torch.float64
+                    cka_engine._GRAM_ACCUM_DTYPE = torch.float32 if name == "float32" else torch.float64
                     m.update([x] * layers, [y] * layers)
                 if u in checkpoints:
                     ref = 1.0 - float(accs["reference"].compute()[0])
                     for name in errs:
                         errs[name].append(abs((1.0 - float(accs[name].compute()[0])) - ref) / ref)
         finally:
-            cka._GRAM_ACCUM_DTYPE = saved
+            cka_engine._GRAM_ACCUM_DTYPE = saved
         for name, e in errs.items():
             results[(d, name)] = e
             print(f"  {d:>5} {name:>10} " + " ".join(f"{v:9.2e}" for v in e))

@@ -7,12 +7,12 @@
 // Each update's Gram products are computed in float32 (fp32 BLAS, or 16-bit tensor-core operands with
 // fp32 accumulation; never TF32) and added into float64 statistics (sxx, syy, syx may also be float32,
 // the old layout, kept for measurements of what fp32 accumulation loses); O(n·d) sums are float64; the
-// final combination is float64 in Python (depthfast/cka.py).
+// final combination is float64 in Python (depthfast/cka/stats.py).
 //
 // Failure atomicity: every launch of a custom CUDA kernel (prepare, syrk into temporaries) comes before
 // the first in-place change of the statistics, so an exception from a launch (e.g. "no kernel image is
-// available for execution on the device") leaves the state exactly as it was; depthfast/cka.py then
-// redoes the batch on the float64 reference.
+// available for execution on the device") leaves the state exactly as it was; depthfast/cka/streaming.py
+// then redoes the batch on the float64 reference.
 //
 // Unbiased minibatch HSIC₁ (Song et al. 2012) from O(1)-per-layer moments of the centered batch:
 //     tr(K̃L̃) = Σ_{i≠j} K_ij L_ij,  1ᵀK̃1 = ‖sx‖² − Σk,  1ᵀK̃L̃1 = Σ_i (x'_i·sx − k_i)(y'_i·sy − l_i),
@@ -292,11 +292,12 @@ at::Tensor hsic1_moments(double n, const at::Tensor& off, const at::Tensor& sum_
 
 // Symmetric-split block size for widths d: one block below 2·min_block, then ~min_block-wide blocks (≤ 8),
 // so a block product stays large enough for GEMM efficiency while the saving nears 2×.
-int64_t gram_block(int64_t d, bool cuda) {
+// The device flag is part of the binding (Python passes it) but both devices take the same minimum.
+int64_t gram_block(int64_t d, bool /*cuda*/) {
   TORCH_CHECK(d >= 1, "gram_block: width must be ≥ 1; got ", d);
   // cuBLAS needs ≥ 512-wide blocks to fill the SMs (24 layers × 16 tiles of 128²); CPU BLAS
   // measured slower with 256-wide blocks (strided views, per-batch GEMMs) than with none at d = 512.
-  const int64_t min_block = cuda ? 512 : 512;
+  constexpr int64_t min_block = 512;
   if (d < 2 * min_block) return d;
   const int64_t nb = std::min<int64_t>(8, d / min_block);
   const int64_t b = (d + nb - 1) / nb;

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from depthfast.cka import engine as cka_engine
 from depthfast.errors import DepthfastError
 
 GiB = 1024**3
@@ -112,12 +113,14 @@ def measurement_bytes(layers: int, tokens: int, width: int, estimator: str, text
 
 
 def cka_statistics_bytes(layers: int, width: int, estimator: str) -> int:
-    """StreamingCKA's state, all layers of width d. exact: float64 Sxx, Syy, Syx (3 d² · 8; the upper
-    blocks only are filled, the buffers are full), float64 sx, sy, vx, vy (6 d · 8), fp32 shifts
-    (2 d · 4), sc (5 · 8). unbiased: three floats per layer (0 here)."""
+    """StreamingCKA's state, all layers of width d, as depthfast.cka.engine allocates it. exact: Sxx,
+    Syy, Syx in the engine's ``_GRAM_ACCUM_DTYPE`` (3 d² · 8 for float64; the upper blocks only are
+    filled, the buffers are full), float64 sx, sy, vx, vy (6 d · 8), fp32 shifts (2 d · 4), sc (5 · 8).
+    unbiased: three floats per layer (0 here)."""
     if estimator != "exact":
         return 0
-    return layers * (3 * width * width * 8 + 6 * width * 8 + 2 * width * 4 + 5 * 8)
+    gram = cka_engine._GRAM_ACCUM_DTYPE.itemsize
+    return layers * (3 * width * width * gram + 6 * width * 8 + 2 * width * 4 + 5 * 8)
 
 
 def cka_update_bytes(layers: int, tokens: int, width: int, estimator: str, element_size: int = 4) -> int:

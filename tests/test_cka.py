@@ -24,6 +24,8 @@ import pytest
 import torch
 
 from depthfast import _ext, cka
+from depthfast.cka import engine as cka_engine
+from depthfast.cka import stats as cka_stats
 from depthfast.errors import DepthfastError
 
 U32 = 2.0**-24
@@ -297,7 +299,7 @@ def test_engine_exact_matches_reference(name, dtype):
 @needs_ext
 @pytest.mark.parametrize("layers,block", [(1, None), (48, None), (3, 32)])
 def test_engine_many_layers_masks_and_block_split(layers, block, monkeypatch):
-    monkeypatch.setattr(cka, "_GRAM_BLOCK_OVERRIDE", block)  # 32 splits d=70 into 32+32+6 blocks
+    monkeypatch.setattr(cka_engine, "_GRAM_BLOCK_OVERRIDE", block)  # 32 splits d=70 into 32+32+6 blocks
     g = gen(30)
     b, s, d1, d2 = 4, 16 if layers == 48 else 40, 70, 45
     xs = [torch.randn(b, s, d1, generator=g) + 300.0 * (torch.arange(d1) < 3) for _ in range(layers)]
@@ -477,8 +479,8 @@ def _two_width_batches(seed=90, batches=3):
 @pytest.mark.parametrize("estimator", ["exact", "unbiased"])
 @pytest.mark.parametrize("ok", [0, 3])  # fails at the first call, or in the 2nd batch's 2nd width group
 def test_device_failure_falls_back_to_reference_once(estimator, ok, monkeypatch, capsys):
-    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
-    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    monkeypatch.setattr(cka_engine, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka_engine, "_BROKEN_DEVICES", set())
     batches = _two_width_batches()
     ref = cka.StreamingCKA(3, estimator=estimator, backend="reference")
     for xs, ys, mask in batches:
@@ -508,8 +510,8 @@ def test_device_failure_falls_back_to_reference_once(estimator, ok, monkeypatch,
 
 @needs_ext
 def test_device_failure_is_raised_when_the_engine_is_forced_and_other_errors_pass(monkeypatch):
-    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
-    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    monkeypatch.setattr(cka_engine, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka_engine, "_BROKEN_DEVICES", set())
     xs, ys, mask = _two_width_batches(batches=1)[0]
     monkeypatch.setattr(_ext, "_C", FailingExtension(0))
     with pytest.raises(DepthfastError, match="backend='extension'.*no kernel image"):
@@ -559,7 +561,7 @@ def test_tf32_is_off_inside_cka_and_the_user_setting_restored(backend, user_allo
 
         monkeypatch.setattr(_ext, "_C", Spy)
     else:
-        for cls in (cka._ExactLayerStats, cka._UnbiasedLayerStats):
+        for cls in (cka_stats._ExactLayerStats, cka_stats._UnbiasedLayerStats):
             orig = cls.update
 
             def spy(self, x, y, _orig=orig):
@@ -772,7 +774,7 @@ def test_float64_gram_sums_keep_relative_accuracy_over_a_study_sized_probe(monke
     assert ((c > 3e-5) & (c < 3e-4)).all(), c
     rel = {}
     for name, dt in (("float32", torch.float32), ("float64", torch.float64)):
-        monkeypatch.setattr(cka, "_GRAM_ACCUM_DTYPE", dt)  # read when the state is allocated
+        monkeypatch.setattr(cka_engine, "_GRAM_ACCUM_DTYPE", dt)  # read when the state is allocated
         m = cka.StreamingCKA(layers, backend="extension")
         for a in range(0, updates * t, t):
             m.update([x[a:a + t] for x in xs], [y[a:a + t] for y in ys])

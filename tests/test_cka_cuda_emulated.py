@@ -27,6 +27,7 @@ from torch.utils import cpp_extension
 import cuda_emu  # first: puts the interpreter's bin directory (pip's ninja) on PATH
 import test_cka as T
 from depthfast import _ext, cka
+from depthfast.cka import engine as cka_engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.environ.get("DEPTHFAST_EMU_BUILD", os.path.join(REPO, "build", "cuda_emu"))
@@ -346,8 +347,8 @@ def test_nearly_identical_relative_error_through_the_kernels(emu, dtype):
 def test_device_failure_in_the_cuda_dispatch_falls_back(emu, monkeypatch, capsys):
     """The emulated CUDA build as the engine, failing like a _C built for another architecture in the
     second batch: the result equals the reference and the notice prints once."""
-    monkeypatch.setattr(cka, "_FALLBACK_NOTICE", [False])
-    monkeypatch.setattr(cka, "_BROKEN_DEVICES", set())
+    monkeypatch.setattr(cka_engine, "_FALLBACK_NOTICE", [False])
+    monkeypatch.setattr(cka_engine, "_BROKEN_DEVICES", set())
     batches = T._two_width_batches()
     ref = cka.StreamingCKA(3, backend="reference")
     for xs, ys, mask in batches:
