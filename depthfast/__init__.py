@@ -1,11 +1,15 @@
 """depthfast: measure how much each layer of a pretrained network changes when it is fine-tuned.
 
 Public API:
-    depthfast.cka     linear_cka, hsic1, StreamingCKA   (representational change, 1 − CKA)
-    depthfast.optim   EqualStep, EqualStepAdamW         (the equal-step control, fused on GPUs)
-    depthfast.layers  discover_layers, BlockCapture     (blocks and parameter groups of HF models)
-    depthfast.metrics profile_metrics, …                (locality gradient, steepness, width, distances)
-CLI: python -m depthfast.run, depthfast sweep, depthfast report
+    depthfast.cka          linear_cka, hsic1, StreamingCKA      (representational change, 1 − CKA)
+    depthfast.all_pairs    AllPairsCKA                          (CKA of every base layer × tuned layer)
+    depthfast.optim        EqualStep, EqualStepAdamW            (the equal-step control, fused on GPUs)
+    depthfast.layers       discover_layers, BlockCapture        (blocks and parameter groups of HF models)
+    depthfast.metrics      profile_metrics, …                   (locality gradient, steepness, width, statistics)
+    depthfast.compare      compare, CompareConfig               (the profile between two checkpoints)
+    depthfast.integrations DepthProfileCallback, equal_step_optimizer   (inside a transformers.Trainer)
+CLI: depthfast {run,compare,sweep,report} (also python -m depthfast), python -m depthfast.run
+See ARCHITECTURE.md for the flow from the CLI to the kernels.
 """
 
 import importlib.abc
