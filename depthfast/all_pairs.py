@@ -1,0 +1,201 @@
+"""CKA of every layer of the base model against every layer of the tuned one (all layer pairs).
+
+Minibatch CKA (Nguyen, Raghu & Kornblith 2021) for all (Lb+1)×(Lt+1) pairs at once: per probe
+batch b of m samples, with X_i (m, d_i) the pooled activations of base layer i and Y_j (m, e_j)
+those of tuned layer j, each centered over the batch (HSIC₁ ignores a constant row shift; centering
+first keeps offsets out of the products):
+
+    K_i = X_i X_iᵀ,  L_j = Y_j Y_jᵀ  (m, m);   K̃, L̃ = K, L with zeroed diagonal;
+    HSIC₁(K, L) = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((m−1)(m−2)) − (2/(m−2)) 1ᵀK̃L̃1] / (m(m−3))   (Song et al. 2012)
+    CKA_ij = Σ_b HSIC₁(K_i, L_j) / sqrt(Σ_b HSIC₁(K_i, K_i) · Σ_b HSIC₁(L_j, L_j)).
+
+All pairs of one batch are GEMMs over the stacked Grams (K̃, L̃ symmetric):
+    tr(K̃_i L̃_j)   = vec(K̃_i)·vec(L̃_j)        → (cb, m²) @ (m², ct)
+    1ᵀK̃_i L̃_j 1   = (K̃_i 1)·(L̃_j 1)          → (cb, m)  @ (m, ct)
+so a batch costs O((Lb+Lt)·m²·d + Lb·Lt·m²) and the memory does not depend on the number of probe
+texts. Layers are taken in chunks (cb base, ct tuned) so that the float64 Grams held at once never
+exceed ``max_gram_bytes``; when all base Grams do not fit, the tuned Grams are recomputed per base chunk.
+
+The diagonal (i = j, same model family) equals ``StreamingCKA(estimator="unbiased")`` on the same
+batches: the same estimator, one minibatch per ``update`` call.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Sequence
+
+import torch
+
+from depthfast.cka import POOLINGS, ieee_fp32_matmul, pool_activations
+from depthfast.errors import DepthfastError
+
+ESTIMATOR_LABEL = "unbiased minibatch HSIC₁ (Nguyen, Raghu & Kornblith 2021; Song et al. 2012)"
+SMALL_BATCHES = ("error", "skip")
+DEFAULT_MAX_GRAM_BYTES = 1 << 30  # 1 GiB of float64 Grams: 16 Grams of m = 2896 samples
+
+
+def _hsic1(m: int, trace, sum_k, sum_l, cross):
+    """HSIC₁ from tr(K̃L̃), 1ᵀK̃1, 1ᵀL̃1, 1ᵀK̃L̃1 (the formula of depthfast.cka.hsic1), float64."""
+    return (trace + sum_k * sum_l / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
+
+
+class AllPairsCKA:
+    """Minibatch CKA matrix between every base layer i and every tuned layer j.
+
+    update(base_acts, tuned_acts, attention_mask=None): sequences of num_base / num_tuned tensors
+    (batch, seq, d) — or (m, d) samples — of the same inputs; attention_mask (batch, seq), 1 = real
+    token. Pooling as in StreamingCKA: "token" (every real token a sample) or "mean" (one sample per
+    text, the mean over its real tokens). Each call is one minibatch of m samples.
+    compute() → float64 (num_base, num_tuned), CKA_ij as in the module docstring.
+
+    gram_dtype: dtype of the Gram products X Xᵀ. None: float64 on the CPU, float32 on other devices
+    (IEEE fp32, never TF32; operands are centered in float64 first). Every sum after the products
+    (moments, pair products, accumulation over batches) is float64.
+    max_gram_bytes: bound on the float64 Grams (8·m² bytes each) held at once; at least two must fit.
+    small_batches: a batch with m ≤ 3 samples (HSIC₁ undefined) raises a DepthfastError ("error") or is
+    skipped with a warning ("skip", what StreamingCKA does, so the diagonal stays its profile).
+    """
+
+    def __init__(self, num_base: int, num_tuned: int | None = None, pooling: str = "token",
+                 gram_dtype: torch.dtype | None = None, max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+                 small_batches: str = "error") -> None:
+        num_tuned = num_base if num_tuned is None else num_tuned
+        if num_base < 1 or num_tuned < 1:
+            raise ValueError(f"need at least one layer per model; got {num_base} base and {num_tuned} tuned")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
+        if gram_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"gram_dtype must be None, torch.float32 or torch.float64; got {gram_dtype}")
+        if small_batches not in SMALL_BATCHES:
+            raise ValueError(f"small_batches must be one of {SMALL_BATCHES}; got {small_batches!r}")
+        self.num_base, self.num_tuned, self.pooling = num_base, num_tuned, pooling
+        self.gram_dtype, self.max_gram_bytes, self.small_batches = gram_dtype, int(max_gram_bytes), small_batches
+        self.kl = torch.zeros(num_base, num_tuned, dtype=torch.float64)
+        self.kk = torch.zeros(num_base, dtype=torch.float64)
+        self.ll = torch.zeros(num_tuned, dtype=torch.float64)
+        self.batches = 0
+        self.num_samples = 0
+
+    # --- one minibatch --------------------------------------------------------------------------
+    def update(self, base_acts: Sequence[torch.Tensor], tuned_acts: Sequence[torch.Tensor],
+               attention_mask: torch.Tensor | None = None) -> None:
+        if len(base_acts) != self.num_base or len(tuned_acts) != self.num_tuned:
+            raise ValueError(f"expected {self.num_base} base and {self.num_tuned} tuned layers of activations; "
+                             f"got {len(base_acts)} and {len(tuned_acts)}")
+        xs = [pool_activations(a.detach(), attention_mask, self.pooling) for a in base_acts]
+        ys = [pool_activations(a.detach(), attention_mask, self.pooling) for a in tuned_acts]
+        sizes = {t.shape[0] for t in (*xs, *ys)}
+        if len(sizes) != 1:
+            raise ValueError(f"every layer of both models needs the same samples; got sample counts {sorted(sizes)}")
+        m = sizes.pop()
+        if m <= 3:
+            message = f"all-pairs CKA: a probe batch has {m} samples; the unbiased HSIC₁ needs at least 4"
+            if self.small_batches == "error":
+                raise DepthfastError(message + " (use larger probe batches)")
+            warnings.warn(message + "; skipped", stacklevel=2)
+            return
+        gram_bytes = 8 * m * m
+        capacity = self.max_gram_bytes // gram_bytes
+        if capacity < 2:
+            raise DepthfastError(
+                f"all-pairs CKA: two {m}×{m} float64 Grams ({2 * gram_bytes / 2**20:.0f} MiB) exceed the budget of "
+                f"{self.max_gram_bytes / 2**20:.0f} MiB; use smaller probe batches or a larger max_gram_bytes")
+        cb = min(self.num_base, capacity - 1)
+        ct = min(self.num_tuned, capacity - cb)
+        with ieee_fp32_matmul():
+            for b0 in range(0, self.num_base, cb):
+                k, k_rows, k_sum = self._grams(xs[b0:b0 + cb])
+                self.kk[b0:b0 + cb] += self._self_hsic(m, k, k_rows, k_sum)
+                for t0 in range(0, self.num_tuned, ct):
+                    l, l_rows, l_sum = self._grams(ys[t0:t0 + ct])
+                    if b0 == 0:
+                        self.ll[t0:t0 + ct] += self._self_hsic(m, l, l_rows, l_sum)
+                    trace = k.flatten(1) @ l.flatten(1).T  # (cb, ct) = tr(K̃_i L̃_j), K̃, L̃ symmetric
+                    cross = k_rows @ l_rows.T  # (cb, ct) = 1ᵀK̃_i L̃_j 1
+                    hsic = _hsic1(m, trace, k_sum[:, None], l_sum[None, :], cross)
+                    self.kl[b0:b0 + cb, t0:t0 + ct] += hsic.cpu()
+                    del l
+                del k
+        self.batches += 1
+        self.num_samples += m
+
+    def _grams(self, acts: list[torch.Tensor]):
+        """(c, m, m) float64 Grams K̃ (zeroed diagonal) of centered acts, their row sums (c, m), totals (c,)."""
+        m, device = acts[0].shape[0], acts[0].device
+        dtype = self.gram_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+        grams = torch.empty(len(acts), m, m, dtype=torch.float64, device=device)
+        for g, a in zip(grams, acts):
+            a = a.to(torch.float64)
+            a = (a - a.mean(dim=0, keepdim=True)).to(dtype)
+            g.copy_(a @ a.T)
+        grams.diagonal(dim1=-2, dim2=-1).zero_()
+        rows = grams.sum(dim=-1)
+        return grams, rows, rows.sum(dim=-1)
+
+    @staticmethod
+    def _self_hsic(m: int, grams: torch.Tensor, rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        flat = grams.flatten(1)
+        trace = torch.stack([f @ f for f in flat])  # ‖K̃‖²_F without a (c, m²) temporary
+        return _hsic1(m, trace, total, total, (rows * rows).sum(dim=-1)).cpu()
+
+    # --- result ---------------------------------------------------------------------------------
+    def compute(self) -> torch.Tensor:
+        """float64 (num_base, num_tuned) CKA matrix; a DepthfastError if a layer has no usable statistics."""
+        if self.batches == 0:
+            raise DepthfastError("all-pairs CKA: no probe batch with at least 4 samples was seen")
+        for name, self_terms in (("base", self.kk), ("tuned", self.ll)):
+            bad = [i for i, v in enumerate(self_terms.tolist()) if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise DepthfastError(f"all-pairs CKA: {name} layer {bad[0]} has Σ HSIC₁(K, K) = "
+                                     f"{float(self_terms[bad[0]]):.3g} ≤ 0 (no variance across samples); "
+                                     "use more probe samples per batch")
+        return self.kl / torch.sqrt(self.kk[:, None] * self.ll[None, :])
+
+
+def write_all_pairs(out_dir: str, matrix: torch.Tensor, base_names: Sequence[str], tuned_names: Sequence[str],
+                    title: str | None = None) -> dict[str, str]:
+    """Write ``all_pairs.csv`` (rows: base layers, columns: tuned layers; non-finite cells empty) and
+    ``all_pairs.png`` (heatmap, diagonal marked: the depth profile's layer-ℓ-against-ℓ CKA) into
+    ``out_dir``, each atomically. Returns {"csv": name, "png": name}."""
+    from depthfast.results import atomic_write_bytes, atomic_write_csv
+
+    matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    if matrix.shape != (len(base_names), len(tuned_names)):
+        raise ValueError(f"matrix shape {tuple(matrix.shape)} does not match {len(base_names)} base × "
+                         f"{len(tuned_names)} tuned layer names")
+    cell = lambda v: repr(v) if math.isfinite(v) else ""  # noqa: E731
+    atomic_write_csv(os.path.join(out_dir, "all_pairs.csv"), ["base \\ tuned", *tuned_names],
+                     [[name, *(cell(v) for v in row)] for name, row in zip(base_names, matrix.tolist())])
+    atomic_write_bytes(os.path.join(out_dir, "all_pairs.png"), _heatmap_png(matrix, base_names, tuned_names, title))
+    return {"csv": "all_pairs.csv", "png": "all_pairs.png"}
+
+
+def _heatmap_png(matrix: torch.Tensor, base_names, tuned_names, title) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nb, nt = matrix.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * max(nt, 4), 1.2 + 0.4 * max(nb, 4)), dpi=120)
+    image = ax.imshow(matrix.numpy(), origin="lower", cmap="viridis", aspect="auto",
+                      vmin=min(0.0, float(matrix.nan_to_num(1.0).min())), vmax=1.0)
+    diag = min(nb, nt)
+    ax.plot(range(diag), range(diag), "s", markersize=9, markerfacecolor="none", markeredgecolor="white",
+            markeredgewidth=1.5, label="diagonal = depth profile (layer ℓ vs ℓ)")
+    ax.set_xticks(range(nt), tuned_names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(nb), base_names, fontsize=7)
+    ax.set_xlabel("tuned model θ_T layer")
+    ax.set_ylabel("base model θ₀ layer")
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.25), fontsize=7, frameon=False)
+    fig.colorbar(image, ax=ax, label="CKA (unbiased minibatch)")
+    ax.set_title(title or "CKA of every layer pair", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
