@@ -70,6 +70,7 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: bool = False
     measure_at: str = ""
+    all_pairs: bool = False
 
     def measure_steps(self) -> set[int]:
         """Steps (after k optimizer steps; 0 = before training) at which the trajectory is measured."""

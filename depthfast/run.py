@@ -41,6 +41,8 @@ HELP = {
     "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
     "no_memory_check": "start even when the memory estimate exceeds the device's memory",
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
+    "all_pairs": "also write all_pairs.csv/.png: CKA of every θ₀ layer against every θ_T layer at the final "
+                 "measurement (unbiased minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
@@ -168,10 +170,10 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
     reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
 
-    def measure(step: int, show: bool = False) -> dict:
+    def measure(step: int, show: bool = False, all_pairs=None) -> dict:
         with autocast(cfg, device):  # the precision the model trains in (bf16 GEMMs under --precision bf16)
             result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator,
-                                   show, cka=reuse.get("cka"))
+                                   show, cka=reuse.get("cka"), all_pairs=all_pairs)
         reuse["cka"] = result.accumulator
         reshard(base, model)
         changes = [1.0 - c for c in result.cka]
@@ -183,7 +185,12 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                    fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
     results = None
     if main or sharded:  # under FSDP2 both are collective: every process takes part
-        final = measure(cfg.steps, show=progress and main)
+        pairs = None
+        if cfg.all_pairs and main:  # skips a batch of ≤ 3 samples like the profile's estimator does
+            from depthfast.all_pairs import AllPairsCKA
+
+            pairs = AllPairsCKA(base_layers.num_blocks + 1, layers.num_blocks + 1, cfg.pooling, small_batches="skip")
+        final = measure(cfg.steps, show=progress and main, all_pairs=pairs)
         groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
                                        for n, ps in layers.param_groups(cfg.tied_embeddings)])
     if main:
@@ -196,12 +203,27 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
                                 num_processes=accelerator.num_processes)
+        if pairs is not None:
+            write_all_pairs_results(cfg, results, pairs, base_layers.layer_names, layers.layer_names)
         if not cfg.keep_checkpoints:
             remove_checkpoints(cfg.out)
         print_table(results)
         print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, train_log.csv, config.json)")
     accelerator.wait_for_everyone()
     return results
+
+
+def write_all_pairs_results(cfg, results: dict, pairs, base_names, tuned_names) -> None:
+    """all_pairs.csv/.png into cfg.out, then results.json again (atomically) with their entry."""
+    from depthfast.all_pairs import ESTIMATOR_LABEL, write_all_pairs
+    from depthfast.results import atomic_write_json
+
+    files = write_all_pairs(cfg.out, pairs.compute(), base_names, tuned_names,
+                            title=f"{cfg.model} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling")
+    results["all_pairs"] = {**files, "estimator": ESTIMATOR_LABEL, "pooling": cfg.pooling,
+                            "batches": pairs.batches, "samples": pairs.num_samples,
+                            "diagonal_is_profile": cfg.estimator == "unbiased"}
+    atomic_write_json(os.path.join(cfg.out, "results.json"), results)
 
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
