@@ -55,7 +55,8 @@ class AllPairsCKA:
     gram_dtype: dtype of the Gram products X Xᵀ. None: float64 on the CPU, float32 on other devices
     (IEEE fp32, never TF32; operands are centered in float64 first). Every sum after the products
     (moments, pair products, accumulation over batches) is float64.
-    max_gram_bytes: bound on the float64 Grams (8·m² bytes each) held at once; at least two must fit.
+    max_gram_bytes: bound on the float64 Grams (8·m² bytes each) held at once; at least two must fit
+    (besides them: one transient fp32 Gram under float32 products, and one layer's centered samples).
     small_batches: a batch with m ≤ 3 samples (HSIC₁ undefined) raises a DepthfastError ("error") or is
     skipped with a warning ("skip", what StreamingCKA does, so the diagonal stays its profile).
     """
@@ -131,7 +132,10 @@ class AllPairsCKA:
         for g, a in zip(grams, acts):
             a = a.to(torch.float64)
             a = (a - a.mean(dim=0, keepdim=True)).to(dtype)
-            g.copy_(a @ a.T)
+            if dtype == torch.float64:
+                torch.mm(a, a.T, out=g)  # straight into the stack: no transient Gram
+            else:
+                g.copy_(a @ a.T)  # fp32 product, widened to float64 before any sum
         grams.diagonal(dim1=-2, dim2=-1).zero_()
         rows = grams.sum(dim=-1)
         return grams, rows, rows.sum(dim=-1)
