@@ -16,6 +16,12 @@ so a batch costs O((Lb+Lt)·m²·d + Lb·Lt·m²) and the memory does not depend
 texts. Layers are taken in chunks (cb base, ct tuned) so that the float64 Grams held at once never
 exceed ``max_gram_bytes``; when all base Grams do not fit, the tuned Grams are recomputed per base chunk.
 
+The same terms in feature space (cheaper when the batch has more samples than the layers are wide,
+e.g. token pooling: m = 4096 tokens, d = 384), with k_a = ‖x_a‖², l_a = ‖y_a‖², sx = X_iᵀ1:
+    tr(K̃_i L̃_j) = ‖Y_jᵀ X_i‖²_F − k·l,   K̃_i 1 = X_i sx − k,   1ᵀK̃_i 1 = ‖sx‖² − Σk,
+cost O(m·(Σd)(Σe) + m·(Σd² + Σe²)), memory one (Σe_chunk, d) product at a time. ``space="auto"``
+takes the cheaper of the two per batch (``last_space`` says which ran).
+
 The diagonal (i = j, same model family) equals ``StreamingCKA(estimator="unbiased")`` on the same
 batches: the same estimator, one minibatch per ``update`` call.
 """
@@ -35,6 +41,7 @@ from depthfast.errors import DepthfastError
 
 ESTIMATOR_LABEL = "unbiased minibatch HSIC₁ (Nguyen, Raghu & Kornblith 2021; Song et al. 2012)"
 SMALL_BATCHES = ("error", "skip")
+SPACES = ("auto", "sample", "feature")
 DEFAULT_MAX_GRAM_BYTES = 1 << 30  # 1 GiB of float64 Grams: 16 Grams of m = 2896 samples
 
 
@@ -57,13 +64,15 @@ class AllPairsCKA:
     (moments, pair products, accumulation over batches) is float64.
     max_gram_bytes: bound on the float64 Grams (8·m² bytes each) held at once; at least two must fit
     (besides them: one transient fp32 Gram under float32 products, and one layer's centered samples).
+    In feature space it bounds the (Σe_chunk, d) cross products instead (besides the centered samples).
+    space: "sample" (Grams), "feature" (d×e products) or "auto" (the one with fewer flops per batch).
     small_batches: a batch with m ≤ 3 samples (HSIC₁ undefined) raises a DepthfastError ("error") or is
     skipped with a warning ("skip", what StreamingCKA does, so the diagonal stays its profile).
     """
 
     def __init__(self, num_base: int, num_tuned: int | None = None, pooling: str = "token",
                  gram_dtype: torch.dtype | None = None, max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
-                 small_batches: str = "error") -> None:
+                 small_batches: str = "error", space: str = "auto") -> None:
         num_tuned = num_base if num_tuned is None else num_tuned
         if num_base < 1 or num_tuned < 1:
             raise ValueError(f"need at least one layer per model; got {num_base} base and {num_tuned} tuned")
@@ -73,7 +82,10 @@ class AllPairsCKA:
             raise ValueError(f"gram_dtype must be None, torch.float32 or torch.float64; got {gram_dtype}")
         if small_batches not in SMALL_BATCHES:
             raise ValueError(f"small_batches must be one of {SMALL_BATCHES}; got {small_batches!r}")
-        self.num_base, self.num_tuned, self.pooling = num_base, num_tuned, pooling
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}; got {space!r}")
+        self.num_base, self.num_tuned, self.pooling, self.space = num_base, num_tuned, pooling, space
+        self.last_space: str | None = None
         self.gram_dtype, self.max_gram_bytes, self.small_batches = gram_dtype, int(max_gram_bytes), small_batches
         self.kl = torch.zeros(num_base, num_tuned, dtype=torch.float64)
         self.kk = torch.zeros(num_base, dtype=torch.float64)
@@ -99,6 +111,22 @@ class AllPairsCKA:
                 raise DepthfastError(message + " (use larger probe batches)")
             warnings.warn(message + "; skipped", stacklevel=2)
             return
+        space = self.space
+        if space == "auto":
+            db, dt = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+            sample = m * m * (sum(db) + sum(dt) + len(db) * len(dt))
+            feature = m * (sum(db) * sum(dt) + sum(d * d for d in db) + sum(e * e for e in dt))
+            space = "feature" if feature < sample else "sample"
+        with ieee_fp32_matmul():
+            (self._update_feature if space == "feature" else self._update_sample)(xs, ys, m)
+        self.last_space = space
+        self.batches += 1
+        self.num_samples += m
+
+    def _dtype(self, device: torch.device) -> torch.dtype:
+        return self.gram_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+
+    def _update_sample(self, xs, ys, m: int) -> None:
         gram_bytes = 8 * m * m
         capacity = self.max_gram_bytes // gram_bytes
         if capacity < 2:
@@ -107,27 +135,67 @@ class AllPairsCKA:
                 f"{self.max_gram_bytes / 2**20:.0f} MiB; use smaller probe batches or a larger max_gram_bytes")
         cb = min(self.num_base, capacity - 1)
         ct = min(self.num_tuned, capacity - cb)
-        with ieee_fp32_matmul():
-            for b0 in range(0, self.num_base, cb):
-                k, k_rows, k_sum = self._grams(xs[b0:b0 + cb])
-                self.kk[b0:b0 + cb] += self._self_hsic(m, k, k_rows, k_sum)
-                for t0 in range(0, self.num_tuned, ct):
-                    l, l_rows, l_sum = self._grams(ys[t0:t0 + ct])
-                    if b0 == 0:
-                        self.ll[t0:t0 + ct] += self._self_hsic(m, l, l_rows, l_sum)
-                    trace = k.flatten(1) @ l.flatten(1).T  # (cb, ct) = tr(K̃_i L̃_j), K̃, L̃ symmetric
-                    cross = k_rows @ l_rows.T  # (cb, ct) = 1ᵀK̃_i L̃_j 1
-                    hsic = _hsic1(m, trace, k_sum[:, None], l_sum[None, :], cross)
-                    self.kl[b0:b0 + cb, t0:t0 + ct] += hsic.cpu()
-                    del l
-                del k
-        self.batches += 1
-        self.num_samples += m
+        for b0 in range(0, self.num_base, cb):
+            k, k_rows, k_sum = self._grams(xs[b0:b0 + cb])
+            self.kk[b0:b0 + cb] += self._self_hsic(m, k, k_rows, k_sum)
+            for t0 in range(0, self.num_tuned, ct):
+                l, l_rows, l_sum = self._grams(ys[t0:t0 + ct])
+                if b0 == 0:
+                    self.ll[t0:t0 + ct] += self._self_hsic(m, l, l_rows, l_sum)
+                trace = k.flatten(1) @ l.flatten(1).T  # (cb, ct) = tr(K̃_i L̃_j), K̃, L̃ symmetric
+                cross = k_rows @ l_rows.T  # (cb, ct) = 1ᵀK̃_i L̃_j 1
+                hsic = _hsic1(m, trace, k_sum[:, None], l_sum[None, :], cross)
+                self.kl[b0:b0 + cb, t0:t0 + ct] += hsic.cpu()
+                del l
+            del k
+
+    def _features(self, a: torch.Tensor):
+        """Centered samples in the product dtype, k = row norms², K̃1 (m,), 1ᵀK̃1, HSIC₁(K, K) — float64."""
+        a64 = a.to(torch.float64)
+        a64 = a64 - a64.mean(dim=0, keepdim=True)
+        c = a64.to(self._dtype(a.device))
+        k = (a64 * a64).sum(dim=1)
+        s = a64.sum(dim=0)  # ≈ 0 after centering; kept so the identities hold exactly
+        rows, total = a64 @ s - k, s @ s - k.sum()
+        gram = (c.T @ c).to(torch.float64)  # (d, d) = XᵀX
+        self_hsic = _hsic1(a.shape[0], (gram * gram).sum() - k @ k, total, total, rows @ rows)
+        return c, k, rows, total, self_hsic
+
+    def _update_feature(self, xs, ys, m: int) -> None:
+        d_max = max(x.shape[1] for x in xs)
+        tuned = [self._features(y) for y in ys]
+        self.ll += torch.stack([t[4] for t in tuned]).cpu()
+        chunks, start, width = [], 0, 0  # tuned layers grouped so that (Σe, d_max) float64 fits the budget
+        for j, y in enumerate(ys):
+            e = y.shape[1]
+            if 8 * e * d_max > self.max_gram_bytes:
+                raise DepthfastError(f"all-pairs CKA: one {e}×{d_max} float64 cross product exceeds the budget of "
+                                     f"{self.max_gram_bytes / 2**20:.0f} MiB; raise max_gram_bytes")
+            if width and 8 * (width + e) * d_max > self.max_gram_bytes:
+                chunks.append((start, j))
+                start, width = j, 0
+            width += e
+        chunks.append((start, len(ys)))
+        stacks = [torch.cat([tuned[j][0] for j in range(t0, t1)], dim=1) for t0, t1 in chunks]
+        l_norms = torch.stack([t[1] for t in tuned])  # (Lt, m)
+        l_rows = torch.stack([t[2] for t in tuned])
+        l_sum = torch.stack([t[3] for t in tuned])
+        for i, x in enumerate(xs):
+            c, k, k_rows, k_sum, self_hsic = self._features(x)
+            self.kk[i] += self_hsic.cpu()
+            norms = []
+            for (t0, t1), stack in zip(chunks, stacks):
+                prod = (stack.T @ c).to(torch.float64)  # (Σe, d): every Y_jᵀ X_i of the chunk
+                sq = (prod * prod).sum(dim=1)
+                norms += [part.sum() for part in sq.split([tuned[j][0].shape[1] for j in range(t0, t1)])]
+            trace = torch.stack(norms) - l_norms @ k  # tr(K̃_i L̃_j) = ‖Y_jᵀX_i‖²_F − k·l
+            hsic = _hsic1(m, trace, k_sum, l_sum, l_rows @ k_rows)
+            self.kl[i] += hsic.cpu()
 
     def _grams(self, acts: list[torch.Tensor]):
         """(c, m, m) float64 Grams K̃ (zeroed diagonal) of centered acts, their row sums (c, m), totals (c,)."""
         m, device = acts[0].shape[0], acts[0].device
-        dtype = self.gram_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
+        dtype = self._dtype(device)
         grams = torch.empty(len(acts), m, m, dtype=torch.float64, device=device)
         for g, a in zip(grams, acts):
             a = a.to(torch.float64)

@@ -88,14 +88,18 @@ CASES = {  # name: (make_batches kwargs, AllPairsCKA kwargs)
     "fp32_grams_offset": (dict(nb=3, nt=3, d1=11, d2=13, batch=3, seq=8, num_batches=2, offset=1e4),
                           dict(gram_dtype=torch.float32)),
     "chunked_layers": (dict(nb=5, nt=4, d1=6, d2=7, batch=2, seq=5, num_batches=2, pad=False),
-                       dict(max_gram_bytes=3 * 8 * 10 * 10)),  # m = 10: three Grams, cb = 2, ct = 1
+                       dict(max_gram_bytes=3 * 8 * 10 * 10, space="sample")),  # m = 10: three Grams, cb = 2, ct = 1
+    "chunked_features": (dict(nb=3, nt=5, d1=6, d2=7, batch=2, seq=5, num_batches=2),
+                         dict(max_gram_bytes=2 * 8 * 7 * 6, space="feature")),  # two 7×6 products per chunk
     "mean_pooling": (dict(nb=2, nt=3, d1=5, d2=9, batch=6, seq=4, num_batches=3), dict(pooling="mean")),
 }
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_matches_float64_per_pair_loop(name):
+@pytest.mark.parametrize("name,space", [(name, space) for name, (_, kw) in CASES.items()
+                                        for space in ([kw["space"]] if "space" in kw else ["sample", "feature"])])
+def test_matches_float64_per_pair_loop(name, space):
     data, kwargs = CASES[name]
+    kwargs = {**kwargs, "space": space}
     batches = make_batches(**data)
     pooling = kwargs.get("pooling", "token")
     got = fill(AllPairsCKA(data["nb"], data["nt"], **kwargs), batches)
@@ -116,22 +120,34 @@ def test_offset_does_not_change_the_matrix():
         assert torch.allclose(a, b, rtol=0, atol=1e-9 if gram_dtype == torch.float64 else tol)
 
 
+@pytest.mark.parametrize("space", ["sample", "feature"])
 @pytest.mark.parametrize("pooling", ["token", "mean"])
-def test_diagonal_is_streaming_unbiased_cka(pooling):
+def test_diagonal_is_streaming_unbiased_cka(pooling, space):
     batches = make_batches(4, 4, 8, 8, 5, 6, 3, dtype=torch.float32, offset=100.0)
-    got = fill(AllPairsCKA(4, pooling=pooling), batches)
+    got = fill(AllPairsCKA(4, pooling=pooling, space=space), batches)
     ref = fill(StreamingCKA(4, pooling=pooling, estimator="unbiased", backend="reference"), batches)
     assert torch.allclose(torch.diagonal(got), ref, rtol=0, atol=1e-10)
     engine = fill(StreamingCKA(4, pooling=pooling, estimator="unbiased"), batches)  # compiled engine if built
     assert torch.allclose(torch.diagonal(got), engine, rtol=0, atol=2e-5)
 
 
-def test_identical_models_give_ones_and_a_symmetric_matrix():
+@pytest.mark.parametrize("space", ["sample", "feature"])
+def test_identical_models_give_ones_and_a_symmetric_matrix(space):
     batches = [(xs, list(xs), mask) for xs, _, mask in make_batches(4, 4, 7, 7, 3, 5, 2)]
-    got = fill(AllPairsCKA(4), batches)
+    got = fill(AllPairsCKA(4, space=space), batches)
     assert torch.allclose(torch.diagonal(got), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.allclose(got, got.T, rtol=0, atol=1e-12)
     assert (got - torch.eye(4, dtype=torch.float64)).abs().max() < 0.9  # off-diagonal is not all ones
+
+
+def test_auto_takes_the_cheaper_space():
+    many_samples = make_batches(2, 2, 4, 4, 4, 16, 1, pad=False)  # m = 64 ≫ d = 4: feature space
+    few_samples = make_batches(2, 2, 40, 40, 1, 6, 1, pad=False)  # m = 6 ≪ d = 40: Grams
+    for batches, space in ((many_samples, "feature"), (few_samples, "sample")):
+        acc = AllPairsCKA(2)
+        got = fill(acc, batches)
+        assert acc.last_space == space
+        assert torch.allclose(got, brute_force(batches), rtol=0, atol=1e-10)
 
 
 def test_small_batch_is_a_clear_error_or_skipped():
@@ -149,7 +165,9 @@ def test_small_batch_is_a_clear_error_or_skipped():
 def test_gram_budget_too_small_is_a_clear_error():
     xs, ys, mask = make_batches(2, 2, 4, 4, 2, 5, 1, pad=False)[0]  # m = 10: one Gram is 800 bytes
     with pytest.raises(DepthfastError, match="exceed the budget"):
-        AllPairsCKA(2, max_gram_bytes=1000).update(xs, ys, mask)
+        AllPairsCKA(2, max_gram_bytes=1000, space="sample").update(xs, ys, mask)
+    with pytest.raises(DepthfastError, match="exceeds the budget"):
+        AllPairsCKA(2, max_gram_bytes=100, space="feature").update(xs, ys, mask)  # one 4×4 product: 128 bytes
 
 
 def test_layer_without_variance_is_a_clear_error():
