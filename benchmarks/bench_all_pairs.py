@@ -4,8 +4,10 @@ Every contender gets the same precomputed activations: n probe samples in miniba
 per model of width d (float32, channel offsets ~3σ, tuned layer j a noisy linear map of base layer j)
 and computes the (L, L) minibatch CKA matrix Σ_b HSIC₁(K_i, L_j) / sqrt(Σ_b HSIC₁(K_i,K_i) Σ_b HSIC₁(L_j,L_j)).
 
-    depthfast f64 / f32   AllPairsCKA(gram_dtype=float64 / float32): float64-centered operands, Grams as
-                          float64 / fp32 products, every sum float64, all pairs as GEMMs
+    depthfast f64 / f32   AllPairsCKA(gram_dtype=float64 / float32): float64-centered operands, products
+                          in float64 / fp32, every sum float64, all pairs as GEMMs; "sample": m×m Grams,
+                          "feature": d×e cross products (space="auto", the default, takes the one with
+                          fewer flops; the ratio column is against the f64 row that auto picks)
     pytorch-cka f32 / f64 ``cka.hsic.hsic`` on the stacked Grams ``torch.mm(f, f.T)`` per batch, summed
                           in that dtype, then ``CKA._compute_cka_matrix`` (what ``CKA._compare`` does per
                           dataloader batch; no centering, result clamped to [0, 1])
@@ -110,10 +112,10 @@ def reference_f64(batches):
     return xy / torch.sqrt(xx[:, None] * yy[None, :])
 
 
-def depthfast_all_pairs(dtype):
+def depthfast_all_pairs(dtype, space="auto"):
     def run(batches):
         layers = batches[0][0].shape[0]
-        acc = AllPairsCKA(layers, layers, gram_dtype=dtype)
+        acc = AllPairsCKA(layers, layers, gram_dtype=dtype, space=space)
         for xs, ys in batches:
             acc.update(list(xs), list(ys))
         return acc.compute()
@@ -217,8 +219,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     contenders = [
         ("float64 reference", reference_f64, None),
-        ("depthfast f64", depthfast_all_pairs(torch.float64), None),
-        ("depthfast f32", depthfast_all_pairs(torch.float32), None),
+        ("depthfast f64 sample", depthfast_all_pairs(torch.float64, "sample"), None),
+        ("depthfast f64 feature", depthfast_all_pairs(torch.float64, "feature"), None),
+        ("depthfast f32 sample", depthfast_all_pairs(torch.float32, "sample"), None),
+        ("depthfast f32 feature", depthfast_all_pairs(torch.float32, "feature"), None),
         ("pytorch-cka f64", pytorch_cka(torch.float64), None),
         ("pytorch-cka f32", pytorch_cka(torch.float32), None),
         ("ckatorch", ckatorch_pairs, args.cubic_max_n),
@@ -226,23 +230,31 @@ def main() -> None:
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, os.cpu_count() {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}; L = {args.layers}, d = {args.d}, m = {args.m}")
-    print(f"{'n':>7} {'contender':<18} {'seconds':>9} {'× depthfast f64':>16} {'peak RSS MiB':>13} {'max |Δ|':>10}")
     warm = make_data(args.m, args.m, args.d, args.layers, seed=1)
     for _, fn, _ in contenders:  # imports, first-call allocations and BLAS set-up out of the timings
         fn(warm)
+    probe = AllPairsCKA(args.layers)
+    probe.update(list(warm[0][0]), list(warm[0][1]))
+    auto = f"depthfast f64 {probe.last_space}"
+    print(f"space='auto' picks {probe.last_space} at this shape")
+    print(f"{'n':>7} {'contender':<22} {'seconds':>9} {'× ' + auto:>26} {'peak RSS MiB':>13} {'max |Δ|':>10}")
     for n in (int(v) for v in args.n.split(",")):
         batches = make_data(n, args.m, args.d, args.layers)
-        truth, ours = None, None
+        truth, rows = None, []
         for name, fn, max_n in contenders:
             if max_n is not None and n > max_n:
-                print(f"{n:>7} {name:<18} {'skipped':>9}  (O(m³) per pair and per batch: above --cubic-max-n)")
+                rows.append((name, None, None, None))
                 continue
             seconds, peak, out = measure(fn, batches, args.repeat)
             truth = out if truth is None else truth
-            ours = seconds if name == "depthfast f64" else ours
-            ratio = f"{seconds / ours:.2f}" if ours else "-"
-            err = float((out.double() - truth).abs().max())
-            print(f"{n:>7} {name:<18} {seconds:>9.3f} {ratio:>16} {peak / 2**20:>13.1f} {err:>10.2e}", flush=True)
+            rows.append((name, seconds, peak, float((out.double() - truth).abs().max())))
+        ours = next(sec for name, sec, _, _ in rows if name == auto)
+        for name, seconds, peak, err in rows:
+            if seconds is None:
+                print(f"{n:>7} {name:<22} {'skipped':>9}  (O(m³) per pair and per batch: above --cubic-max-n)")
+                continue
+            print(f"{n:>7} {name:<22} {seconds:>9.3f} {seconds / ours:>26.2f} {peak / 2**20:>13.1f} {err:>10.2e}",
+                  flush=True)
 
 
 if __name__ == "__main__":
