@@ -219,7 +219,8 @@ def write_all_pairs_results(cfg, results: dict, pairs, base_names, tuned_names) 
     from depthfast.results import atomic_write_json
 
     files = write_all_pairs(cfg.out, pairs.compute(), base_names, tuned_names,
-                            title=f"{cfg.model} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling")
+                            title=f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · "
+                                  f"{cfg.pooling} pooling")
     results["all_pairs"] = {**files, "estimator": ESTIMATOR_LABEL, "pooling": cfg.pooling,
                             "batches": pairs.batches, "samples": pairs.num_samples,
                             "diagonal_is_profile": cfg.estimator == "unbiased"}

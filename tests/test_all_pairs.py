@@ -11,6 +11,7 @@ Tolerances (absolute, on CKA ∈ [−1, 1]):
 import csv
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -224,20 +225,27 @@ def test_csv_and_png_written(tmp_path):
         write_all_pairs(str(tmp_path), matrix, ["a"], ["b"])
 
 
-def test_run_all_pairs_writes_files_and_its_diagonal_is_the_profile(tmp_path):
+@pytest.mark.parametrize("pooling,probe_size,batches", [("token", 24, 2), ("mean", 26, 2)],
+                         ids=["token", "mean-with-a-2-text-batch"])
+def test_run_all_pairs_writes_files_and_its_diagonal_is_the_profile(tmp_path, pooling, probe_size, batches):
+    """Mean pooling over 26 texts in batches of 12 leaves a last batch of 2 samples: skipped by both the
+    profile's estimator and the all-pairs matrix, so the diagonal still is the profile."""
     from depthfast.run import main
 
     out = str(tmp_path / "run")
     model = tiny_models.save("bert", str(tmp_path / "bert"))
     args = ["--model", model, "--out", out, "--steps", "2", "--batch-size", "8", "--max-length", "32",
-            "--probe-size", "24", "--probe-batch-size", "12", "--warmup-steps", "1", "--quiet",
-            "--estimator", "unbiased", "--all-pairs"]
-    assert main(args) == 0
+            "--probe-size", str(probe_size), "--probe-batch-size", "12", "--warmup-steps", "1", "--quiet",
+            "--estimator", "unbiased", "--pooling", pooling, "--all-pairs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped small batch
+        assert main(args) == 0
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     entry = results["all_pairs"]
     assert entry["csv"] == "all_pairs.csv" and entry["png"] == "all_pairs.png"
-    assert entry["pooling"] == "token" and "HSIC₁" in entry["estimator"] and entry["diagonal_is_profile"]
+    assert entry["batches"] == batches
+    assert entry["pooling"] == pooling and "HSIC₁" in entry["estimator"] and entry["diagonal_is_profile"]
     with open(os.path.join(out, "all_pairs.csv")) as f:
         rows = list(csv.reader(f))
     names = [r["layer"] for r in results["layers"]]
