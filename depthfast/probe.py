@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from depthfast.all_pairs import AllPairsCKA
 from depthfast.cka import StreamingCKA, pool_activations
 from depthfast.distributed import group_sums_of_squares, is_sharded
 from depthfast.layers import BlockCapture, ModelLayers
@@ -38,7 +39,8 @@ class ProbeResult:
 @torch.no_grad()
 def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: ModelLayers,
                   tuned_layers: ModelLayers, batches: list[dict], device: torch.device, pooling: str,
-                  estimator: str, progress: bool = True, cka: StreamingCKA | None = None) -> ProbeResult:
+                  estimator: str, progress: bool = True, cka: StreamingCKA | None = None,
+                  all_pairs: AllPairsCKA | None = None) -> ProbeResult:
     """Run the probe set through both models, stream CKA of every layer, and score the task.
 
     CKA always compares the activations on the clean probe texts (``input_ids``). An mlm batch
@@ -49,6 +51,7 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
 
     Pass the ``cka`` accumulator of an earlier pass over the same probe batches to reuse the base
     model's statistics (its XᵀX), which do not change during training: the profile trajectory.
+    ``all_pairs`` (a depthfast.all_pairs.AllPairsCKA) is fed the same captured activations.
     """
     base.eval()
     tuned.eval()
@@ -73,6 +76,8 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
                 clean_tuned(**clean)
             mask = batch["attention_mask"]
             cka.update(base_capture.activations, tuned_capture.activations, mask)
+            if all_pairs is not None:
+                all_pairs.update(base_capture.activations, tuned_capture.activations, mask)
             # Per-text statistics, for the bootstrap over probe texts (depthfast.metrics)
             hsic.append(per_text_hsic_batch(base_capture.activations, tuned_capture.activations, mask).cpu())
             if batch["labels"].dim() == 1:

@@ -43,6 +43,8 @@ HELP = {
     "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
     "save_model": "save the fine-tuned model (save_pretrained, with its tokenizer) into OUT/model, e.g. for "
                   "depthfast compare; under --objective cls only the backbone (the fresh classifier head is not saved)",
+    "all_pairs": "also write all_pairs.csv/.png: CKA of every θ₀ layer against every θ_T layer at the final "
+                 "measurement (unbiased minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)",
     "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
     "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
                        "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
@@ -186,10 +188,10 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
     reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
 
-    def measure(step: int, show: bool = False) -> dict:
+    def measure(step: int, show: bool = False, all_pairs=None) -> dict:
         with autocast(cfg, device):  # the precision the model trains in (bf16 GEMMs under --precision bf16)
             result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator,
-                                   show, cka=reuse.get("cka"))
+                                   show, cka=reuse.get("cka"), all_pairs=all_pairs)
         reuse["cka"] = result.accumulator
         reshard(base, model)
         changes = [1.0 - c for c in result.cka]
@@ -201,7 +203,12 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                    fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
     results = None
     if main or sharded:  # under FSDP2 both are collective: every process takes part
-        final = measure(cfg.steps, show=progress and main)
+        pairs = None
+        if cfg.all_pairs and main:  # skips a batch of ≤ 3 samples like the profile's estimator does
+            from depthfast.all_pairs import AllPairsCKA
+
+            pairs = AllPairsCKA(base_layers.num_blocks + 1, layers.num_blocks + 1, cfg.pooling, small_batches="skip")
+        final = measure(cfg.steps, show=progress and main, all_pairs=pairs)
         if lora is not None:  # of the merged weights W₀ + (α/r)·B·A, per role group of the model's own weights
             from depthfast.lora import lora_weight_changes
 
@@ -218,9 +225,13 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         metrics = run_metrics(cfg, task, model, measured, depths, changes, alignment)
         if cfg.save_model:  # before results.json: a reader that finds it finds the model too
             save_model(model, tokenizer, cfg.objective, os.path.join(cfg.out, "model"))
+        # all_pairs.csv/.png before results.json, which names them: a reader that finds it finds them
+        pairs_entry = (all_pairs_artifacts(cfg, pairs, base_layers.layer_names, layers.layer_names)
+                       if pairs is not None else None)
         results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
-                                num_processes=accelerator.num_processes, extra={"lora": lora})
+                                num_processes=accelerator.num_processes,
+                                extra={"lora": lora, "all_pairs": pairs_entry})
         if not cfg.keep_checkpoints:
             remove_checkpoints(cfg.out)
         print_table(results)
@@ -248,6 +259,18 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def all_pairs_artifacts(cfg, pairs, base_names, tuned_names) -> dict:
+    """all_pairs.csv/.png into cfg.out; returns results.json's "all_pairs" entry (files, estimator, counts)."""
+    from depthfast.all_pairs import ESTIMATOR_LABEL, write_all_pairs
+
+    files = write_all_pairs(cfg.out, pairs.compute(), base_names, tuned_names,
+                            title=f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · "
+                                  f"{cfg.pooling} pooling")
+    return {**files, "estimator": ESTIMATOR_LABEL, "pooling": cfg.pooling,
+            "batches": pairs.batches, "samples": pairs.num_samples,
+            "diagonal_is_profile": cfg.estimator == "unbiased"}
 
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
