@@ -7,25 +7,10 @@ import os
 import pytest
 
 import depthfast.train
-import tiny_models
 from depthfast.run import main
 
 ARGS = ["--steps", "6", "--batch-size", "4", "--max-length", "24", "--probe-size", "16", "--probe-batch-size", "8",
         "--warmup-steps", "1", "--checkpoint-every", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """family → a tiny saved checkpoint. GPT-NeoX's tiny config has no dropout; BERT's has 0.1
-    (hidden and attention), so its runs draw random numbers every step."""
-    root, made = tmp_path_factory.mktemp("ckpt"), {}
-
-    def get(family):
-        if family not in made:
-            made[family] = tiny_models.save(family, str(root / family))
-        return made[family]
-
-    return get
 
 
 @pytest.fixture(scope="module")

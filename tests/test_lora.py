@@ -24,18 +24,6 @@ FAST = ["--steps", "3", "--batch-size", "8", "--max-length", "32", "--probe-size
         "--warmup-steps", "1", "--lr", "1e-2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root, made = tmp_path_factory.mktemp("lora"), {}
-
-    def get(family):
-        if family not in made:
-            made[family] = tiny_models.save(family, str(root / family))
-        return made[family]
-
-    return get
-
-
 def merge_and_unload(model):
     """A copy with every LoRA layer merged by peft (W ← W + (α/r)·B·A) and replaced by its base layer."""
     from peft.tuners.lora import LoraLayer

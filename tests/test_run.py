@@ -19,20 +19,6 @@ FAST = ["--steps", "3", "--batch-size", "8", "--max-length", "32", "--probe-size
         "--warmup-steps", "1", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """family → directory of a tiny saved checkpoint (save_pretrained), created on first use."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = tiny_models.save(family, str(root / family))
-        return made[family]
-
-    return get
-
-
 def read_results(out):
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
