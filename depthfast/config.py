@@ -17,8 +17,61 @@ OPTIMIZERS = ("adamw", "sgd")
 TIED_EMBEDDINGS = ("head", "embeddings")  # who owns a tied input/output matrix (depthfast.layers)
 
 
+def read_data_file(path: str, what: str, fmt: str = "json"):
+    """The parsed contents of a JSON or YAML file (``fmt``), or one clear error naming ``what`` it is
+    ("config file", "grid file"): missing, unreadable or not valid."""
+    try:
+        with open(path) as f:
+            if fmt == "yaml":
+                import yaml
+
+                try:
+                    return yaml.safe_load(f)
+                except yaml.YAMLError as exc:
+                    raise ValueError(" ".join(str(exc).split())) from None
+            return json.load(f)
+    except FileNotFoundError:
+        raise DepthfastError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise DepthfastError(f"{what} {path!r} is a directory, not a file") from None
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise DepthfastError(f"{what} {path!r} is not valid {fmt.upper()}: {exc}") from None
+
+
+class TypedConfig:
+    """What every typed config (a dataclass with defaults) shares: a dict round trip in which unknown
+    keys fail loudly and each value must have (or convert to) its field's type, and reading a JSON file."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise DepthfastError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
+        values = {}
+        for name, value in data.items():
+            kind = type(getattr(cls(), name))
+            if kind is bool and not isinstance(value, bool):
+                raise DepthfastError(f"config key {name!r} needs true or false; got {value!r}")
+            try:
+                values[name] = kind(value) if not isinstance(value, kind) else value
+            except (TypeError, ValueError):
+                raise DepthfastError(f"config key {name!r} needs a {kind.__name__}; got {value!r}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str):
+        data = read_data_file(path, "config file")
+        if not isinstance(data, dict):
+            raise DepthfastError(f"config file {path!r} must hold a JSON object")
+        return cls.from_dict(data)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(TypedConfig):
     """One fine-tuning run and its depth-profile measurement.
 
     model: HF hub id or local directory. objective: cls (sequence classification, fresh head),
@@ -115,39 +168,6 @@ class RunConfig:
             if not ok:
                 raise DepthfastError(message)
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise DepthfastError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
-        values = {}
-        for name, value in data.items():
-            kind = type(getattr(cls(), name))
-            if kind is bool and not isinstance(value, bool):
-                raise DepthfastError(f"config key {name!r} needs true or false; got {value!r}")
-            try:
-                values[name] = kind(value) if not isinstance(value, kind) else value
-            except (TypeError, ValueError):
-                raise DepthfastError(f"config key {name!r} needs a {kind.__name__}; got {value!r}") from None
-        return cls(**values)
-
-    @classmethod
-    def from_json_file(cls, path: str) -> "RunConfig":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DepthfastError(f"config file {path!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DepthfastError(f"config file {path!r} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DepthfastError(f"config file {path!r} must hold a JSON object")
-        return cls.from_dict(data)
 
 
 def lora_checks(cfg: RunConfig) -> list[tuple[bool, str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, fields
 
-from depthfast.config import RunConfig
+from depthfast.config import RunConfig, read_data_file
 from depthfast.errors import DepthfastError
 
 
@@ -24,15 +24,7 @@ class Grid:
 
 def load_grid(path: str) -> Grid:
     """Read and check a grid YAML file (schema in the depthfast.sweep docstring)."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise DepthfastError(f"grid file {path!r} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise DepthfastError(f"grid file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+    data = read_data_file(path, "grid file", fmt="yaml")
     return parse_grid(data, source=path)
 
 
