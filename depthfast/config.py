@@ -120,33 +120,45 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise DepthfastError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
-        values = {}
-        for name, value in data.items():
-            kind = type(getattr(cls(), name))
-            if kind is bool and not isinstance(value, bool):
-                raise DepthfastError(f"config key {name!r} needs true or false; got {value!r}")
-            try:
-                values[name] = kind(value) if not isinstance(value, kind) else value
-            except (TypeError, ValueError):
-                raise DepthfastError(f"config key {name!r} needs a {kind.__name__}; got {value!r}") from None
-        return cls(**values)
+        return config_from_dict(cls, data, "config")
 
     @classmethod
     def from_json_file(cls, path: str) -> "RunConfig":
+        return cls.from_dict(read_config_file(path))
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """``cls(**data)`` for a config dataclass (RunConfig, CompareConfig), each value converted to its field's
+    type (the default's); an unknown key, a non-bool for a bool field or a value that does not convert is a
+    DepthfastError that names ``what`` ("config", "compare config")."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise DepthfastError(f"unknown {what} key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        kind = type(getattr(cls(), name))
+        if kind is bool and not isinstance(value, bool):
+            raise DepthfastError(f"{what} key {name!r} needs true or false; got {value!r}")
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DepthfastError(f"config file {path!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DepthfastError(f"config file {path!r} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DepthfastError(f"config file {path!r} must hold a JSON object")
-        return cls.from_dict(data)
+            values[name] = kind(value) if not isinstance(value, kind) else value
+        except (TypeError, ValueError):
+            raise DepthfastError(f"{what} key {name!r} needs a {kind.__name__}; got {value!r}") from None
+    return cls(**values)
+
+
+def read_config_file(path: str) -> dict:
+    """The JSON object in ``path``; a missing file, invalid JSON or another JSON value is a DepthfastError."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DepthfastError(f"config file {path!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DepthfastError(f"config file {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DepthfastError(f"config file {path!r} must hold a JSON object")
+    return data
 
 
 def lora_checks(cfg: RunConfig) -> list[tuple[bool, str]]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, fields
 
-from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS
+from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, config_from_dict, read_config_file
 from depthfast.errors import DepthfastError
 
 COMPARE_OBJECTIVES = ("auto", "none", "mlm", "clm")
@@ -85,33 +84,11 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompareConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DepthfastError(f"unknown compare config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
-        values = {}
-        for name, value in data.items():
-            kind = type(getattr(cls(), name))
-            if kind is bool and not isinstance(value, bool):
-                raise DepthfastError(f"compare config key {name!r} needs true or false; got {value!r}")
-            try:
-                values[name] = kind(value) if not isinstance(value, kind) else value
-            except (TypeError, ValueError):
-                raise DepthfastError(f"compare config key {name!r} needs a {kind.__name__}; got {value!r}") from None
-        return cls(**values)
+        return config_from_dict(cls, data, "compare config")
 
     @classmethod
     def from_json_file(cls, path: str) -> "CompareConfig":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DepthfastError(f"config file {path!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise DepthfastError(f"config file {path!r} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DepthfastError(f"config file {path!r} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path))
 
 
 HELP = {
