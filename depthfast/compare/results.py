@@ -9,7 +9,8 @@ import sys
 
 from depthfast.compare.config import CompareConfig
 from depthfast.errors import DepthfastError
-from depthfast.results import atomic_write_csv, atomic_write_json, finite_or_none, profile_rows, read_json, weight_cell
+from depthfast.results import (atomic_write_csv, atomic_write_json, finite_or_none, locality_line, print_profile_rows,
+                               profile_rows, read_json)
 
 
 def check_out(out: str) -> None:
@@ -96,17 +97,8 @@ def print_compare(results: dict, file=None) -> None:
     file = file or sys.stdout
     print(f"\n{results['base_model']} → {results['tuned_model']}  ({results['model_type']}, "
           f"{results['block_type']} blocks)  objective {results['objective']}", file=file)
-    header = f"{'layer':<12}{'depth':>7}{'1 − CKA':>12}{'‖ΔW‖/‖W₀‖':>13}"
-    print(header, file=file)
-    print("─" * len(header), file=file)
-    groups = {g["name"] for g in results["param_groups"]}
-    for row in results["layers"]:
-        weight = (weight_cell(row["weight_change"], row["layer"] in groups) if results["weight_change_measured"]
-                  else "not measured")
-        print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
-    slope = results["locality_gradient"]
-    print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
-          f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)
+    print_profile_rows(results, file)
+    print(locality_line(results["locality_gradient"]), file=file)
     probe = results["probe"]
     line = f"probe: {probe['texts']} texts, {probe['samples']} samples"
     if probe["loss_base"] is not None:  # the objective scored a loss
