@@ -39,8 +39,11 @@ def read_data_file(path: str, what: str, fmt: str = "json"):
 
 
 class TypedConfig:
-    """What every typed config (a dataclass with defaults) shares: a dict round trip in which unknown
-    keys fail loudly and each value must have (or convert to) its field's type, and reading a JSON file."""
+    """What every typed config (a dataclass with defaults: RunConfig, CompareConfig) shares: a dict
+    round trip in which unknown keys fail loudly and each value must have (or convert to) its field's
+    type (the default's), and reading a JSON file. Errors name ``config_name``."""
+
+    config_name = "config"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -50,16 +53,16 @@ class TypedConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise DepthfastError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
+            raise DepthfastError(f"unknown {cls.config_name} key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
         values = {}
         for name, value in data.items():
             kind = type(getattr(cls(), name))
             if kind is bool and not isinstance(value, bool):
-                raise DepthfastError(f"config key {name!r} needs true or false; got {value!r}")
+                raise DepthfastError(f"{cls.config_name} key {name!r} needs true or false; got {value!r}")
             try:
                 values[name] = kind(value) if not isinstance(value, kind) else value
             except (TypeError, ValueError):
-                raise DepthfastError(f"config key {name!r} needs a {kind.__name__}; got {value!r}") from None
+                raise DepthfastError(f"{cls.config_name} key {name!r} needs a {kind.__name__}; got {value!r}") from None
         return cls(**values)
 
     @classmethod

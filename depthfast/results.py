@@ -196,6 +196,24 @@ def group_notes(results: dict) -> list[str]:
     return notes
 
 
+def print_profile_rows(results: dict, file) -> None:
+    """The profile table of a run or a compare: header, rule, one line per layer (depth, 1 − CKA, weight
+    change as weight_cell; "not measured" on every line where results say weight_change_measured false)."""
+    header = f"{'layer':<12}{'depth':>7}{'1 − CKA':>12}{'‖ΔW‖/‖W₀‖':>13}"
+    print(header, file=file)
+    print("─" * len(header), file=file)
+    groups = {g["name"] for g in results.get("param_groups", [])} or {r["layer"] for r in results["layers"]}
+    measured = results.get("weight_change_measured", True)  # only a compare writes the key
+    for row in results["layers"]:
+        weight = weight_cell(row["weight_change"], row["layer"] in groups) if measured else "not measured"
+        print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
+
+
+def locality_line(slope: float | None) -> str:
+    return ("locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
+            f"{'n/a' if slope is None else f'{slope:+.4e}'}")
+
+
 def print_table(results: dict, file=None) -> None:
     """The profile as a terminal table, then the locality gradient and the task's probe scores."""
     import sys
@@ -203,20 +221,12 @@ def print_table(results: dict, file=None) -> None:
     file = file or sys.stdout
     print(f"\n{results['model']}  ({results['model_type']}, {results['block_type']} blocks)  "
           f"objective {results['objective']}  control {results['control']}", file=file)
-    header = f"{'layer':<12}{'depth':>7}{'1 − CKA':>12}{'‖ΔW‖/‖W₀‖':>13}"
-    print(header, file=file)
-    print("─" * len(header), file=file)
-    groups = {g["name"] for g in results.get("param_groups", [])} or {r["layer"] for r in results["layers"]}
-    for row in results["layers"]:
-        weight = weight_cell(row["weight_change"], row["layer"] in groups)
-        print(f"{row['layer']:<12}{row['depth']:>7.3f}{row['change']:>12.4e}{weight:>13}", file=file)
+    print_profile_rows(results, file)
     for line in group_notes(results):
         print(line, file=file)
     for quirk in results.get("family_quirks") or []:  # results.json before the field: none
         print(f"family quirk: {quirk}", file=file)
-    slope = results["locality_gradient"]
-    print(f"locality gradient (OLS slope of 1 − CKA on depth, blocks only): "
-          f"{'n/a' if slope is None else f'{slope:+.4e}'}", file=file)
+    print(locality_line(results["locality_gradient"]), file=file)
     m = results.get("metrics") or {}
     if m.get("slope_ci_low") is not None:
         print(f"  per-text bootstrap ({m['slope_ci_texts']} texts): slope {m['slope_per_text']:+.4e}, "

@@ -1,0 +1,123 @@
+"""The configuration of ``depthfast compare``: CompareConfig (typed, checked; unknown keys fail loudly) and
+its command line, every field a flag (as depthfast.run does for RunConfig)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, TypedConfig
+from depthfast.errors import DepthfastError
+
+COMPARE_OBJECTIVES = ("auto", "none", "mlm", "clm")
+OFFLOAD = ("none", "base", "tuned")
+
+
+@dataclass
+class CompareConfig(TypedConfig):
+    """The depth profile between two checkpoints (see the docstring of depthfast.compare).
+
+    base, tuned: hub ids or local directories; tuned may be a PEFT LoRA adapter directory.
+    offload: which model (none, base, tuned) stays in host memory, its weights streamed to the device
+    module by module during the measurement (as run's --theta0-offload does for θ₀).
+    label_column is accepted for the dataset flags' sake; no objective of compare reads labels.
+    """
+
+    config_name = "compare config"  # in its errors (a class attribute, not a field)
+    base: str = DEFAULT_MODEL
+    tuned: str = ""
+    out: str = "runs/compare"
+    objective: str = "auto"
+    dataset: str = "builtin:pydoc"
+    dataset_config: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    probe_size: int = 192
+    min_probe_size: int = 16
+    probe_batch_size: int = 32
+    max_length: int = 128
+    mlm_probability: float = 0.15
+    pooling: str = "token"
+    estimator: str = "exact"
+    tied_embeddings: str = "head"
+    precision: str = "fp32"
+    device: str = "auto"
+    offload: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("base", "tuned", "out", "dataset"):  # pathlib paths are welcome where names are strings
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+
+    def validate(self) -> "CompareConfig":
+        from depthfast.cka import ESTIMATORS, POOLINGS
+
+        checks = [
+            (bool(self.tuned), "compare needs TUNED: a hub id, a local checkpoint or a PEFT adapter directory"),
+            (bool(self.base), "compare needs BASE: a hub id or a local checkpoint directory"),
+            (self.objective != "cls", "objective 'cls' needs a trained classification head, and a checkpoint has none "
+                                      "(a run's head is fresh); use none (representational change only), mlm or clm"),
+            (self.objective in COMPARE_OBJECTIVES,
+             f"objective must be one of {COMPARE_OBJECTIVES}; got {self.objective!r}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
+            (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
+            (self.tied_embeddings in TIED_EMBEDDINGS,
+             f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {self.tied_embeddings!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
+            (self.offload in OFFLOAD, f"offload must be one of {OFFLOAD}; got {self.offload!r}"),
+            (self.max_length >= 8, f"max length must be ≥ 8 tokens; got {self.max_length}"),
+            (self.probe_batch_size >= 1, f"probe batch size must be ≥ 1; got {self.probe_batch_size}"),
+            (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
+            (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
+            (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DepthfastError(message)
+        return self
+
+
+
+HELP = {
+    "out": "results directory (written atomically; a directory holding a run's results is refused)",
+    "objective": "how the probe loss is scored: auto (clm for decoders, mlm for encoders with their MLM head, "
+                 "else none), none (backbones, no loss), mlm, clm",
+    "offload": "keep one model (base or tuned) in host memory, its weights streamed to the device per module "
+               "during the measurement",
+    "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file or "
+               "directory (the probe: its validation split, else test, else a seeded hold-out, as a clm run's)",
+    "tied_embeddings": "group of a tied input/output matrix: head (default) or embeddings (as in run)",
+}
+# --objective has no argparse choices: validate() refuses cls with the reason, not just "invalid choice".
+CHOICES = {"offload": OFFLOAD, "precision": PRECISIONS,
+           "tied_embeddings": TIED_EMBEDDINGS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from depthfast.cka import ESTIMATORS, POOLINGS
+
+    choices = {**CHOICES, "pooling": POOLINGS, "estimator": ESTIMATORS}
+    parser = argparse.ArgumentParser(
+        prog="depthfast compare", description="The depth profile between two existing checkpoints, no training: "
+                                              "1 − CKA per layer on the probe set, and the weight change per group.")
+    parser.add_argument("base", help="BASE: hub id or local checkpoint directory")
+    parser.add_argument("tuned", help="TUNED: hub id, local checkpoint directory, or PEFT (LoRA) adapter directory")
+    parser.add_argument("--config", help="JSON file of CompareConfig fields (unknown keys are an error)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for f in fields(CompareConfig):
+        if f.name in ("base", "tuned"):
+            continue
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+                            choices=choices.get(f.name), help=HELP.get(f.name, f"default: {f.default}"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    base = CompareConfig.from_json_file(args.config) if args.config else CompareConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **overrides).validate()
+

@@ -1,0 +1,108 @@
+"""What ``depthfast compare`` writes and prints: config.json, profile.csv, profile.png and results.json
+(last; each atomically, depthfast.results), the refusal to overwrite a run's results, and the terminal
+table."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from depthfast.compare.config import CompareConfig
+from depthfast.errors import DepthfastError
+from depthfast.results import (atomic_write_csv, atomic_write_json, finite_or_none, locality_line, print_profile_rows,
+                               profile_rows, read_json)
+
+
+def check_out(out: str) -> None:
+    """Refuse to overwrite a run's results with a compare's (a compare may replace an earlier compare)."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return
+    data, _ = read_json(path)  # unreadable or not a JSON object: not a compare's either
+    source = data.get("source") if isinstance(data, dict) else None
+    if source != "compare":
+        raise DepthfastError(f"--out {out!r} already holds results that are not a compare's (results.json); "
+                             "choose another directory")
+
+
+def write_compare_results(cfg: CompareConfig, layers, task, measured, group_changes: dict | None,
+                          changes: list[float], slope: float | None, metrics: dict, note: str | None,
+                          adapter: str | None, wall_seconds: float, torch_version: str) -> dict:
+    """config.json, profile.csv, profile.png, then results.json, each atomically; returns the results."""
+    import depthfast
+    from depthfast.adapters import adapter_config
+    from depthfast.plotting import plot_profile
+
+    depths = layers.normalized_depths
+    rows = profile_rows(layers.layer_names, depths, measured.cka)
+    for row in rows:
+        row["weight_change"] = group_changes.get(row["layer"]) if group_changes is not None else None
+    results = {
+        "depthfast_version": depthfast.__version__,
+        "torch_version": torch_version,
+        "source": "compare",
+        "model": cfg.tuned,
+        "base_model": cfg.base,
+        "tuned_model": cfg.tuned,
+        "tuned_kind": "peft adapter, merged" if adapter else "checkpoint",
+        "adapter": ({k: adapter_config(adapter).get(k) for k in ("peft_type", "base_model_name_or_path", "r",
+                                                                 "lora_alpha", "target_modules")}
+                    if adapter else None),
+        "model_type": layers.model_type,
+        "architecture": layers.architecture,
+        "block_type": layers.block_type,
+        "num_blocks": layers.num_blocks,
+        "objective": cfg.objective,
+        "control": None,
+        "estimator": cfg.estimator,
+        "pooling": cfg.pooling,
+        "tied_embeddings": layers.tied_embeddings,
+        "tied_embeddings_group": layers.tied_group(cfg.tied_embeddings),
+        "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
+                         for name, ps in layers.param_groups(cfg.tied_embeddings)],
+        "layers": rows,
+        "locality_gradient": slope,
+        "metrics": metrics,
+        "weight_change_measured": group_changes is not None,
+        "weight_change_note": note,
+        "group_weight_change": group_changes,
+        "mean_update_ratio": None,
+        "probe": {
+            "texts": len(task.probe_texts),
+            "samples": measured.num_samples,
+            "loss_base": finite_or_none(measured.loss_base),  # NaN (objective none: nothing scored) → null
+            "loss_tuned": finite_or_none(measured.loss_tuned),
+            "accuracy_base": measured.accuracy_base,
+            "accuracy_tuned": measured.accuracy_tuned,
+        },
+        "train": None,
+        "trajectory": None,
+        "resumed_from_step": None,
+        "num_processes": 1,
+        "wall_seconds": wall_seconds,
+    }
+    out = cfg.out
+    atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
+                     [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
+    plot_profile(os.path.join(out, "profile.png"), depths, changes,
+                 [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],
+                 f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
+    atomic_write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+def print_compare(results: dict, file=None) -> None:
+    """The profile as a terminal table, the locality gradient and the probe scores."""
+    file = file or sys.stdout
+    print(f"\n{results['base_model']} → {results['tuned_model']}  ({results['model_type']}, "
+          f"{results['block_type']} blocks)  objective {results['objective']}", file=file)
+    print_profile_rows(results, file)
+    print(locality_line(results["locality_gradient"]), file=file)
+    probe = results["probe"]
+    line = f"probe: {probe['texts']} texts, {probe['samples']} samples"
+    if probe["loss_base"] is not None:  # the objective scored a loss
+        line += f"; loss {probe['loss_base']:.3f} → {probe['loss_tuned']:.3f}"
+    print(line + f"; wall {results['wall_seconds']:.1f} s", file=file)
+
+
