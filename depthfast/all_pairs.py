@@ -246,6 +246,16 @@ def write_all_pairs(out_dir: str, matrix: torch.Tensor, base_names: Sequence[str
     return {"csv": "all_pairs.csv", "png": "all_pairs.png"}
 
 
+def record_all_pairs(out_dir: str, pairs: AllPairsCKA, base_names: Sequence[str], tuned_names: Sequence[str],
+                     title: str, pooling: str, profile_estimator: str) -> dict:
+    """all_pairs.csv/.png into ``out_dir`` (write_all_pairs); returns results.json's "all_pairs" entry:
+    the files, this estimator, the pooling, batch and sample counts, and whether the diagonal is the
+    profile (it is when the profile's own estimator is "unbiased")."""
+    files = write_all_pairs(out_dir, pairs.compute(), base_names, tuned_names, title=title)
+    return {**files, "estimator": ESTIMATOR_LABEL, "pooling": pooling, "batches": pairs.batches,
+            "samples": pairs.num_samples, "diagonal_is_profile": profile_estimator == "unbiased"}
+
+
 def _heatmap_png(matrix: torch.Tensor, base_names, tuned_names, title) -> bytes:
     import matplotlib
 

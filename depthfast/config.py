@@ -66,6 +66,26 @@ class TypedConfig:
         return cls(**values)
 
     @classmethod
+    def add_flags(cls, parser, help: dict, choices: dict, skip: tuple = ()) -> None:
+        """One flag per field (``--field-name``; a bool field is a switch), default None = not given."""
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag, text = f"--{f.name.replace('_', '-')}", help.get(f.name, f"default: {f.default}")
+            if isinstance(f.default, bool):
+                parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=text)
+            else:
+                parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                                    choices=choices.get(f.name), help=text)
+
+    @classmethod
+    def from_args(cls, args):
+        """--config's JSON file (or the defaults), overridden by every flag given; validated."""
+        base = cls.from_json_file(args.config) if args.config else cls()
+        overrides = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        return dataclasses.replace(base, **overrides).validate()
+
+    @classmethod
     def from_json_file(cls, path: str):
         data = read_data_file(path, "config file")
         if not isinstance(data, dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import importlib.util
 import os
 import random
@@ -68,22 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out if there is one (else start fresh)")
-    for f in dataclasses.fields(RunConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
-                                help=HELP.get(f.name, f"default: {f.default}"))
-            continue
-        parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
-                            choices=CHOICES.get(f.name), help=HELP.get(f.name, f"default: {f.default}"))
+    RunConfig.add_flags(parser, HELP, CHOICES)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    base = RunConfig.from_json_file(args.config) if args.config else RunConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                 if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **overrides).validate()
+    return RunConfig.from_args(args)
 
 
 def seed_everything(seed: int) -> None:
@@ -226,8 +215,13 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         if cfg.save_model:  # before results.json: a reader that finds it finds the model too
             save_model(model, tokenizer, cfg.objective, os.path.join(cfg.out, "model"))
         # all_pairs.csv/.png before results.json, which names them: a reader that finds it finds them
-        pairs_entry = (all_pairs_artifacts(cfg, pairs, base_layers.layer_names, layers.layer_names)
-                       if pairs is not None else None)
+        pairs_entry = None
+        if pairs is not None:
+            from depthfast.all_pairs import record_all_pairs
+
+            title = f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling"
+            pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, layers.layer_names, title,
+                                           cfg.pooling, cfg.estimator)
         results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
                                 num_processes=accelerator.num_processes,
@@ -259,18 +253,6 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def all_pairs_artifacts(cfg, pairs, base_names, tuned_names) -> dict:
-    """all_pairs.csv/.png into cfg.out; returns results.json's "all_pairs" entry (files, estimator, counts)."""
-    from depthfast.all_pairs import ESTIMATOR_LABEL, write_all_pairs
-
-    files = write_all_pairs(cfg.out, pairs.compute(), base_names, tuned_names,
-                            title=f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · "
-                                  f"{cfg.pooling} pooling")
-    return {**files, "estimator": ESTIMATOR_LABEL, "pooling": cfg.pooling,
-            "batches": pairs.batches, "samples": pairs.num_samples,
-            "diagonal_is_profile": cfg.estimator == "unbiased"}
 
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:

@@ -328,3 +328,26 @@ def test_cls_run_saves_its_backbone_and_compare_gives_its_block_profile(models, 
     assert all(r["change"] > 0 for r in got["layers"][1:])
     assert [r["weight_change"] for r in got["layers"]] == [r["weight_change"] for r in ran["layers"]]
     assert "head" in ran["group_weight_change"] and "head" not in got["group_weight_change"]  # classifier, pooler
+
+
+def test_all_pairs_of_a_compare(models, perturbed, tmp_path):
+    """--all-pairs on a compare: all_pairs.csv holds every (BASE layer, TUNED layer) CKA; its diagonal
+    is the profile under --estimator unbiased (same batches, same estimator); the layers below the
+    perturbed block 2 are bit-identical, so their diagonal cells are 1; results.json names the files."""
+    import csv
+
+    out = str(tmp_path / "pairs")
+    got = compare(CompareConfig(base=models["bert"], tuned=perturbed["bert"], estimator="unbiased", all_pairs=True,
+                                out=out, **PROBE), progress=False)
+    with open(os.path.join(out, "all_pairs.csv")) as f:
+        rows = list(csv.reader(f))
+    names = [r["layer"] for r in got["layers"]]
+    assert rows[0][1:] == names and [r[0] for r in rows[1:]] == names
+    matrix = [[float(v) for v in r[1:]] for r in rows[1:]]
+    diagonal = [matrix[i][i] for i in range(len(names))]
+    assert diagonal == pytest.approx([r["cka"] for r in got["layers"]], abs=2e-5)  # compiled engine vs float64 pairs
+    assert diagonal[0] == pytest.approx(1.0, abs=1e-12) and diagonal[1] == pytest.approx(1.0, abs=1e-12)
+    assert diagonal[2] < 1.0 - 1e-6
+    assert got["all_pairs"]["csv"] == "all_pairs.csv" and got["all_pairs"]["diagonal_is_profile"] is True
+    assert os.path.getsize(os.path.join(out, "all_pairs.png")) > 0
+    assert read(out)["all_pairs"] == got["all_pairs"]

@@ -100,16 +100,28 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
             offload_to_host(model, device)
         else:
             model.to(device)
+    pairs = None
+    if cfg.all_pairs:  # skips a batch of ≤ 3 samples like the profile's estimator does
+        from depthfast.all_pairs import AllPairsCKA
+
+        pairs = AllPairsCKA(base_layers.num_blocks + 1, tuned_layers.num_blocks + 1, cfg.pooling, small_batches="skip")
     with autocast(cfg, device):
         measured = measure_probe(base, tuned, base_layers, tuned_layers, batches, device, cfg.pooling, cfg.estimator,
-                                 progress)
+                                 progress, all_pairs=pairs)
+    pairs_entry = None
+    if pairs is not None:  # before results.json, which names the files
+        from depthfast.all_pairs import record_all_pairs
+
+        title = f"{os.path.basename(cfg.base.rstrip('/'))} vs {os.path.basename(cfg.tuned.rstrip('/'))} · {cfg.pooling} pooling"
+        pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, tuned_layers.layer_names, title,
+                                       cfg.pooling, cfg.estimator)
     depths = base_layers.normalized_depths
     changes = [1.0 - c for c in measured.cka]
     slope = locality_gradient(depths[1:], changes[1:])
     effective = dataclasses.replace(cfg, objective=objective)
     metrics = run_metrics(effective, task, base, measured, depths, changes, None)
     results = write_compare_results(effective, base_layers, task, measured, group_changes, changes, slope, metrics,
-                                    note=note, adapter=adapter, wall_seconds=time.perf_counter() - started,
+                                    note=note, adapter=adapter, all_pairs=pairs_entry, wall_seconds=time.perf_counter() - started,
                                     torch_version=torch.__version__)
     return results
 

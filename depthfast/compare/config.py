@@ -4,9 +4,8 @@ its command line, every field a flag (as depthfast.run does for RunConfig)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, TypedConfig
 from depthfast.errors import DepthfastError
@@ -46,6 +45,7 @@ class CompareConfig(TypedConfig):
     device: str = "auto"
     offload: str = "none"
     seed: int = 0
+    all_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("base", "tuned", "out", "dataset"):  # pathlib paths are welcome where names are strings
@@ -83,6 +83,8 @@ class CompareConfig(TypedConfig):
 
 
 HELP = {
+    "all_pairs": "also write all_pairs.csv/.png: CKA of every BASE layer against every TUNED layer (unbiased "
+                 "minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)",
     "out": "results directory (written atomically; a directory holding a run's results is refused)",
     "objective": "how the probe loss is scored: auto (clm for decoders, mlm for encoders with their MLM head, "
                  "else none), none (backbones, no loss), mlm, clm",
@@ -108,16 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("tuned", help="TUNED: hub id, local checkpoint directory, or PEFT (LoRA) adapter directory")
     parser.add_argument("--config", help="JSON file of CompareConfig fields (unknown keys are an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in fields(CompareConfig):
-        if f.name in ("base", "tuned"):
-            continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                            choices=choices.get(f.name), help=HELP.get(f.name, f"default: {f.default}"))
+    CompareConfig.add_flags(parser, HELP, choices, skip=("base", "tuned"))
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    base = CompareConfig.from_json_file(args.config) if args.config else CompareConfig()
-    overrides = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **overrides).validate()
+    return CompareConfig.from_args(args)
 

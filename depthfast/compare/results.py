@@ -27,7 +27,8 @@ def check_out(out: str) -> None:
 
 def write_compare_results(cfg: CompareConfig, layers, task, measured, group_changes: dict | None,
                           changes: list[float], slope: float | None, metrics: dict, note: str | None,
-                          adapter: str | None, wall_seconds: float, torch_version: str) -> dict:
+                          adapter: str | None, wall_seconds: float, torch_version: str,
+                          all_pairs: dict | None = None) -> dict:
     """config.json, profile.csv, profile.png, then results.json, each atomically; returns the results."""
     import depthfast
     from depthfast.adapters import adapter_config
@@ -66,6 +67,7 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
         "weight_change_measured": group_changes is not None,
         "weight_change_note": note,
         "group_weight_change": group_changes,
+        "all_pairs": all_pairs,  # the files and estimator of --all-pairs, else None
         "mean_update_ratio": None,
         "probe": {
             "texts": len(task.probe_texts),
