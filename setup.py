@@ -74,7 +74,7 @@ setup(
     name="depthfast",
     version="0.1.0",
     description="Measure the depth profile of fine-tuning: per-layer representational change, with the equal-step control",
-    packages=["depthfast", "depthfast.kernels"],
+    packages=["depthfast", "depthfast.kernels", "depthfast.optim"],
     package_dir={"depthfast": "depthfast", "depthfast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
