@@ -6,7 +6,7 @@
 Contenders (one optimizer step each, gradients fixed), for AdamW and for SGD with momentum 0.9:
     torch-fused     torch.optim.AdamW / SGD (fused=True), no control               (the 1.00× line)
     torch-foreach   the same with foreach=True, no control
-    by-hand         depthfast.optim.ForeachEqualStep: snapshot + step + _foreach_norm + rescale
+    by-hand         optim_baselines.ForeachEqualStep (next to this file): snapshot + step + _foreach_norm + rescale
     reference       depthfast.optim.EqualStep(fused=False): snapshot, float64 norms, host syncs
     fused-exact     EqualStep(fused=True): two passes, ratios equal every step
     fused-1pass     EqualStep(fused=True, mode="single-pass"): scales from the previous step
@@ -17,10 +17,9 @@ each block, head) and "many-small" (4000 bf16 tensors of 1 K–64 K elements, 10
 first only. On a CPU
 both are shrunk and the fused contenders run in the Triton interpreter: those timings mean nothing.
 
-Columns: median ms per step, ratio to torch-fused, GB/s against the contender's byte count (see
-depthfast.optim; AdamW: 2P+G+4S for one pass, 3P+G+6S for exact, 16P+G+4S by hand; SGD: 2P+G+2S,
-3P+G+3S, 16P+G+2S; none for the reference),
-peak extra device memory over the step (GPU only).
+Columns: median ms per step, ratio to torch-fused, GB/s against the contender's byte count
+(bytes_per_param below: README.md, "Bytes moved per parameter"; none for the reference), peak extra
+device memory over the step (GPU only).
 
 The drift section trains a tiny character-level GPT-2 (Python's own docs as text) with the fused
 single-pass control and reports how far each step's applied group ratios stray from equal:
@@ -43,7 +42,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before depthfast.kernels is imported
 
-from depthfast.optim import EqualStep, ForeachEqualStep, launch_config  # noqa: E402
+from depthfast.optim import EqualStep, launch_config  # noqa: E402
+from optim_baselines import ForeachEqualStep  # noqa: E402  (this script's directory is on sys.path)
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -104,8 +104,8 @@ def contenders(groups, algo):
 
 
 def bytes_per_param(kind, algo, p_bytes, g_bytes, s_bytes):
-    """Bytes moved per parameter (see the docstrings of depthfast.optim and depthfast.kernels.optim):
-    Adam keeps two states (read and written once per pass), SGD with momentum one."""
+    """Bytes moved per parameter, the formulas of README.md's "Bytes moved per parameter": Adam keeps
+    two states (read and written once per pass), SGD with momentum one."""
     states = 2 if algo == "adamw" else 1
     if kind is None or kind == "single":
         return 2 * p_bytes + g_bytes + 2 * states * s_bytes

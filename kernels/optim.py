@@ -6,8 +6,9 @@ handles one chunk of one tensor.
 
 Tables (:class:`Tables`, built once per parameter layout; E entries, C chunks):
 
-    ptrs        int64 (E, 4)   addresses of p, grad and two state tensors (Adam: exp_avg, exp_avg_sq;
-                               SGD: momentum_buffer, unused); 0 where an entry has no update; the
+    ptrs        int64 (E, PTR_COLS)  addresses of p, grad and two state tensors (columns PTR_P, PTR_GRAD,
+                               PTR_S1, PTR_S2; Adam: exp_avg, exp_avg_sq; SGD: momentum_buffer, unused);
+                               0 where an entry has no update; the
                                grad column is re-uploaded when a gradient moves; when a parameter's or
                                a state's storage moves, the host rebuilds the tables
     numel       int64 (E,)
@@ -16,8 +17,10 @@ Tables (:class:`Tables`, built once per parameter layout; E entries, C chunks):
     chunk_entry int32 (C,)     entry of each chunk
     chunk_start int64 (C,)     first element of each chunk in its tensor
 
-    hyper       fp32 (H, 10)   one row per optimizer param group (SGD: two, the second for tensors whose
-                               momentum buffer starts this step); column 9 is sign (−1: maximize).
+    hyper       fp32 (H, HYPER_COLS)  one row per optimizer param group (SGD: two, the second for tensors
+                               whose momentum buffer starts this step), filled with :func:`hyper_row`;
+                               the columns are named once below (ADAM_*, SGD_*, HP_SIGN = −1: maximize)
+                               and the kernel reads them as ``hp + NAME``.
         Adam:  lr·wd, wd, β1, 1 − β1, β2, 1 − β2, eps, step_size = lr / (1 − β1^t), sqrt(1 − β2^t)
                Differences are formed on the host in float64: 1 − β2 in fp32 is off by 1.3e-5 relative
                for β2 = 0.999 (6e-6 in the update).
@@ -39,10 +42,11 @@ Modes (``mode`` of :func:`launch`; the kernel sees them as the flags FIRST_PASS 
     2 SINGLE  read W, g, state; write the new state and W + s_g·u; accumulate Σu², ΣW²  (s_g known beforehand)
 
 Sums of squares: fp32 tree sum over one BLOCK, fp64 across blocks and programs (fp64 atomics).
-Bytes per element (P, G, S: bytes of a parameter, gradient, state element):
-    Adam  PHASE1 P + G + 4S, PHASE2 2P + 2S, SINGLE 2P + G + 4S (exact = 3P + G + 6S)
-    SGD with momentum  PHASE1 P + G + 2S, PHASE2 2P + S (Nesterov: + G), SINGLE 2P + G + 2S
-        (exact = 3P + G + 3S; Nesterov 3P + 2G + 3S); without momentum PHASE1 P + G, PHASE2 2P + G
+Bytes per element of each launch (P, G, S: bytes of a parameter, gradient, state element; the totals per
+step, against torch's optimizers, are in README.md, "Bytes moved per parameter"):
+    Adam  PHASE1 P + G + 4S, PHASE2 2P + 2S, SINGLE 2P + G + 4S
+    SGD with momentum  PHASE1 P + G + 2S, PHASE2 2P + S (Nesterov: + G), SINGLE 2P + G + 2S;
+        without momentum PHASE1 P + G, PHASE2 2P + G
 The recompute in PHASE2 (DeepSpeed FusedLamb's trick) avoids storing u: same bytes as writing u into the
 gradient buffer in PHASE1 and reading it back, and the gradients stay intact.
 """
@@ -51,14 +55,48 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 PHASE1, PHASE2, SINGLE = 0, 1, 2
-HYPER_COLS = 10
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Columns of the tables, named once for the host that fills them and the kernel that reads them
+# (``hp + ADAM_EPS``). tl.constexpr, because compiled Triton reads only constexpr globals; on the host
+# they index like ints (``row[ADAM_EPS]``), but take int() before arithmetic on them.
+PTR_COLS = tl.constexpr(4)
+PTR_P, PTR_GRAD, PTR_S1, PTR_S2 = (tl.constexpr(i) for i in range(4))
+
+HYPER_COLS = tl.constexpr(10)
+HP_SIGN = tl.constexpr(9)  # both algorithms: −1 maximize, else 1
+ADAM_LR_WD = tl.constexpr(0)  # lr·wd
+ADAM_WD = tl.constexpr(1)
+ADAM_BETA1 = tl.constexpr(2)  # filled, not read: the kernel uses 1 − β1 (torch's lerp)
+ADAM_ONE_M_BETA1 = tl.constexpr(3)
+ADAM_BETA2 = tl.constexpr(4)
+ADAM_ONE_M_BETA2 = tl.constexpr(5)
+ADAM_EPS = tl.constexpr(6)
+ADAM_STEP_SIZE = tl.constexpr(7)  # lr / (1 − β1^t)
+ADAM_BC2_SQRT = tl.constexpr(8)  # sqrt(1 − β2^t)
+SGD_LR = tl.constexpr(0)
+SGD_WD = tl.constexpr(1)
+SGD_BUF_KEEP = tl.constexpr(2)  # momentum; 0 on a buffer's first step
+SGD_BUF_GRAD_W = tl.constexpr(3)  # 1 − dampening; 1 on a buffer's first step
+SGD_GRAD_W = tl.constexpr(4)
+SGD_BUF_W = tl.constexpr(5)
+SGD_HAS_BUF = tl.constexpr(6)  # 1.0 with momentum (a buffer exists or starts), else 0.0
+
+
+def hyper_row(values: dict) -> list[float]:
+    """One row of ``hyper`` (HYPER_COLS floats) from {column: value}; columns not given are 0."""
+    row = [0.0] * int(HYPER_COLS)
+    for col, v in values.items():
+        row[col] = float(v)
+    return row
 
 
 @triton.jit
@@ -109,7 +147,7 @@ def _equal_step_kernel(
         stop = tl.multiple_of(stop, VEC)
     gid = tl.load(group + e)
     row = tl.load(hyper_row + e)
-    w_ptr = tl.load(ptrs + 4 * e).to(p_proto.dtype)
+    w_ptr = tl.load(ptrs + PTR_COLS * e + PTR_P).to(p_proto.dtype)
     if VEC > 0:  # hints written inline: inside a helper @triton.jit function they are lost
         w_ptr = tl.multiple_of(w_ptr, 16)  # bytes
     lane = tl.arange(0, BLOCK)
@@ -127,22 +165,22 @@ def _equal_step_kernel(
                     acc_w += tl.sum(w * w, axis=0).to(tl.float64)
                 tl.atomic_add(sums + NUM_GROUPS + gid, acc_w)
     else:
-        g_ptr = tl.load(ptrs + 4 * e + 1).to(g_proto.dtype)
-        m_ptr = tl.load(ptrs + 4 * e + 2).to(s_proto.dtype)  # Adam: exp_avg; SGD: momentum_buffer
-        v_ptr = tl.load(ptrs + 4 * e + 3).to(s_proto.dtype)  # Adam: exp_avg_sq; SGD: unused
+        g_ptr = tl.load(ptrs + PTR_COLS * e + PTR_GRAD).to(g_proto.dtype)
+        m_ptr = tl.load(ptrs + PTR_COLS * e + PTR_S1).to(s_proto.dtype)  # Adam: exp_avg; SGD: momentum_buffer
+        v_ptr = tl.load(ptrs + PTR_COLS * e + PTR_S2).to(s_proto.dtype)  # Adam: exp_avg_sq; SGD: unused
         if VEC > 0:
             g_ptr = tl.multiple_of(g_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
-        hp = hyper + 10 * row
+        hp = hyper + HYPER_COLS * row
         if SGD:
-            lr = tl.load(hp + 0)
-            wd = tl.load(hp + 1)
-            buf_keep = tl.load(hp + 2)
-            buf_grad_w = tl.load(hp + 3)
-            grad_w = tl.load(hp + 4)
-            buf_w = tl.load(hp + 5)
-            has_buf = tl.load(hp + 6) != 0.0
+            lr = tl.load(hp + SGD_LR)
+            wd = tl.load(hp + SGD_WD)
+            buf_keep = tl.load(hp + SGD_BUF_KEEP)
+            buf_grad_w = tl.load(hp + SGD_BUF_GRAD_W)
+            grad_w = tl.load(hp + SGD_GRAD_W)
+            buf_w = tl.load(hp + SGD_BUF_W)
+            has_buf = tl.load(hp + SGD_HAS_BUF) != 0.0
             # Masked loads move no bytes: entries without a buffer (momentum 0) never touch one, and
             # phase 2 reads g only when the update needs it (Nesterov, no momentum). Masks by an
             # end index rather than `mask & flag` (the interpreter cannot AND those).
@@ -155,15 +193,15 @@ def _equal_step_kernel(
                 buf_stop = tl.multiple_of(buf_stop, VEC)
                 g_stop = tl.multiple_of(g_stop, VEC)
         else:
-            lr_wd = tl.load(hp + 0)
-            wd = tl.load(hp + 1)
-            one_m_beta1 = tl.load(hp + 3)
-            beta2 = tl.load(hp + 4)
-            one_m_beta2 = tl.load(hp + 5)
-            eps = tl.load(hp + 6)
-            step_size = tl.load(hp + 7)
-            bc2_sqrt = tl.load(hp + 8)
-        sign = tl.load(hp + 9)
+            lr_wd = tl.load(hp + ADAM_LR_WD)
+            wd = tl.load(hp + ADAM_WD)
+            one_m_beta1 = tl.load(hp + ADAM_ONE_M_BETA1)
+            beta2 = tl.load(hp + ADAM_BETA2)
+            one_m_beta2 = tl.load(hp + ADAM_ONE_M_BETA2)
+            eps = tl.load(hp + ADAM_EPS)
+            step_size = tl.load(hp + ADAM_STEP_SIZE)
+            bc2_sqrt = tl.load(hp + ADAM_BC2_SQRT)
+        sign = tl.load(hp + HP_SIGN)
         # Entries outside every group keep the optimizer's update (scale 1).
         scale = tl.where(gid >= 0, tl.load(scales + tl.maximum(gid, 0)), 1.0)
         acc_u = tl.sum(tl.zeros([BLOCK], dtype=tl.float64), axis=0)
@@ -256,48 +294,69 @@ def vector_aligned(tensors) -> bool:
     return present[0].numel() % ALIGN_ELEMENTS == 0 and all(t.data_ptr() % 16 == 0 for t in present)
 
 
+class Entry(NamedTuple):
+    """One tensor of a launch: plain (local) contiguous tensors and its two table indices. grad, s1, s2
+    are None for entries that are not stepped (s1, s2 also where the optimizer keeps no such state:
+    SGD has at most s1, the momentum buffer)."""
+
+    p: torch.Tensor
+    grad: torch.Tensor | None
+    s1: torch.Tensor | None  # Adam: exp_avg; SGD: momentum_buffer
+    s2: torch.Tensor | None  # Adam: exp_avg_sq
+    group: int  # equal-step group; −1: stepped but in no group
+    hyper_row: int  # row of ``hyper``; −1: not stepped this time (only ‖W‖² counts)
+
+    @property
+    def tensors(self) -> tuple:
+        """(p, grad, s1, s2): the tensors the pointer table addresses, in its column order."""
+        return self.p, self.grad, self.s1, self.s2
+
+    @property
+    def stepped(self) -> bool:
+        return self.hyper_row >= 0
+
+
 class Tables:
     """Device tables of one dtype bucket (same dtypes of p, grad and states); see the module docstring."""
 
-    def __init__(self, entries, chunk: int, device: torch.device):
-        # entries: list of (p, g, s1, s2, group, hyper_row) with plain (local) contiguous tensors;
-        # g, s1, s2 are None for entries that are not stepped (s1, s2 also where the optimizer keeps no
-        # such state: SGD has at most s1, the momentum buffer).
+    def __init__(self, entries: list[Entry], chunk: int, device: torch.device):
         self.entries = entries
         self.chunk = chunk
         self.device = device
         # Vector width promised to the kernel (VEC): elements per 16 bytes of the narrowest dtype, when
         # every entry is vector_aligned; 0 (4-byte accesses) otherwise.
-        tensors = [t for en in entries for t in en[:4] if t is not None]
-        aligned = chunk % ALIGN_ELEMENTS == 0 and all(vector_aligned(en[:4]) for en in entries)
+        tensors = [t for en in entries for t in en.tensors if t is not None]
+        aligned = chunk % ALIGN_ELEMENTS == 0 and all(vector_aligned(en.tensors) for en in entries)
         self.vec = min(ALIGN_ELEMENTS, 16 // min(t.element_size() for t in tensors)) if aligned else 0
-        stepped = [en for en in entries if en[5] >= 0]
-        self.p_proto = entries[0][0]
-        self.g_proto = stepped[0][1] if stepped else entries[0][0]
-        self.s_proto = next((en[2] for en in stepped if en[2] is not None), entries[0][0])
+        stepped = [en for en in entries if en.stepped]
+        self.p_proto = entries[0].p
+        self.g_proto = stepped[0].grad if stepped else entries[0].p
+        self.s_proto = next((en.s1 for en in stepped if en.s1 is not None), entries[0].p)
         chunk_entry, chunk_start = [], []
         for i, en in enumerate(entries):
-            n = en[0].numel()
+            n = en.p.numel()
             for s in range(0, n, chunk):
                 chunk_entry.append(i)
                 chunk_start.append(s)
         self.num_chunks = len(chunk_entry)
-        self.grad_ptrs = [en[1].data_ptr() if en[1] is not None else 0 for en in entries]
+        self.grad_ptrs = [en.grad.data_ptr() if en.grad is not None else 0 for en in entries]
         self.ptrs = self._ptr_table()
-        self.numel = torch.tensor([en[0].numel() for en in entries], dtype=torch.int64).to(device)
-        self.group = torch.tensor([en[4] for en in entries], dtype=torch.int32).to(device)
-        self.hyper_row = torch.tensor([en[5] for en in entries], dtype=torch.int32).to(device)
+        self.numel = torch.tensor([en.p.numel() for en in entries], dtype=torch.int64).to(device)
+        self.group = torch.tensor([en.group for en in entries], dtype=torch.int32).to(device)
+        self.hyper_row = torch.tensor([en.hyper_row for en in entries], dtype=torch.int32).to(device)
         self.chunk_entry = torch.tensor(chunk_entry, dtype=torch.int32).to(device)
         self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64).to(device)
 
     def _ptr_table(self) -> torch.Tensor:
         # A missing state tensor (SGD: no momentum buffer, no second state) points at the parameter: the
         # kernel never reads it (masked), but the address stays valid.
-        rows = [
-            [en[0].data_ptr(), gp, *(t.data_ptr() if t is not None else en[0].data_ptr() for t in en[2:4])]
-            for en, gp in zip(self.entries, self.grad_ptrs)
-        ]
-        return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), self.device)
+        rows = []
+        for en, gp in zip(self.entries, self.grad_ptrs):
+            row = [0] * int(PTR_COLS)
+            row[PTR_P], row[PTR_GRAD] = en.p.data_ptr(), gp
+            row[PTR_S1], row[PTR_S2] = (t.data_ptr() if t is not None else en.p.data_ptr() for t in (en.s1, en.s2))
+            rows.append(row)
+        return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, int(PTR_COLS)), self.device)
 
     def refresh_grads(self, grads) -> bool:
         """Point the table at this step's gradient tensors (they move when grads are re-allocated).
@@ -308,7 +367,7 @@ class Tables:
             return False
         if new != self.grad_ptrs:
             self.grad_ptrs = new
-            self.entries = [en[:1] + (g,) + en[2:] for en, g in zip(self.entries, grads)]
+            self.entries = [en._replace(grad=g) for en, g in zip(self.entries, grads)]
             self.ptrs = self._ptr_table()
         return True
 

@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-from depthfast.optim import EqualStep, EqualStepAdamW, ForeachEqualStep, equal_step_scales, group_update_ratio
+from depthfast.optim import EqualStep, EqualStepAdamW, equal_step_scales, group_update_ratio
 
 
 
@@ -687,8 +687,21 @@ def test_reference_leaves_state_untouched():
             assert torch.equal(eq.state[p][k], plain.state[q][k]), (n, k)
 
 
+def _benchmark_baselines():
+    """benchmarks/optim_baselines.py, loaded by path: the benchmarks are scripts, not a package, and
+    the baseline lives with the benchmark that times it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "optim_baselines.py")
+    spec = importlib.util.spec_from_file_location("optim_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_by_hand_baseline_matches_reference():
     # The benchmark's by-hand baseline (fp32 foreach norms): same ratios and params to fp32 accuracy.
+    ForeachEqualStep = _benchmark_baselines().ForeachEqualStep
     ps = _params(ODD_SHAPES[:4])
     rs = _f64_copy(ps)
     a = ForeachEqualStep(torch.optim.AdamW(ps, lr=1e-2), [ps[:1], ps[1:3], ps[3:]])
