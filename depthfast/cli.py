@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from depthfast.errors import DepthfastError
+from depthfast.errors import DepthfastError, exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+
+    def work():
         if args.command == "sweep":
             from depthfast.sweep import sweep
 
@@ -64,17 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise DepthfastError(f"--workers must be ≥ 1; got {args.workers}")
             return sweep(args.grid, out=args.out, workers=args.workers, dry_run=args.dry_run, slurm=args.slurm,
                          slurm_options=args.slurm_option)
-        if args.command == "report":
-            from depthfast.report import report
+        from depthfast.report import report
 
-            return report(args.runs_dir, out=args.out, resamples=args.resamples)
-    except DepthfastError as exc:
-        print(f"depthfast: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("depthfast: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return report(args.runs_dir, out=args.out, resamples=args.resamples)
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,16 @@ def load_model(name_or_path: str, objective: str, num_labels: int = 0) -> nn.Mod
             raise DepthfastError(f"classification needs at least 2 labels; got {num_labels}")
         model = SequenceClassifier(model, num_labels, pooling="mean" if architecture == "encoder" else "last")
     return model
+
+
+def quiet_libraries(datasets_too: bool = False) -> None:
+    """transformers (and with ``datasets_too`` datasets) without their own warnings and progress bars:
+    depthfast states itself what matters (fresh heads, missing heads), and one bar per phase is ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if datasets_too:
+        import datasets
+
+        datasets.disable_progress_bars()

@@ -87,6 +87,28 @@ def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> lis
     return [{"layer": n, "depth": d, "cka": c, "change": 1.0 - c} for n, d, c in zip(names, depths, cka)]
 
 
+def model_entries(layers) -> dict:
+    """results.json's description of the measured model's depth axis (depthfast.layers.ModelLayers)."""
+    return {"model_type": layers.model_type, "architecture": layers.architecture, "block_type": layers.block_type,
+            "num_blocks": layers.num_blocks}
+
+
+def group_entries(layers, tied_embeddings: str) -> dict:
+    """results.json's role groups (depthfast.layers): a tied input/output matrix is in one of them, by
+    --tied-embeddings; a tied model may have no embeddings group at all (Mamba under "head"): its
+    layer 0 has no weight change."""
+    return {"tied_embeddings": layers.tied_embeddings, "tied_embeddings_group": layers.tied_group(tied_embeddings),
+            "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
+                             for name, ps in layers.param_groups(tied_embeddings)]}
+
+
+def probe_entry(texts: int, measured) -> dict:
+    """results.json's probe summary (depthfast.probe.ProbeResult); a loss with nothing scored is null."""
+    return {"texts": texts, "samples": measured.num_samples, "loss_base": finite_or_none(measured.loss_base),
+            "loss_tuned": finite_or_none(measured.loss_tuned), "accuracy_base": measured.accuracy_base,
+            "accuracy_tuned": measured.accuracy_tuned}
+
+
 def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
                   slope: float | None, metrics: dict, wall_seconds: float, torch_version: str, num_processes: int = 1,
                   extra: dict | None = None) -> dict:
@@ -109,34 +131,19 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
         "depthfast_version": depthfast.__version__,
         "torch_version": torch_version,
         "model": cfg.model,
-        "model_type": layers.model_type,
-        "architecture": layers.architecture,
-        "block_type": layers.block_type,
-        "num_blocks": layers.num_blocks,
+        **model_entries(layers),
         "objective": cfg.objective,
         "control": cfg.control,
         "estimator": cfg.estimator,
         "pooling": cfg.pooling,
-        # Role groups (depthfast.layers): a tied input/output matrix is in one of them, by --tied-embeddings;
-        # a tied model may have no embeddings group at all (Mamba under "head"): its layer 0 has no weight change.
-        "tied_embeddings": layers.tied_embeddings,
-        "tied_embeddings_group": layers.tied_group(cfg.tied_embeddings),
-        "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
-                         for name, ps in layers.param_groups(cfg.tied_embeddings)],
+        **group_entries(layers, cfg.tied_embeddings),
         "family_quirks": family_quirks(cfg.model),  # depthfast.registry: the study model's quirks, [] for others
         "layers": rows,
         "locality_gradient": slope,
         "metrics": metrics,
         "group_weight_change": group_changes,
         "mean_update_ratio": mean_ratio,
-        "probe": {
-            "texts": len(task.probe_texts),
-            "samples": measured.num_samples,
-            "loss_base": measured.loss_base,
-            "loss_tuned": measured.loss_tuned,
-            "accuracy_base": measured.accuracy_base,
-            "accuracy_tuned": measured.accuracy_tuned,
-        },
+        "probe": probe_entry(len(task.probe_texts), measured),
         "train": {
             "steps": steps,
             "texts": len(task.train_texts),

@@ -17,7 +17,7 @@ import time
 
 from depthfast.cka import ESTIMATORS, POOLINGS
 from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, TIED_EMBEDDINGS, RunConfig
-from depthfast.errors import DepthfastError
+from depthfast.errors import DepthfastError, exit_status
 
 HELP = {
     "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
@@ -91,9 +91,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """
     import torch
 
-    from depthfast.batches import probe_batches
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
-    from depthfast.data import load_task
     from depthfast.objective_distance import (backbone_of, distance_is_trivial, gradient_alignment_at_init,
                                               pretraining_head_parameters, pretraining_objective)
     from depthfast.distributed import offload_to_host, reshard, shard_mesh, shard_model
@@ -111,13 +109,9 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     model_config = load_config(cfg.model)
     check_objective(model_config, cfg.objective)  # fail before any data is read
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
-    task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
-                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
-                     dataset_config=cfg.dataset_config)
     # Every process builds the probe (cheap), so that a probe set with nothing to compare is refused
     # on all of them alike, before any model is loaded.
-    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
-                          cfg.max_length, cfg.mlm_probability, cfg.seed)
+    task, probe = task_and_probe(cfg, tokenizer)
     if cfg.lora_r:
         from depthfast.lora import require_peft
 
@@ -234,6 +228,20 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     return results
 
 
+def task_and_probe(cfg: RunConfig, tokenizer):
+    """The run's task (training texts, held-out probe texts and labels) and its probe batches, from the
+    config alone: the same probe for every run and compare given the same dataset flags and seed."""
+    from depthfast.batches import probe_batches
+    from depthfast.data import load_task
+
+    task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
+                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
+                     dataset_config=cfg.dataset_config)
+    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
+                          cfg.max_length, cfg.mlm_probability, cfg.seed)
+    return task, probe
+
+
 def save_model(model, tokenizer, objective: str, path: str) -> None:
     """save_pretrained the fine-tuned model and its tokenizer into ``path``, replacing it whole: written
     beside it first, then renamed over. Under cls the backbone only (from_pretrained has no class for
@@ -282,28 +290,20 @@ def _public(entry: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+
+    def work():
         cfg = config_from_args(args)
-        from transformers.utils import logging as hf_logging
+        from depthfast.models import quiet_libraries
 
-        hf_logging.set_verbosity_error()  # depthfast states itself what matters (fresh heads, etc.)
-        hf_logging.disable_progress_bar()  # weight loading takes seconds; one bar per phase is ours
-        if args.quiet:
-            import datasets
-
-            datasets.disable_progress_bars()
+        quiet_libraries(datasets_too=args.quiet)
         run(cfg, progress=not args.quiet, resume=args.resume)
-    except DepthfastError as exc:
-        print(f"depthfast: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("depthfast: interrupted; earlier results are untouched, and --resume continues from the last "
-              "checkpoint in --out", file=sys.stderr)
-        return 130
+
+    try:
+        return exit_status(work, interrupted="interrupted; earlier results are untouched, and --resume continues "
+                                             "from the last checkpoint in --out")
     finally:
         if "depthfast.train" in sys.modules:  # under torchrun: destroyed before interpreter teardown
             sys.modules["depthfast.train"].end_process_group()
-    return 0
 
 
 if __name__ == "__main__":

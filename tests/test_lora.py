@@ -61,12 +61,11 @@ def relative_changes(plain0, merged):
 ])
 def test_lora_run_measures_the_merged_model(checkpoints, tmp_path, monkeypatch, family, extra):
     import depthfast.lora
-    from depthfast.batches import probe_batches
     from depthfast.config import RunConfig
-    from depthfast.data import load_task
     from depthfast.layers import discover_layers
-    from depthfast.probe import measure_probe
     from depthfast.models import load_tokenizer
+    from depthfast.probe import measure_probe
+    from depthfast.run import task_and_probe
 
     seen = {}
     real = depthfast.lora.lora_weight_changes
@@ -117,11 +116,7 @@ def test_lora_run_measures_the_merged_model(checkpoints, tmp_path, monkeypatch, 
     # The profile: measure_probe between plain θ₀ and the merged model gives the run's CKA.
     cfg = RunConfig.from_dict({**json.load(open(os.path.join(out, "config.json")))})
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
-    task = load_task(cfg.dataset, cfg.objective, probe_size=cfg.probe_size, min_probe_size=cfg.min_probe_size,
-                     seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
-                     dataset_config=cfg.dataset_config)
-    probe = probe_batches(cfg.objective, tokenizer, task.probe_texts, task.probe_labels, cfg.probe_batch_size,
-                          cfg.max_length, cfg.mlm_probability, cfg.seed)
+    _, probe = task_and_probe(cfg, tokenizer)
     independent = measure_probe(plain0, merged, discover_layers(plain0), discover_layers(merged), probe,
                                 torch.device("cpu"), cfg.pooling, cfg.estimator, progress=False)
     assert [r["cka"] for r in results["layers"]] == pytest.approx(independent.cka, abs=1e-6)

@@ -39,7 +39,7 @@ from depthfast.compare.checkpoints import (backbone_module, check_architectures,
 from depthfast.compare.config import (CHOICES, COMPARE_OBJECTIVES, HELP, OFFLOAD, CompareConfig, build_parser,
                                       config_from_args)
 from depthfast.compare.results import check_out, print_compare, write_compare_results
-from depthfast.errors import DepthfastError
+from depthfast.errors import exit_status
 
 __all__ = ["COMPARE_OBJECTIVES", "OFFLOAD", "CompareConfig", "HELP", "CHOICES", "build_parser", "config_from_args",
            "compare", "write_compare_results", "print_compare", "main"]
@@ -129,20 +129,14 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        cfg = config_from_args(args)
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()  # missing heads etc. are checked and said by compare itself
-        hf_logging.disable_progress_bar()
+    def work():
+        cfg = config_from_args(args)
+        from depthfast.models import quiet_libraries
+
+        quiet_libraries(datasets_too=args.quiet)  # missing heads etc. are checked and said by compare itself
         results = compare(cfg, progress=not args.quiet)
         print_compare(results)
         print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, config.json)")
-    except DepthfastError as exc:
-        print(f"depthfast: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("depthfast: interrupted; earlier results in --out are untouched", file=sys.stderr)
-        return 130
-    return 0
 
+    return exit_status(work, interrupted="interrupted; earlier results in --out are untouched")

@@ -9,8 +9,8 @@ import sys
 
 from depthfast.compare.config import CompareConfig
 from depthfast.errors import DepthfastError
-from depthfast.results import (atomic_write_csv, atomic_write_json, finite_or_none, locality_line, print_profile_rows,
-                               profile_rows, read_json)
+from depthfast.results import (atomic_write_csv, atomic_write_json, group_entries, locality_line, model_entries,
+                               print_profile_rows, probe_entry, profile_rows, read_json)
 
 
 def check_out(out: str) -> None:
@@ -49,18 +49,12 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
         "adapter": ({k: adapter_config(adapter).get(k) for k in ("peft_type", "base_model_name_or_path", "r",
                                                                  "lora_alpha", "target_modules")}
                     if adapter else None),
-        "model_type": layers.model_type,
-        "architecture": layers.architecture,
-        "block_type": layers.block_type,
-        "num_blocks": layers.num_blocks,
+        **model_entries(layers),
         "objective": cfg.objective,
         "control": None,
         "estimator": cfg.estimator,
         "pooling": cfg.pooling,
-        "tied_embeddings": layers.tied_embeddings,
-        "tied_embeddings_group": layers.tied_group(cfg.tied_embeddings),
-        "param_groups": [{"name": name, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
-                         for name, ps in layers.param_groups(cfg.tied_embeddings)],
+        **group_entries(layers, cfg.tied_embeddings),
         "layers": rows,
         "locality_gradient": slope,
         "metrics": metrics,
@@ -69,14 +63,7 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
         "group_weight_change": group_changes,
         "all_pairs": all_pairs,  # the files and estimator of --all-pairs, else None
         "mean_update_ratio": None,
-        "probe": {
-            "texts": len(task.probe_texts),
-            "samples": measured.num_samples,
-            "loss_base": finite_or_none(measured.loss_base),  # NaN (objective none: nothing scored) → null
-            "loss_tuned": finite_or_none(measured.loss_tuned),
-            "accuracy_base": measured.accuracy_base,
-            "accuracy_tuned": measured.accuracy_tuned,
-        },
+        "probe": probe_entry(len(task.probe_texts), measured),  # objective none: nothing scored, losses null
         "train": None,
         "trajectory": None,
         "resumed_from_step": None,

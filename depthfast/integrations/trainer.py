@@ -289,7 +289,7 @@ class DepthProfileCallback(TrainerCallback):
     def _write(self, args, state, model, optimizer, train_dataloader, final: dict, groups: dict) -> dict:
         import depthfast
         from depthfast.plotting import plot_profile
-        from depthfast.results import atomic_write_csv, atomic_write_json
+        from depthfast.results import atomic_write_csv, atomic_write_json, group_entries, model_entries, probe_entry
         from depthfast.run import run_metrics
 
         layers, out = self._layers, self._out
@@ -319,27 +319,19 @@ class DepthProfileCallback(TrainerCallback):
             "depthfast_version": depthfast.__version__,
             "torch_version": torch.__version__,
             "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "model_type": layers.model_type,
-            "architecture": layers.architecture,
-            "block_type": layers.block_type,
-            "num_blocks": layers.num_blocks,
+            **model_entries(layers),
             "objective": self._objective,
             "control": control,
             "optimizer": type(_innermost(optimizer)).__name__,
             "estimator": self.estimator,
             "pooling": self.pooling,
-            "tied_embeddings": layers.tied_embeddings,
-            "tied_embeddings_group": layers.tied_group(self.tied_embeddings),
-            "param_groups": [{"name": n, "tensors": len(ps), "elements": sum(p.numel() for p in ps)}
-                             for n, ps in layers.param_groups(self.tied_embeddings)],
+            **group_entries(layers, self.tied_embeddings),
             "layers": rows,
             "locality_gradient": final["locality_gradient"],
             "metrics": metrics,
             "group_weight_change": groups,
             "mean_update_ratio": {n: sum(r[g] for r in before) / len(before) for g, n in enumerate(names)} if before else {},
-            "probe": {"texts": self._probe_texts(), "samples": measured.num_samples, "loss_base": measured.loss_base,
-                      "loss_tuned": measured.loss_tuned, "accuracy_base": measured.accuracy_base,
-                      "accuracy_tuned": measured.accuracy_tuned},
+            "probe": probe_entry(self._probe_texts(), measured),
             "train": {"steps": steps, "texts": train_texts, "first_loss": losses[0] if losses else None,
                       "final_loss": losses[-1] if losses else None, "tokens": tokens or None, "seconds": seconds,
                       "tokens_per_second": tokens / seconds if tokens and seconds > 0 else None,
