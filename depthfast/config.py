@@ -158,25 +158,15 @@ class RunConfig(TypedConfig):
         return {int(s) for s in self.measure_at.replace(" ", "").split(",") if s}
 
     def validate(self) -> "RunConfig":
-        from depthfast.cka import ESTIMATORS, POOLINGS
-
         checks = [
+            *measurement_checks(self),
             (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}; got {self.objective!r}"),
             (self.control in CONTROLS, f"control must be one of {CONTROLS}; got {self.control!r}"),
-            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
-            (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
             (self.steps >= 1, f"steps must be ≥ 1; got {self.steps}"),
-            (self.tied_embeddings in TIED_EMBEDDINGS,
-             f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {self.tied_embeddings!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"),
             (self.lr > 0, f"lr must be > 0; got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}"),
             (self.batch_size >= 1, f"batch size must be ≥ 1; got {self.batch_size}"),
-            (self.max_length >= 8, f"max length must be ≥ 8 tokens; got {self.max_length}"),
-            (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
-            (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
-            (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}; got {self.parallel!r}"),
             (self.shard_size >= 0, f"shard size must be ≥ 0 (0 = the processes of one node); got {self.shard_size}"),
             (self.grad_accum >= 1, f"grad accum must be ≥ 1; got {self.grad_accum}"),
@@ -186,11 +176,34 @@ class RunConfig(TypedConfig):
             (self.equal_step_target == "mean" or _is_positive_float(self.equal_step_target),
              f"equal-step target must be 'mean' or a positive number; got {self.equal_step_target!r}"),
         ]
-        checks += lora_checks(self)
-        for ok, message in checks:
-            if not ok:
-                raise DepthfastError(message)
-        return self
+        return raise_first(checks + lora_checks(self), self)
+
+
+def raise_first(checks: list[tuple[bool, str]], config):
+    """``config`` if every check holds; else a DepthfastError with the first failing check's message."""
+    for ok, message in checks:
+        if not ok:
+            raise DepthfastError(message)
+    return config
+
+
+def measurement_checks(cfg) -> list[tuple[bool, str]]:
+    """The checks of what every measurement shares (RunConfig, CompareConfig): the probe set, its
+    batches and pooling, the estimator, the precision, the tied-embeddings policy."""
+    from depthfast.cka import ESTIMATORS, POOLINGS
+
+    return [
+        (cfg.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {cfg.pooling!r}"),
+        (cfg.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {cfg.estimator!r}"),
+        (cfg.tied_embeddings in TIED_EMBEDDINGS,
+         f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {cfg.tied_embeddings!r}"),
+        (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {cfg.precision!r}"),
+        (cfg.max_length >= 8, f"max length must be ≥ 8 tokens; got {cfg.max_length}"),
+        (cfg.probe_batch_size >= 1, f"probe batch size must be ≥ 1; got {cfg.probe_batch_size}"),
+        (cfg.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {cfg.min_probe_size}"),
+        (cfg.probe_size >= cfg.min_probe_size, f"probe size {cfg.probe_size} < min probe size {cfg.min_probe_size}"),
+        (0 < cfg.mlm_probability < 1, f"mlm probability must be in (0, 1); got {cfg.mlm_probability}"),
+    ]
 
 
 def lora_checks(cfg: RunConfig) -> list[tuple[bool, str]]:

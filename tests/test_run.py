@@ -181,6 +181,8 @@ def test_config_round_trip_and_validation():
         RunConfig(objective="seq2seq").validate()
     with pytest.raises(DepthfastError, match="needs a int"):
         RunConfig.from_dict({"steps": "many"})
+    with pytest.raises(DepthfastError, match="probe batch size must be ≥ 1"):  # a run checks what a compare does
+        RunConfig(probe_batch_size=0).validate()
 
 
 def test_trajectory_reuses_base_statistics_exactly(checkpoints, tmp_path):

@@ -7,8 +7,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, TypedConfig
-from depthfast.errors import DepthfastError
+from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, TypedConfig, measurement_checks, raise_first
 
 COMPARE_OBJECTIVES = ("auto", "none", "mlm", "clm")
 OFFLOAD = ("none", "base", "tuned")
@@ -54,8 +53,6 @@ class CompareConfig(TypedConfig):
                 setattr(self, name, os.fspath(value))
 
     def validate(self) -> "CompareConfig":
-        from depthfast.cka import ESTIMATORS, POOLINGS
-
         checks = [
             (bool(self.tuned), "compare needs TUNED: a hub id, a local checkpoint or a PEFT adapter directory"),
             (bool(self.base), "compare needs BASE: a hub id or a local checkpoint directory"),
@@ -63,22 +60,10 @@ class CompareConfig(TypedConfig):
                                       "(a run's head is fresh); use none (representational change only), mlm or clm"),
             (self.objective in COMPARE_OBJECTIVES,
              f"objective must be one of {COMPARE_OBJECTIVES}; got {self.objective!r}"),
-            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {self.pooling!r}"),
-            (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}"),
-            (self.tied_embeddings in TIED_EMBEDDINGS,
-             f"tied embeddings must be one of {TIED_EMBEDDINGS}; got {self.tied_embeddings!r}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}; got {self.precision!r}"),
             (self.offload in OFFLOAD, f"offload must be one of {OFFLOAD}; got {self.offload!r}"),
-            (self.max_length >= 8, f"max length must be ≥ 8 tokens; got {self.max_length}"),
-            (self.probe_batch_size >= 1, f"probe batch size must be ≥ 1; got {self.probe_batch_size}"),
-            (self.min_probe_size >= 4, f"min probe size must be ≥ 4 (CKA needs > 3 samples); got {self.min_probe_size}"),
-            (self.probe_size >= self.min_probe_size, f"probe size {self.probe_size} < min probe size {self.min_probe_size}"),
-            (0 < self.mlm_probability < 1, f"mlm probability must be in (0, 1); got {self.mlm_probability}"),
+            *measurement_checks(self),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DepthfastError(message)
-        return self
+        return raise_first(checks, self)
 
 
 
