@@ -160,12 +160,18 @@ def test_unbiased_moments_are_exact_on_integer_inputs(emu, space, n, d1, d2, dty
     assert rel < TOL_EXACT_INTEGERS, (acc, want)
 
 
-@pytest.mark.parametrize("syrk", ["0", "1"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_exact_statistics_are_exact_on_integer_inputs(emu, syrk, dtype, monkeypatch):
+@pytest.mark.parametrize("syrk,dtype,accum", [
+    ("0", torch.bfloat16, torch.float64), ("1", torch.bfloat16, torch.float64),
+    ("0", torch.float16, torch.float64), ("1", torch.float16, torch.float64),
+    # float32 statistics: syrk_kernel adds each batch's products straight into the running sums
+    ("1", torch.bfloat16, torch.float32)])
+def test_exact_statistics_are_exact_on_integer_inputs(emu, syrk, dtype, accum, monkeypatch):
     """Exact estimator, cuBLAS-role bmm (SYRK 0) or syrk_kernel storing Sxx, Syy, Syx (SYRK 1), over
-    two passes: the second after reset_tuned, which keeps XᵀX and skips its tiles (skip_xx)."""
+    two passes: the second after reset_tuned, which keeps XᵀX and skips its tiles (skip_xx). With
+    float64 statistics each batch's fp32 products are staged and added; with float32 ones (accum) the
+    kernel accumulates into the statistics themselves, over the two batches of each pass."""
     monkeypatch.setenv("DEPTHFAST_CKA_SYRK", syrk)
+    monkeypatch.setattr(cka_engine, "_GRAM_ACCUM_DTYPE", accum)
     n, d1, d2 = 160, 70, 131
     # Two batches, each summing to zero: the shift (the first batch's mean) is exactly 0.
     x, y1 = (torch.cat(t) for t in zip(integer_pair(n // 2, d1, d2, 75), integer_pair(n // 2, d1, d2, 76)))
