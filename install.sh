@@ -41,7 +41,7 @@ if [ -f "$venv/.depthfast-cpu" ] || ! grep -q '^torch==' <<<"$pins"; then mode=c
 stamp="$venv/.depthfast-installed"
 inputs=$(cat requirements*.txt setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
 inputs="$inputs-$mode-$(tr '\n' ' ' <<<"$pins")-${TORCH_CUDA_ARCH_LIST-unset}-${CUDA_HOME:-}-${DEPTHFAST_CUDA:-}"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$py" -c "import depthfast._C" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$py" -c "import torch, depthfast._C" 2>/dev/null; then  # torch first: _C links its libc10
   exit 0
 fi
 
