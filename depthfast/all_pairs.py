@@ -37,17 +37,13 @@ from typing import Sequence
 import torch
 
 from depthfast.cka import POOLINGS, ieee_fp32_matmul, pool_activations
+from depthfast.cka.reference import _hsic1_from_moments  # the one HSIC₁ formula (depthfast.cka.hsic1)
 from depthfast.errors import DepthfastError
 
 ESTIMATOR_LABEL = "unbiased minibatch HSIC₁ (Nguyen, Raghu & Kornblith 2021; Song et al. 2012)"
 SMALL_BATCHES = ("error", "skip")
 SPACES = ("auto", "sample", "feature")
 DEFAULT_MAX_GRAM_BYTES = 1 << 30  # 1 GiB of float64 Grams: 16 Grams of m = 2896 samples
-
-
-def _hsic1(m: int, trace, sum_k, sum_l, cross):
-    """HSIC₁ from tr(K̃L̃), 1ᵀK̃1, 1ᵀL̃1, 1ᵀK̃L̃1 (the formula of depthfast.cka.hsic1), float64."""
-    return (trace + sum_k * sum_l / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
 
 
 class AllPairsCKA:
@@ -144,7 +140,7 @@ class AllPairsCKA:
                     self.ll[t0:t0 + ct] += self._self_hsic(m, l, l_rows, l_sum)
                 trace = k.flatten(1) @ l.flatten(1).T  # (cb, ct) = tr(K̃_i L̃_j), K̃, L̃ symmetric
                 cross = k_rows @ l_rows.T  # (cb, ct) = 1ᵀK̃_i L̃_j 1
-                hsic = _hsic1(m, trace, k_sum[:, None], l_sum[None, :], cross)
+                hsic = _hsic1_from_moments(m, trace, k_sum[:, None], l_sum[None, :], cross)
                 self.kl[b0:b0 + cb, t0:t0 + ct] += hsic.cpu()
                 del l
             del k
@@ -158,7 +154,7 @@ class AllPairsCKA:
         s = a64.sum(dim=0)  # ≈ 0 after centering; kept so the identities hold exactly
         rows, total = a64 @ s - k, s @ s - k.sum()
         gram = (c.T @ c).to(torch.float64)  # (d, d) = XᵀX
-        self_hsic = _hsic1(a.shape[0], (gram * gram).sum() - k @ k, total, total, rows @ rows)
+        self_hsic = _hsic1_from_moments(a.shape[0], (gram * gram).sum() - k @ k, total, total, rows @ rows)
         return c, k, rows, total, self_hsic
 
     def _update_feature(self, xs, ys, m: int) -> None:
@@ -189,7 +185,7 @@ class AllPairsCKA:
                 sq = (prod * prod).sum(dim=1)
                 norms += [part.sum() for part in sq.split([tuned[j][0].shape[1] for j in range(t0, t1)])]
             trace = torch.stack(norms) - l_norms @ k  # tr(K̃_i L̃_j) = ‖Y_jᵀX_i‖²_F − k·l
-            hsic = _hsic1(m, trace, k_sum, l_sum, l_rows @ k_rows)
+            hsic = _hsic1_from_moments(m, trace, k_sum, l_sum, l_rows @ k_rows)
             self.kl[i] += hsic.cpu()
 
     def _grams(self, acts: list[torch.Tensor]):
@@ -212,7 +208,7 @@ class AllPairsCKA:
     def _self_hsic(m: int, grams: torch.Tensor, rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         flat = grams.flatten(1)
         trace = torch.stack([f @ f for f in flat])  # ‖K̃‖²_F without a (c, m²) temporary
-        return _hsic1(m, trace, total, total, (rows * rows).sum(dim=-1)).cpu()
+        return _hsic1_from_moments(m, trace, total, total, (rows * rows).sum(dim=-1)).cpu()
 
     # --- result ---------------------------------------------------------------------------------
     def compute(self) -> torch.Tensor:
