@@ -87,6 +87,25 @@ def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> lis
     return [{"layer": n, "depth": d, "cka": c, "change": 1.0 - c} for n, d, c in zip(names, depths, cka)]
 
 
+def write_profile(out: str, rows: list[dict], title: str, slope: float | None) -> None:
+    """profile.csv (layer, depth, cka, change, weight_change) and profile.png from the profile's rows
+    (profile_rows plus "weight_change"), each atomically. A weight change of None (no group) is a gap in
+    the figure, not 0."""
+    from depthfast.plotting import plot_profile  # here, not at the top: plotting writes through this module
+
+    atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
+                     [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
+    plot_profile(os.path.join(out, "profile.png"), [r["depth"] for r in rows], [r["change"] for r in rows],
+                 [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows], title, slope)
+
+
+def write_train_log(out: str, group_names: list[str], rows: list[list]) -> None:
+    """train_log.csv: step, loss, lr, then each group's update ratio before and after the control."""
+    atomic_write_csv(os.path.join(out, "train_log.csv"),
+                     ["step", "loss", "lr"] + [f"ratio_before:{n}" for n in group_names]
+                     + [f"ratio_after:{n}" for n in group_names], rows)
+
+
 def model_entries(layers) -> dict:
     """results.json's description of the measured model's depth axis (depthfast.layers.ModelLayers)."""
     return {"model_type": layers.model_type, "architecture": layers.architecture, "block_type": layers.block_type,
@@ -109,7 +128,7 @@ def probe_entry(texts: int, measured) -> dict:
             "accuracy_tuned": measured.accuracy_tuned}
 
 
-def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float], changes: list[float],
+def write_results(cfg, layers, task, log, measured, group_changes: dict[str, float],
                   slope: float | None, metrics: dict, wall_seconds: float, torch_version: str, num_processes: int = 1,
                   extra: dict | None = None) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
@@ -117,7 +136,6 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
     """
     import depthfast
-    from depthfast.plotting import plot_profile  # here, not at the top: plotting writes through this module
 
     depths = layers.normalized_depths
     rows = profile_rows(layers.layer_names, depths, measured.cka)
@@ -162,17 +180,9 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     }
     out = cfg.out
     atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
-    atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
-                     [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
-    atomic_write_csv(
-        os.path.join(out, "train_log.csv"),
-        ["step", "loss", "lr"] + [f"ratio_before:{n}" for n in log.group_names]
-        + [f"ratio_after:{n}" for n in log.group_names],
-        [[i + 1, log.loss[i], log.lr[i]] + log.ratios_before[i] + log.ratios_after[i] for i in range(steps)],
-    )
-    plot_profile(os.path.join(out, "profile.png"), depths, changes,
-                 [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],  # gap, not 0
-                 f"{cfg.model} · {cfg.objective} · control {cfg.control} · {steps} steps", slope)
+    write_profile(out, rows, f"{cfg.model} · {cfg.objective} · control {cfg.control} · {steps} steps", slope)
+    write_train_log(out, log.group_names,
+                    [[i + 1, log.loss[i], log.lr[i]] + log.ratios_before[i] + log.ratios_after[i] for i in range(steps)])
     atomic_write_json(os.path.join(out, "results.json"), results)
     return results
 

@@ -216,7 +216,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             title = f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling"
             pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, layers.layer_names, title,
                                            cfg.pooling, cfg.estimator)
-        results = write_results(cfg, layers, task, log, measured, groups_change, changes, slope, metrics,
+        results = write_results(cfg, layers, task, log, measured, groups_change, slope, metrics,
                                 wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
                                 num_processes=accelerator.num_processes,
                                 extra={"lora": lora, "all_pairs": pairs_entry})

@@ -66,7 +66,7 @@ def test_family_quirks_reach_results_json_and_the_table(tmp_path):
     written = {}
     for model_id in ("facebook/opt-350m", str(tmp_path / "local")):
         cfg = RunConfig(model=model_id, objective="clm", out=str(tmp_path / f"out{len(written)}"))
-        write_results(cfg, layers, task, TrainLog(group_names=[]), measured, {}, [0.1] * n, None, {},
+        write_results(cfg, layers, task, TrainLog(group_names=[]), measured, {}, None, {},
                       wall_seconds=1.0, torch_version=torch.__version__)
         with open(tmp_path / cfg.out / "results.json") as f:
             written[model_id] = json.load(f)

@@ -120,7 +120,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     slope = locality_gradient(depths[1:], changes[1:])
     effective = dataclasses.replace(cfg, objective=objective)
     metrics = run_metrics(effective, task, base, measured, depths, changes, None)
-    results = write_compare_results(effective, base_layers, task, measured, group_changes, changes, slope, metrics,
+    results = write_compare_results(effective, base_layers, task, measured, group_changes, slope, metrics,
                                     note=note, adapter=adapter, all_pairs=pairs_entry, wall_seconds=time.perf_counter() - started,
                                     torch_version=torch.__version__)
     return results

@@ -9,8 +9,8 @@ import sys
 
 from depthfast.compare.config import CompareConfig
 from depthfast.errors import DepthfastError
-from depthfast.results import (atomic_write_csv, atomic_write_json, group_entries, locality_line, model_entries,
-                               print_profile_rows, probe_entry, profile_rows, read_json)
+from depthfast.results import (atomic_write_json, group_entries, locality_line, model_entries, print_profile_rows,
+                               probe_entry, profile_rows, read_json, write_profile)
 
 
 def check_out(out: str) -> None:
@@ -26,13 +26,12 @@ def check_out(out: str) -> None:
 
 
 def write_compare_results(cfg: CompareConfig, layers, task, measured, group_changes: dict | None,
-                          changes: list[float], slope: float | None, metrics: dict, note: str | None,
+                          slope: float | None, metrics: dict, note: str | None,
                           adapter: str | None, wall_seconds: float, torch_version: str,
                           all_pairs: dict | None = None) -> dict:
     """config.json, profile.csv, profile.png, then results.json, each atomically; returns the results."""
     import depthfast
     from depthfast.adapters import adapter_config
-    from depthfast.plotting import plot_profile
 
     depths = layers.normalized_depths
     rows = profile_rows(layers.layer_names, depths, measured.cka)
@@ -72,11 +71,7 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
     }
     out = cfg.out
     atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
-    atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
-                     [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
-    plot_profile(os.path.join(out, "profile.png"), depths, changes,
-                 [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],
-                 f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
+    write_profile(out, rows, f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
     atomic_write_json(os.path.join(out, "results.json"), results)
     return results
 

@@ -288,8 +288,8 @@ class DepthProfileCallback(TrainerCallback):
 
     def _write(self, args, state, model, optimizer, train_dataloader, final: dict, groups: dict) -> dict:
         import depthfast
-        from depthfast.plotting import plot_profile
-        from depthfast.results import atomic_write_csv, atomic_write_json, group_entries, model_entries, probe_entry
+        from depthfast.results import (atomic_write_json, group_entries, model_entries, probe_entry, write_profile,
+                                       write_train_log)
         from depthfast.run import run_metrics
 
         layers, out = self._layers, self._out
@@ -352,19 +352,12 @@ class DepthProfileCallback(TrainerCallback):
                   "grad_accum": accumulation, "seed": getattr(args, "seed", None),
                   "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
         atomic_write_json(os.path.join(out, "config.json"), config)
-        atomic_write_csv(os.path.join(out, "profile.csv"), ["layer", "depth", "cka", "change", "weight_change"],
-                         [[r["layer"], r["depth"], r["cka"], r["change"], r["weight_change"]] for r in rows])
         if before:
             # The run's columns; loss where the Trainer logged it (every logging_steps), else empty.
             logged = {e.get("step"): e["loss"] for e in state.log_history if "loss" in e}
-            atomic_write_csv(os.path.join(out, "train_log.csv"),
-                             ["step", "loss", "lr"] + [f"ratio_before:{n}" for n in names]
-                             + [f"ratio_after:{n}" for n in names],
-                             [[self._first_step + i + 1, logged.get(self._first_step + i + 1), self._lrs[i]]
-                              + before[i] + after[i] for i in range(len(before))])
-        plot_profile(os.path.join(out, "profile.png"), depths, changes,
-                     [float("nan") if r["weight_change"] is None else r["weight_change"] for r in rows],
-                     f"{results['model']} · {self._objective} · Trainer · control {control} · {steps} steps",
-                     final["locality_gradient"])
+            write_train_log(out, names, [[self._first_step + i + 1, logged.get(self._first_step + i + 1), self._lrs[i]]
+                                         + before[i] + after[i] for i in range(len(before))])
+        write_profile(out, rows, f"{results['model']} · {self._objective} · Trainer · control {control} · {steps} steps",
+                      final["locality_gradient"])
         atomic_write_json(os.path.join(out, "results.json"), results)
         return results
