@@ -20,13 +20,13 @@ mlm/clm included, stays at θ₀.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from depthfast import adapters
 from depthfast.errors import DepthfastError
+from depthfast.optim.scales import ratios_from_sums, rescalable, target_of
+from depthfast.probe import relative_change
 
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 
@@ -198,7 +198,7 @@ def lora_weight_changes(base: nn.Module, tuned: nn.Module, tied_embeddings: str 
                 delta = delta + (tuned_lora[name].get_delta_weight(ADAPTER).double() - delta0)
             delta_sq += float(delta.square().sum())
             norm_sq += float(merged0.square().sum())
-        changes[group] = 0.0 if delta_sq == 0 else (None if norm_sq == 0 else math.sqrt(delta_sq / norm_sq))
+        changes[group] = relative_change(delta_sq, norm_sq)
     return changes
 
 
@@ -321,12 +321,11 @@ class LoraEqualStep:
         return [t for layer in layers for t in _factors(layer)[:2]] + others
 
     def _ratios(self, snapshot: dict, weight_sq: list[float]) -> torch.Tensor:
-        out = []
-        for i, w_sq in enumerate(weight_sq):
-            a, b, c = self._step_terms(i, snapshot)
-            delta_sq = max(a + 2 * b + c, 0.0)
-            out.append(0.0 if delta_sq == 0 else (math.inf if w_sq == 0 else math.sqrt(delta_sq / w_sq)))
-        return torch.tensor(out, dtype=torch.float64)
+        """r_g of the merged step (the rule of depthfast.optim: 0 for no step, +inf for a zero W_g)."""
+        delta_sq = [max(sum(t * w for t, w in zip(self._step_terms(i, snapshot), (1, 2, 1))), 0.0)
+                    for i in range(len(weight_sq))]
+        return ratios_from_sums(torch.tensor(delta_sq, dtype=torch.float64),
+                                torch.tensor(weight_sq, dtype=torch.float64))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -334,9 +333,9 @@ class LoraEqualStep:
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         weight_sq = [self._weight_sq(i, snapshot) for i in range(len(self.groups))]
         self.ratios_before = self._ratios(snapshot, weight_sq)
-        ok = [allowed and math.isfinite(r) and r > 0 for allowed, r in zip(self.allowed, self.ratios_before.tolist())]
-        chosen = [r for r, good in zip(self.ratios_before.tolist(), ok) if good]
-        self.target_ratio = (sum(chosen) / len(chosen) if self.target == "mean" else float(self.target)) if chosen else 0.0
+        allowed = torch.tensor(self.allowed)
+        ok = rescalable(self.ratios_before, allowed).tolist()
+        self.target_ratio = target_of(self.ratios_before, self.target, allowed)
         self.scales = torch.ones(len(self.groups), dtype=torch.float64)
         if self.control != "equal-step":
             self.ratios_after = self.ratios_before.clone()

@@ -135,10 +135,11 @@ def weight_changes(base_groups: list[tuple[str, list[torch.Tensor]]],
     Sharded (FSDP2) parameters: local sums, then one all-reduce of the (groups, 2) partial sums.
     """
     sums = group_sums_of_squares([t for _, t in tuned_groups], [b for _, b in base_groups])
-    return {name: _relative(delta, norm) for (name, _), (delta, norm) in zip(base_groups, sums.tolist())}
+    return {name: relative_change(delta, norm) for (name, _), (delta, norm) in zip(base_groups, sums.tolist())}
 
 
-def _relative(delta_sq: float, norm_sq: float) -> float | None:
+def relative_change(delta_sq: float, norm_sq: float) -> float | None:
+    """sqrt(delta_sq / norm_sq), 0.0 when nothing moved, None when W_0 = 0 moved (weight_changes' rule)."""
     if delta_sq == 0:
         return 0.0
     if norm_sq == 0:

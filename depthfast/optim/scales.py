@@ -47,14 +47,15 @@ def group_update_ratio(params: Sequence[torch.Tensor], before: Sequence[torch.Te
     return float(reference_ratios([params], [before])[0])
 
 
-def _rescalable(ratios: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def rescalable(ratios: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (G,): the groups whose step can be scaled (0 < r_g < ∞) and that are ``allowed`` (not free)."""
     ok = torch.isfinite(ratios) & (ratios > 0)
     return ok if allowed is None else ok & allowed
 
 
 def target_of(ratios: torch.Tensor, target: str | float, allowed: torch.Tensor | None = None) -> float:
     """r* as a host float (syncs): 0.0 when no group is rescalable."""
-    ok = _rescalable(ratios, allowed)
+    ok = rescalable(ratios, allowed)
     if not bool(ok.any()):
         return 0.0
     return float(ratios[ok].mean()) if target == "mean" else float(target)
@@ -66,7 +67,7 @@ def device_target_and_scales(ratios: torch.Tensor, target: str | float = "mean",
     s_g = r*/r_g (float64 (G,)), 1 for groups that cannot be rescaled or are not ``allowed`` (bool (G,),
     on the ratios' device; None: all)."""
     ratios = ratios.to(torch.float64)
-    ok = _rescalable(ratios, allowed)
+    ok = rescalable(ratios, allowed)
     count = ok.sum()
     if target == "mean":
         r_star = torch.where(ok, ratios, torch.zeros_like(ratios)).sum() / count.clamp(min=1)
