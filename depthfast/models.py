@@ -40,7 +40,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _load_kwargs(path: str) -> dict:
+def load_kwargs(path: str) -> dict:
     """Offline, a hub id is looked up in the local cache only: one clear error instead of minutes of retries."""
     return {} if os.path.isdir(path) or hub_reachable() else {"local_files_only": True}
 
@@ -53,7 +53,8 @@ def _where(path: str) -> str:
     return "hub id: not in the local cache and the hub is unreachable (offline?)"
 
 
-def _short(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (or its type), for a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -63,11 +64,11 @@ def load_config(name_or_path: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path, **_load_kwargs(path))
+        return AutoConfig.from_pretrained(path, **load_kwargs(path))
     except (OSError, ValueError, KeyError) as exc:
         if not os.path.isdir(path) and not hub_reachable():
             raise DepthfastError(f"cannot load model {name_or_path!r}: {_where(path)}") from None
-        raise DepthfastError(f"cannot load model {name_or_path!r} as a {_where(path)}: {_short(exc)}") from None
+        raise DepthfastError(f"cannot load model {name_or_path!r} as a {_where(path)}: {first_line(exc)}") from None
 
 
 @dataclass
@@ -131,9 +132,9 @@ def load_tokenizer(name_or_path: str, objective: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_load_kwargs(path))
+        tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs(path))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DepthfastError(f"cannot load the tokenizer of {name_or_path!r}: {_short(exc)}") from None
+        raise DepthfastError(f"cannot load the tokenizer of {name_or_path!r}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise DepthfastError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
@@ -155,9 +156,9 @@ def load_model(name_or_path: str, objective: str, num_labels: int = 0) -> nn.Mod
     loader = {"cls": transformers.AutoModel, "mlm": transformers.AutoModelForMaskedLM,
               "clm": transformers.AutoModelForCausalLM}[objective]
     try:
-        model = loader.from_pretrained(path, dtype=torch.float32, **_load_kwargs(path))
+        model = loader.from_pretrained(path, dtype=torch.float32, **load_kwargs(path))
     except (OSError, ValueError) as exc:
-        raise DepthfastError(f"cannot load weights of {name_or_path!r} for {objective}: {_short(exc)}") from None
+        raise DepthfastError(f"cannot load weights of {name_or_path!r} for {objective}: {first_line(exc)}") from None
     if objective == "cls":
         if num_labels < 2:
             raise DepthfastError(f"classification needs at least 2 labels; got {num_labels}")

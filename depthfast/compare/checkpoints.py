@@ -21,18 +21,14 @@ def from_pretrained(name: str, architecture: str):
     """(model, missing checkpoint keys) of ``name`` loaded as the family's LM class, on the host, fp32."""
     import torch
 
-    from depthfast.hub import hub_reachable
-    from depthfast.models import resolve_model_path
+    from depthfast.models import first_line, load_kwargs, resolve_model_path
 
     path = resolve_model_path(name)
-    # Offline, a hub id is looked up in the local cache only (as depthfast.models does).
-    offline = {} if os.path.isdir(path) or hub_reachable() else {"local_files_only": True}
     try:
         model, info = lm_class(architecture).from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                                             **offline)
+                                                             **load_kwargs(path))
     except (OSError, ValueError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DepthfastError(f"cannot load the weights of {name!r}: {text}") from None
+        raise DepthfastError(f"cannot load the weights of {name!r}: {first_line(exc)}") from None
     return model, sorted(info.get("missing_keys") or [])
 
 
