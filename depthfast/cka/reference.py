@@ -120,6 +120,43 @@ def _hsic1_from_moments(n, off_kl, sum_k, sum_l, cross):
     return (off_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
 
 
+def one_minus_cka_from_change(kk, km, mm) -> torch.Tensor:
+    """1 − CKA of K and L = K + M from the three bilinear moments of K and the change M, float64.
+
+    For any symmetric bilinear HSIC h (biased: linear CKA; unbiased HSIC₁: debiased and minibatch CKA)
+    with κ = h(K, K), μ = h(K, M), ν = h(M, M):
+        CKA = (κ + μ) / sqrt(κ (κ + 2μ + ν)),   1 − CKA² = (κν − μ²) / (κ (κ + 2μ + ν)),
+        1 − CKA = (1 − CKA²) / (1 + CKA).
+    The O(1) terms cancel algebraically, so only terms of the size of the change remain: the result
+    carries an error relative to the change, not to 1 (no subtraction of two numbers near 1). For large
+    changes (CKA ≤ ½) 1 − CKA is formed directly, where that subtraction is harmless.
+    """
+    kk, km, mm = (torch.as_tensor(v, dtype=torch.float64) for v in (kk, km, mm))
+    denom = kk * (kk + 2.0 * km + mm)
+    if not torch.isfinite(denom) or denom <= 0 or kk <= 0:
+        raise DepthfastError(f"CKA is undefined: h(K,K)·h(L,L) = {float(denom):.3g} ≤ 0 (no variance across samples)")
+    cka = (kk + km) / denom.sqrt()
+    if cka <= 0.5:
+        return 1.0 - cka
+    return ((kk * mm - km * km) / denom) / (1.0 + cka)
+
+
+def linear_change_moments(a_mat: torch.Tensor, b_mat: torch.Tensor, c_mat: torch.Tensor):
+    """(κ, μ, ν) of linear CKA from the centered feature-space products of X and the change D = Y − X:
+    A = X̃ᵀX̃ (d, d), B = D̃ᵀX̃ (d, d), C = D̃ᵀD̃ (d, d), all float64. With a = ‖A‖², p = ⟨A,B⟩, q = ‖B‖²,
+    r = ⟨A,C⟩, s = ‖B + Bᵀ + C‖² (since ỸᵀX̃ = A + B and ỸᵀỸ = A + B + Bᵀ + C):
+        κ = ‖X̃ᵀX̃‖² = a,   μ = ‖ỸᵀX̃‖² − ‖X̃ᵀX̃‖² = 2p + q,   ν = ‖M‖² = 2r + s − 2q  (M = ỸỸᵀ − X̃X̃ᵀ).
+    Feed them to ``one_minus_cka_from_change``; its numerator κν − μ² = 2ar + sa − 2qa − 4p² − q² − 4pq.
+    """
+    a = (a_mat * a_mat).sum()
+    p = (a_mat * b_mat).sum()
+    q = (b_mat * b_mat).sum()
+    r = (a_mat * c_mat).sum()
+    g = b_mat + b_mat.transpose(-1, -2) + c_mat
+    s = (g * g).sum()
+    return a, 2.0 * p + q, 2.0 * r + s - 2.0 * q
+
+
 def pool_activations(acts: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """Turn one layer's activations into samples (n, d).
 
