@@ -1,5 +1,6 @@
 """Profile metrics and objective distances against hand-computed values, slow references and edge cases."""
 
+import json
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from depthfast import metrics, objective_distance
+from depthfast.errors import DepthfastError
 from depthfast.cka import debiased_cka, hsic1, linear_cka
 from depthfast.metrics import locality_gradient
 
@@ -275,27 +277,174 @@ def test_seed_summary_by_hand():
     assert metrics.seed_summary([])["mean"] is None
 
 
-def test_ratio_ci_delta_method_by_hand():
-    num, den = metrics.seed_summary([0.8, 0.9, 1.0]), metrics.seed_summary([1.9, 2.0, 2.1])
-    r = metrics.ratio_ci(num, den)
-    se = 0.45 * math.sqrt((0.1 / math.sqrt(3) / 0.9) ** 2 + (0.1 / math.sqrt(3) / 2.0) ** 2)
-    assert r["ratio"] == pytest.approx(0.45) and r["se"] == pytest.approx(se) and r["df"] == 2
-    assert r["ci_high"] - r["ratio"] == pytest.approx(4.302653 * se, rel=1e-6)
-    assert metrics.ratio_ci(metrics.seed_summary([1.0]), den)["ci_low"] is None  # 1 seed: no CI
-    assert metrics.ratio_ci(num, metrics.seed_summary([0.0, 0.0]))["ratio"] is None
+def _paired_moments(none, eq):
+    """Means and per-seed (co)variances of paired slopes along the last dim (float64)."""
+    none, eq = torch.as_tensor(none, dtype=torch.float64), torch.as_tensor(eq, dtype=torch.float64)
+    m_n, m_e = none.mean(-1), eq.mean(-1)
+    k = none.shape[-1]
+    cov = ((none - m_n[..., None]) * (eq - m_e[..., None])).sum(-1) / (k - 1)
+    return m_n, m_e, none.var(-1, correction=1), cov, eq.var(-1, correction=1)
 
 
-@pytest.mark.parametrize("none, equal, verdict", [
+def test_fieller_interval_against_brute_force_and_known_value():
+    """Fieller's set = the R whose paired t test of d_i = e_i − R n_i does not reject (grid search over R),
+    on fresh random pairs; with den known exactly (v_den = 0) it is (m_num ± t·sqrt(v_num)) / m_den."""
+    gen = torch.Generator().manual_seed(7)
+    for k in (2, 3, 5, 8):
+        for _ in range(3):
+            none = 0.5 + 0.15 * torch.randn(k, generator=gen, dtype=torch.float64)
+            eq = 0.4 * none + 0.1 * torch.randn(k, generator=gen, dtype=torch.float64)
+            m_n, m_e, s_nn, s_en, s_ee = _paired_moments(none, eq)
+            t = metrics.t_quantile(0.975, k - 1)
+            low, high, kind = metrics.fieller_interval(m_e, m_n, s_ee / k, s_en / k, s_nn / k, t)
+            grid = torch.linspace(-6, 6, 120_001, dtype=torch.float64)  # step 1e-4
+            d = eq[None, :] - grid[:, None] * none[None, :]
+            stat = d.mean(-1).abs() / (d.std(-1, correction=1) / math.sqrt(k))
+            accepted = grid[stat <= t]
+            if int(kind) == 0:
+                assert -6 < low.item() and high.item() < 6  # inside the grid
+                assert accepted.min().item() == pytest.approx(low.item(), abs=2e-4)
+                assert accepted.max().item() == pytest.approx(high.item(), abs=2e-4)
+                assert accepted.numel() == pytest.approx((high - low).item() / 1e-4, abs=3)  # one interval
+            elif int(kind) == 1:  # two rays: nothing accepted strictly inside the gap, both grid ends accepted
+                inside = accepted[(accepted > low.item() + 2e-4) & (accepted < high.item() - 2e-4)]
+                outside = (grid < low.item() - 2e-4) | (grid > high.item() + 2e-4)
+                assert inside.numel() == 0 and (stat[outside] <= t).all()
+            else:
+                assert accepted.numel() == grid.numel()
+    low, high, kind = metrics.fieller_interval(0.3, 0.6, 0.01, 0.0, 0.0, 2.0)
+    assert int(kind) == 0 and (low.item(), high.item()) == pytest.approx(((0.3 - 0.2) / 0.6, (0.3 + 0.2) / 0.6))
+    assert int(metrics.fieller_interval(0.3, 0.1, 0.01, 0.0, 0.01, 2.0)[2]) == 1  # none not significant, eq is
+    assert int(metrics.fieller_interval(0.01, 0.01, 0.01, 0.0, 0.01, 2.0)[2]) == 2  # neither: every R
+
+
+@pytest.mark.parametrize("none, equal, expected", [
     ([1.0, 1.1, 0.9], [0.9, 0.95, 0.85], "persists"),
-    ([1.0, 1.1, 0.9], [-0.1, 0.0, 0.12], "collapses"),          # equal-step CI includes 0
-    ([1.0, 1.1, 0.9], [0.19, 0.2, 0.21], "collapses"),           # R CI high < 0.5
-    ([1.0, 1.1, 0.9], [-0.19, -0.2, -0.21], "collapses"),        # reversed sign: R < 0
-    ([1.0, 1.1, 0.9], [0.4, 0.6, 0.8], "inconclusive"),          # R's CI straddles 0.5
-    ([-0.5, 0.0, 0.6], [0.5, 0.6, 0.7], "inconclusive"),         # none's CI includes 0
-    ([-1.0, -1.1, -0.9], [-0.9, -0.95, -0.85], "persists"),     # negative slopes persist too
+    ([1.0, 1.1, 0.9], [-0.1, 0.0, 0.12], "collapses"),         # R ≈ 0 with a tight CI: upper bound < 0.5
+    ([1.0, 1.1, 0.9], [0.19, 0.2, 0.21], "collapses"),          # R CI high < 0.5
+    ([1.0, 1.1, 0.9], [-0.19, -0.2, -0.21], "collapses"),       # reversed sign: R < 0
+    ([1.0, 1.1, 0.9], [0.4, 0.6, 0.8], "inconclusive"),         # R's CI straddles 0.5
+    ([-0.5, 0.0, 0.6], [0.5, 0.6, 0.7], "inconclusive"),        # none's mean not significant: R unbounded
+    ([-1.0, -1.1, -0.9], [-0.9, -0.95, -0.85], "persists"),    # negative slopes persist too
+    ([0.100, 0.101], [0.05, 0.15], "inconclusive"),             # issue 18: R = 0.995, wide CI: not "collapses"
     ([1.0], [0.9, 0.95], "n/a (1 seed)"),
     ([], [0.9, 0.95], "n/a (no runs)"),
 ])
-def test_persistence_verdict_branches(none, equal, verdict):
-    n, e = metrics.seed_summary(none), metrics.seed_summary(equal)
-    assert metrics.persistence_verdict(e, n, metrics.ratio_ci(e, n))[0] == verdict
+def test_verdict_cases(none, equal, expected):
+    v = metrics.verdict(none, equal, paired=len(none) == len(equal))
+    assert v.verdict == expected, v.reason
+    json.dumps(v.to_dict(), allow_nan=False)  # JSON-able, no NaN / inf
+    if expected == "inconclusive":
+        assert v.missing and ("straddles 0.5" in v.reason or "not significant" in v.reason)
+    if v.ci_kind == "bounded" and expected in ("persists", "collapses"):
+        assert (v.ci_low > 0.5) == (expected == "persists") and (v.ci_high < 0.5) == (expected == "collapses")
+
+
+def test_verdict_issue_case_and_pairing():
+    v = metrics.verdict([0.100, 0.101], [0.05, 0.15])
+    assert v.ratio == pytest.approx(0.1 / 0.1005) and v.paired and v.n_pairs == 2 and v.df == 1
+    assert v.ci_low < 0.5 < 1.0 < v.ci_high and "straddles 0.5" in v.reason and v.seeds_needed > 2
+    # pairing matters: a shared seed effect cancels in d = e − R·n; unpaired, the same values are wider
+    none, eq = [0.40, 0.55, 0.70, 0.48], [0.33, 0.47, 0.58, 0.41]
+    paired, unpaired = metrics.verdict(none, eq), metrics.verdict(none, eq, paired=False)
+    assert paired.verdict == "persists" and not unpaired.paired and unpaired.df == 3
+    assert unpaired.ci_high - unpaired.ci_low > 3 * (paired.ci_high - paired.ci_low)
+    # mappings pair by seed whatever the order; seeds present on one side only are left out
+    by_seed = metrics.verdict({3: 0.48, 0: 0.40, 1: 0.55, 2: 0.70, 9: 5.0}, {2: 0.58, 1: 0.47, 0: 0.33, 3: 0.41})
+    assert by_seed.n_pairs == 4 and (by_seed.ci_low, by_seed.ci_high) == pytest.approx((paired.ci_low, paired.ci_high))
+    assert metrics.verdict({0: 0.4, 1: 0.5}, {1: 0.4, 2: 0.5}).paired is False  # < 2 common seeds: unpaired
+    with pytest.raises(DepthfastError):
+        metrics.verdict([0.1, 0.2, 0.3], [0.1, 0.2])  # paired lists must be aligned by seed
+    with pytest.raises(DepthfastError):
+        metrics.verdict([0.1, 0.2], [0.1, 0.2], confidence=1.0)
+
+
+def test_seeds_needed_is_where_fieller_first_decides():
+    """With power 0.5, seeds_needed is the smallest n at which the observed means and per-seed (co)variances
+    give a bounded Fieller CI excluding the threshold (checked against ``fieller_interval`` at n and n − 1)."""
+    for none, eq in (([0.10, 0.11, 0.12], [0.04, 0.06, 0.08]), ([0.100, 0.101], [0.05, 0.15]),
+                     ([0.5, 0.6, 0.4, 0.55], [0.30, 0.36, 0.22, 0.35]), ([-0.5, 0.1, 0.6], [0.5, 0.6, 0.7])):
+        v = metrics.verdict(none, eq, power=0.5)
+        m_n, m_e, s_nn, s_en, s_ee = _paired_moments(none, eq)
+
+        def decisive(n):
+            low, high, kind = metrics.fieller_interval(m_e, m_n, s_ee / n, s_en / n, s_nn / n,
+                                                       metrics.t_quantile(0.975, n - 1))
+            return int(kind) == 0 and not low.item() <= 0.5 <= high.item()
+
+        n = v.seeds_needed
+        assert n is not None and decisive(n) and (n == 2 or not decisive(n - 1)), (none, eq, n)
+        assert metrics.verdict(none, eq).seeds_needed >= n  # 80 % power needs at least as many
+    assert metrics.verdict([0.2, 0.3], [0.1, 0.15]).seeds_needed is None  # R = 0.5 exactly: no n decides
+
+
+def _simulated_pairs(gen, sims, seeds, ratio, none_mean, sd_fraction, shared):
+    """Paired slopes: a seed effect shared by both controls plus independent noise, SD = sd_fraction·none_mean."""
+    sd = sd_fraction * none_mean
+    seed_effect = math.sqrt(shared) * sd * torch.randn(sims, seeds, generator=gen, dtype=torch.float64)
+    noise = lambda: math.sqrt(1 - shared) * sd * torch.randn(sims, seeds, generator=gen, dtype=torch.float64)  # noqa: E731
+    return none_mean + seed_effect + noise(), ratio * none_mean + seed_effect + noise()
+
+
+CALIBRATION_SPREADS = [(0.3, 0.1, 0.5), (0.5, 0.2, 0.8), (0.7, 0.3, 0.5)]  # none's mean, seed SD / mean, shared
+
+
+def test_verdict_calibration_by_simulation():
+    """Known R, 2–8 seeds, realistic spreads, 4000 simulated studies per cell, paired: false "collapses"
+    at R ≥ 0.8 and false "persists" at R ≤ 0.2 each ≤ 5 %, Fieller coverage in [93 %, 97 %] at 95 %.
+    The vectorised path (``fieller_interval`` + ``decide``) is checked against ``verdict`` on a subset."""
+    gen = torch.Generator().manual_seed(18)
+    sims = 4000
+    worst = {"false collapses": 0.0, "false persists": 0.0, "coverage low": 1.0, "coverage high": 0.0}
+    decided = {}
+    for seeds in range(2, 9):
+        t = metrics.t_quantile(0.975, seeds - 1)
+        for none_mean, sd_fraction, shared in CALIBRATION_SPREADS:
+            for ratio in (0.0, 0.2, 0.5, 0.8, 1.0, 1.2):
+                none, eq = _simulated_pairs(gen, sims, seeds, ratio, none_mean, sd_fraction, shared)
+                m_n, m_e, s_nn, s_en, s_ee = _paired_moments(none, eq)
+                low, high, kind = metrics.fieller_interval(m_e, m_n, s_ee / seeds, s_en / seeds, s_nn / seeds, t)
+                code = metrics.decide(low, high, kind, m_e / m_n, 0.5)
+                covered = (kind == 2) | ((kind == 0) & (low <= ratio) & (ratio <= high)) \
+                    | ((kind == 1) & ((ratio <= low) | (ratio >= high)))
+                coverage = covered.double().mean().item()
+                assert 0.93 <= coverage <= 0.97, (seeds, none_mean, sd_fraction, ratio, coverage)
+                worst["coverage low"] = min(worst["coverage low"], coverage)
+                worst["coverage high"] = max(worst["coverage high"], coverage)
+                if ratio >= 0.8:
+                    rate = (code == -1).double().mean().item()
+                    assert rate <= 0.05, (seeds, none_mean, sd_fraction, ratio, rate)
+                    worst["false collapses"] = max(worst["false collapses"], rate)
+                if ratio <= 0.2:
+                    rate = (code == 1).double().mean().item()
+                    assert rate <= 0.05, (seeds, none_mean, sd_fraction, ratio, rate)
+                    worst["false persists"] = max(worst["false persists"], rate)
+                decided[seeds, none_mean, ratio] = (code != 0).double().mean().item()
+                if seeds in (2, 5) and none_mean == 0.5 and ratio in (0.2, 1.0):
+                    for i in range(150):
+                        v = metrics.verdict(none[i].tolist(), eq[i].tolist())
+                        assert v.verdict == {1: "persists", -1: "collapses", 0: "inconclusive"}[int(code[i])]
+    # the rule is not just always inconclusive: with 8 seeds and a 10 % spread it decides R = 0 and R = 1
+    assert decided[8, 0.3, 1.0] > 0.9 and decided[8, 0.3, 0.0] > 0.9 and decided[2, 0.7, 1.0] < 0.5
+    print("calibration:", worst, {k: round(v, 3) for k, v in decided.items() if k[0] in (2, 4, 8)})
+
+
+def test_verdict_calibration_unpaired():
+    """Independent samples with unequal spreads (Welch-like, df = min(seeds) − 1, conservative): coverage
+    ≥ 93 %, false collapses at R = 0.8 and false persists at R = 0.2 ≤ 5 %."""
+    gen = torch.Generator().manual_seed(19)
+    sims = 4000
+    for n_none, n_eq in ((2, 3), (4, 4), (3, 8)):
+        t = metrics.t_quantile(0.975, min(n_none, n_eq) - 1)
+        for ratio in (0.2, 0.8):
+            none = 0.5 + 0.1 * torch.randn(sims, n_none, generator=gen, dtype=torch.float64)
+            eq = ratio * 0.5 + 0.05 * torch.randn(sims, n_eq, generator=gen, dtype=torch.float64)
+            low, high, kind = metrics.fieller_interval(eq.mean(-1), none.mean(-1), eq.var(-1) / n_eq, 0.0,
+                                                       none.var(-1) / n_none, t)
+            code = metrics.decide(low, high, kind, eq.mean(-1) / none.mean(-1), 0.5)
+            covered = (kind == 2) | ((kind == 0) & (low <= ratio) & (ratio <= high)) \
+                | ((kind == 1) & ((ratio <= low) | (ratio >= high)))
+            assert covered.double().mean().item() >= 0.93
+            assert (code == (-1 if ratio == 0.8 else 1)).double().mean().item() <= 0.05
+            v = metrics.verdict(none[0].tolist(), eq[0].tolist(), paired=False)
+            assert v.verdict == {1: "persists", -1: "collapses", 0: "inconclusive"}[int(code[0])]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from depthfast import metrics
 from depthfast import report as rp
 from depthfast.config import RunConfig
 from depthfast.metrics import PER_TEXT_ESTIMATOR, profile_metrics
@@ -173,16 +174,17 @@ def _slope_run(root, name, slope, model="m", control="none", seed=0, estimator="
                                                     "estimator": estimator, "pooling": pooling})
 
 
-# Slopes over 3 seeds per side; the verdict each pair must get under PERSISTENCE_RULE.
+# Slopes per seed (seed i on both sides: paired); the verdict each pair must get under PERSISTENCE_RULE.
 BRANCHES = {
     "persists": ([0.10, 0.11, 0.12], [0.090, 0.095, 0.100]),        # R ≈ 0.86, tight: CI low > 0.5
-    "collapses-zero": ([0.10, 0.11, 0.12], [-0.01, 0.00, 0.012]),   # equal-step CI includes 0
-    "collapses-ratio": ([0.10, 0.11, 0.12], [0.019, 0.020, 0.021]),  # CI excludes 0, but R ≈ 0.18: CI high < 0.5
+    "collapses-zero": ([0.10, 0.11, 0.12], [-0.01, 0.00, 0.012]),   # R ≈ 0, Fieller CI [−0.31, 0.21] < 0.5
+    "collapses-ratio": ([0.10, 0.11, 0.12], [0.019, 0.020, 0.021]),  # R ≈ 0.18: CI high < 0.5
     "inconclusive": ([0.10, 0.11, 0.12], [0.04, 0.06, 0.08]),        # R ≈ 0.55 with a CI across 0.5
     "none-flat": ([-0.05, 0.00, 0.06], [0.05, 0.06, 0.07]),          # no slope without control
+    "wide-near-one": ([0.100, 0.101], [0.05, 0.15]),                 # issue 18: R ≈ 1, wide CI: never collapses
 }
 EXPECTED = {"persists": "persists", "collapses-zero": "collapses", "collapses-ratio": "collapses",
-            "inconclusive": "inconclusive", "none-flat": "inconclusive"}
+            "inconclusive": "inconclusive", "none-flat": "inconclusive", "wide-near-one": "inconclusive"}
 
 
 @pytest.fixture
@@ -202,20 +204,34 @@ def test_persistence_rule_branches_on_run_directories(branch_runs):
     assert set(comps) == set(BRANCHES) | {"single"}
     for model, verdict in EXPECTED.items():
         assert comps[model].verdict == verdict, (model, comps[model].reason, comps[model].ratio)
-    assert comps["collapses-zero"].reason == "equal-step CI includes 0"
-    assert "R CI high" in comps["collapses-ratio"].reason and "no slope" in comps["none-flat"].reason
+    # the rule changed (issue 18): collapses needs R's upper bound below 0.5, not equal-step's CI across 0
+    assert comps["collapses-zero"].reason.startswith("R's 95 % CI [-0.31, +0.21] lies below 0.5")
+    assert "lies below 0.5" in comps["collapses-ratio"].reason and "no slope" in comps["none-flat"].reason
+    assert "straddles 0.5" in comps["wide-near-one"].reason and comps["wide-near-one"].result.ratio > 0.99
     assert comps["single"].verdict == "n/a (1 seed)"
-    # the numbers behind a verdict: mean over seeds, t-CI with df = 2, R = ratio of the means
+    # the numbers behind a verdict: mean over seeds, t-CI with df = 2, R = ratio of the means, paired by seed
     p = comps["persists"]
     assert p.none.slope["mean"] == pytest.approx(0.11) and p.none.slope["sd"] == pytest.approx(0.01)
     assert p.none.slope["ci_low"] == pytest.approx(0.11 - 4.302653 * 0.01 / 3 ** 0.5, rel=1e-5)
-    assert p.ratio["ratio"] == pytest.approx(0.095 / 0.11) and p.ratio["df"] == 2
+    assert p.result.ratio == pytest.approx(0.095 / 0.11) and p.result.df == 2
+    assert p.result.paired and p.result.n_pairs == 3
+    direct = metrics.verdict(*BRANCHES["persists"])  # the slopes read back from the profiles, to rounding
+    assert (p.result.ci_low, p.result.ci_high) == pytest.approx((direct.ci_low, direct.ci_high), rel=1e-9)
+    assert (p.result.verdict, p.result.seeds_needed) == (direct.verdict, direct.seeds_needed)
     header, rows = rp.control_tables(rp.collect(str(branch_runs)))["exact/token"]
     single = [r for r in rows if r[0] == "single"][0]
     assert "n/a (1 seed)" in single[6] and single[header.index("verdict")] == "n/a (1 seed)"
-    rp.report(str(branch_runs), resamples=50, echo=lambda *_: None)
+    inconclusive = [r for r in rows if r[0] == "inconclusive"][0]
+    seeds_needed = inconclusive[header.index("seeds for a decisive verdict")]
+    assert int(seeds_needed) == comps["inconclusive"].result.seeds_needed > 3
+    assert inconclusive[header.index("R 95% CI (Fieller)")] == "[+0.12, +0.81]"
+    lines = []
+    rp.report(str(branch_runs), resamples=50, echo=lines.append)
     md = (branch_runs / "report" / "report.md").read_text()
     assert "Rule: R = mean slope(equal-step) / mean slope(none)" in md and "collapses" in md and "persists" in md
+    assert "seeds for a decisive verdict" in md and f"~{seeds_needed} seeds per control would decide" in md
+    terminal = "\n".join(lines)
+    assert "seeds for a decisive verdict" in terminal and "straddles 0.5" in terminal
     seed_header, seed_rows = rp.group_tables(rp.collect(str(branch_runs)))["exact/token"]
     assert [r[seed_header.index("SD over seeds")] for r in seed_rows if r[0] == "single"] == ["n/a (1 seed)"] * 2
 

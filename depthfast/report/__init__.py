@@ -25,8 +25,8 @@ One estimator per comparison: the headline slope ("locality_gradient", the run's
 slope ("slope_per_text", token HSIC₁ per probe text, with a bootstrap CI over texts) are different
 estimators; no table column, row group or figure panel holds both, and runs of different headline
 estimators are in separate tables. The headline slope's uncertainty is the spread over seeds of a seed
-group (``seed_groups``: same settings but the seed), and the equal-step vs none verdict follows
-``depthfast.metrics.PERSISTENCE_RULE``.
+group (``seed_groups``: same settings but the seed), and the equal-step vs none verdict is
+``depthfast.metrics.verdict`` per comparison, paired by seed (rule ``depthfast.metrics.PERSISTENCE_RULE``).
 
 Modules: ``records`` (run directories → ``RunRecord``), ``groups`` (seed groups, control comparisons,
 correlations), ``tables`` (runs.csv and the grouped tables), ``figures`` (the PNGs), ``document``
@@ -77,7 +77,7 @@ def report(runs_dir: str, out: str | None = None, resamples: int = 2000, echo=pr
         echo("")
     for est, (h, rs) in control_tables(records).items():
         echo(f"equal-step vs none — headline estimator {est}")
-        echo(format_table(h[:-1], [r[:-1] for r in rs]))
+        echo(format_table(h, rs))
         echo("")
     echo(format_table(*group_table(records)))
     bad = [r for r in records if not r.ok]

@@ -1,6 +1,6 @@
 """Statistics per group of runs, one headline estimator at a time: seed groups (runs that differ in the
-seed only) with the slope's spread over seeds, equal-step vs none comparisons of paired seed groups
-(``depthfast.metrics.PERSISTENCE_RULE``), and steepness-vs-distance correlations over runs."""
+seed only) with the slope's spread over seeds, equal-step vs none comparisons of seed groups paired by seed
+(``depthfast.metrics.verdict``, rule ``PERSISTENCE_RULE``), and steepness-vs-distance correlations over runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from depthfast.config import RunConfig
-from depthfast.metrics import pearson_ci, persistence_verdict, ratio_ci, seed_summary
+from depthfast.metrics import Verdict, pearson_ci, seed_summary, verdict
 from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
 from depthfast.report.records import RunRecord, estimator_of, headline_slope, source_of, tied_of
 from depthfast.tables import fmt_cell
@@ -108,16 +108,34 @@ def by_estimator(items, estimator=lambda item: item.estimator) -> dict[str, list
 
 @dataclass
 class Comparison:
+    """none vs equal-step of two seed groups that differ in the control only; ``result`` is the
+    ``depthfast.metrics.verdict`` of their headline slopes, paired by seed."""
+
     estimator: str
     none: SeedGroup
     equal: SeedGroup
-    ratio: dict
-    verdict: str
-    reason: str
+    result: Verdict
+
+    @property
+    def verdict(self) -> str:
+        return self.result.verdict
+
+    @property
+    def reason(self) -> str:
+        return self.result.reason
+
+
+def slopes_by_seed(group: SeedGroup) -> dict | None:
+    """seed → headline slope of a seed group; None when a seed is missing or repeated (no pairing then)."""
+    seeds = [r.get("seed") for r in group.runs]
+    if any(s is None for s in seeds) or len(set(map(str, seeds))) != len(seeds):
+        return None
+    return {str(s): headline_slope(r) for s, r in zip(seeds, group.runs)}
 
 
 def comparisons(records: list[RunRecord]) -> list[Comparison]:
-    """Equal-step vs none for every pair of seed groups that differ in the control only."""
+    """Equal-step vs none for every pair of seed groups that differ in the control only, paired by seed
+    (unpaired when a group's seeds are missing or repeated)."""
     groups = seed_groups(records)
     pairs: dict[str, dict[str, SeedGroup]] = {}
     for g in groups:
@@ -126,9 +144,13 @@ def comparisons(records: list[RunRecord]) -> list[Comparison]:
     for sides in pairs.values():
         if "none" in sides and "equal-step" in sides:
             none, eq = sides["none"], sides["equal-step"]
-            ratio = ratio_ci(eq.slope, none.slope)
-            verdict, reason = persistence_verdict(eq.slope, none.slope, ratio)
-            out.append(Comparison(none.estimator, none, eq, ratio, verdict, reason))
+            by_seed = slopes_by_seed(none), slopes_by_seed(eq)
+            if by_seed[0] is not None and by_seed[1] is not None:
+                result = verdict(by_seed[0], by_seed[1], paired=True)
+            else:
+                result = verdict([headline_slope(r) for r in none.runs], [headline_slope(r) for r in eq.runs],
+                                 paired=False)
+            out.append(Comparison(none.estimator, none, eq, result))
     return sorted(out, key=lambda c: (c.estimator, c.none.block_type, c.none.objective, c.none.model, c.none.tied))
 
 

@@ -128,20 +128,23 @@ def group_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
 
 
 def control_tables(records: list[RunRecord]) -> dict[str, tuple[list[str], list[list]]]:
-    """Per headline estimator: none vs equal-step per pair of seed groups, R with its CI and the verdict."""
+    """Per headline estimator: none vs equal-step per pair of seed groups (``depthfast.metrics.verdict``,
+    paired by seed): R with Fieller's CI, the verdict, the seeds a decisive verdict would need, the reason."""
     out = {}
     for est, comps in by_estimator(comparisons(records)).items():
         header = ["model", "block_type", "objective", "tied embeddings", "settings", "seeds (none / equal-step)",
                   f"slope [{est}] none: mean {SEED_CI}", f"slope [{est}] equal-step: mean {SEED_CI}",
-                  "R = equal-step / none", "R 95% CI (delta, t)", "verdict", "why"]
+                  "R = equal-step / none", "R 95% CI (Fieller)", "paired", "verdict",
+                  "seeds for a decisive verdict", "why"]
         rows = []
         for c in comps:
             cell = lambda s: (f"{fmt_cell(s['mean'], '+.3e')} " + ("n/a (1 seed)" if s["n"] == 1  # noqa: E731
                                                                 else fmt_ci(s["ci_low"], s["ci_high"])))
             rows.append([c.none.model, c.none.block_type, c.none.objective, c.none.tied, c.none.settings,
                          f"{len(c.none.runs)} / {len(c.equal.runs)}", cell(c.none.slope), cell(c.equal.slope),
-                         fmt_cell(c.ratio["ratio"], "+.3f"), fmt_ci(c.ratio["ci_low"], c.ratio["ci_high"], "+.3f"),
-                         c.verdict, c.reason])
+                         fmt_cell(c.result.ratio, "+.3f"), c.result.ci_text,
+                         f"yes ({c.result.n_pairs} seeds)" if c.result.paired else "no",
+                         c.verdict, fmt_cell(c.result.seeds_needed), c.reason])
         out[est] = (header, rows)
     return out
 
