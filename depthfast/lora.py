@@ -20,6 +20,8 @@ mlm/clm included, stays at θ₀.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -213,20 +215,35 @@ def _gram_inner(u1: torch.Tensor, v1: torch.Tensor, u2: torch.Tensor, v2: torch.
 
 
 def solve_step_scale(a: float, b: float, c: float, target_sq: float) -> float:
-    """The s > 0 with s²(a + 2bs + cs²) = target_sq (a, c ≥ 0, a + 2bs + cs² ≥ 0 for all s).
+    """The smallest s > 0 with s²(a + 2bs + cs²) = target_sq (a, c ≥ 0, a + 2bs + cs² ≥ 0 for all s).
 
     The merged step of a group whose factor updates are scaled by s is ΔW(s) = sX + s²Y, so
     ‖ΔW(s)‖² = s²a + 2s³b + s⁴c with a = ‖X‖² (+ ‖ΔP‖² of tensors that step linearly), b = ⟨X, Y⟩,
-    c = ‖Y‖². F(s) = ‖ΔW(s)‖² − target_sq is −target_sq at 0 and grows as s⁴c (or s²a): bracket a
-    root by doubling, then bisect to float64 resolution (the root found is exact to ~1e-16 relative;
-    where F is not monotonic any root of the bracket gives the target step).
+    c = ‖Y‖². F(s) = ‖ΔW(s)‖² − target_sq is −target_sq at 0; the smallest positive root is the first
+    crossing, the one reached from s = 0 along the optimizer's own direction (a later root can lie past a
+    turning point of ‖ΔW‖, where the s²Y term has reversed the step). F'(s) = 2s(a + 3bs + 2cs²): F is
+    monotone between the positive roots of a + 3bs + 2cs², so the first of the intervals [0, s₁], [s₁, s₂],
+    [s₂, ∞) whose right end has F ≥ 0 brackets it (the last one by doubling); bisection to float64
+    resolution then finds it (exact to ~1e-16 relative).
     """
     f = lambda s: s * s * (a + s * (2 * b + s * c)) - target_sq  # noqa: E731
-    lo, hi = 0.0, 1.0
-    while f(hi) < 0:
-        lo, hi = hi, hi * 2
-        if hi > 1e300:
-            raise ArithmeticError("no finite step scale reaches the target ratio")
+    if c != 0:
+        disc = 9 * b * b - 8 * a * c
+        turning = sorted(r for r in ((-3 * b - math.sqrt(disc)) / (4 * c), (-3 * b + math.sqrt(disc)) / (4 * c))
+                         if r > 0) if disc >= 0 else []
+    else:
+        turning = [-a / (3 * b)] if b != 0 and -a / (3 * b) > 0 else []
+    lo = 0.0
+    for hi in turning:
+        if f(hi) >= 0:
+            break
+        lo = hi
+    else:
+        hi = max(2 * lo, 1.0)
+        while f(hi) < 0:
+            lo, hi = hi, hi * 2
+            if hi > 1e300:
+                raise ArithmeticError("no finite step scale reaches the target ratio")
     for _ in range(2000):
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):

@@ -271,3 +271,29 @@ def test_lora_under_ddp_equals_one_process(checkpoints, tmp_path):
     assert [r["cka"] for r in a["layers"]] == pytest.approx([r["cka"] for r in b["layers"]], abs=1e-6)
     assert a["group_weight_change"] == pytest.approx(b["group_weight_change"], rel=1e-4)
     assert a["train"]["final_loss"] == pytest.approx(b["train"]["final_loss"], rel=1e-4)
+
+
+def test_solve_step_scale_returns_the_smallest_positive_root():
+    """Issue 18: ΔW(s) = sX + s²Y with Y = −X/1.5, target 1.05× the group's own ratio. ‖ΔW(s)‖ =
+    ‖X‖·|s − s²/1.5| reaches 1.05/3·‖X‖ at s = 0.75(1 ± sqrt(1 − 1.4/1.5)) = 0.556, 0.944 (the optimizer's
+    direction) and at 1.79 (past the turning point: ΔW = −0.35X, a reversed step); the first one is the answer.
+    Then fresh random quartics: the root is a root to float64 resolution and F < 0 on a fine grid before it."""
+    from depthfast.lora import solve_step_scale
+    x_sq = 2.7
+    a, b, c = x_sq, -x_sq / 1.5, x_sq / 1.5 ** 2
+    own_sq = a + 2 * b + c  # ‖ΔW(1)‖²
+    s = solve_step_scale(a, b, c, 1.05 ** 2 * own_sq)
+    assert s == pytest.approx(0.75 * (1 - math.sqrt(1 - 1.4 / 1.5)), rel=1e-12) and round(s, 3) == 0.556
+    assert s - s * s / 1.5 > 0  # the merged step keeps the optimizer's direction
+    assert solve_step_scale(a, 0.0, 0.0, 4 * a) == pytest.approx(2.0, rel=1e-14)  # linear: s = ratio
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        x, y = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+        y = y * 10 ** torch.empty(1).uniform_(-2, 1, generator=gen).item()
+        a, b, c = x.dot(x).item(), x.dot(y).item(), y.dot(y).item()
+        target = (a + 2 * b + c) * torch.empty(1).uniform_(0.01, 4.0, generator=gen).item()
+        s = solve_step_scale(a, b, c, target)
+        value = lambda v: v * v * (a + v * (2 * b + v * c))  # noqa: E731
+        assert value(s) == pytest.approx(target, rel=1e-9)
+        grid = torch.linspace(0, s, 20_001, dtype=torch.float64)[:-200]
+        assert (value(grid) < target).all()  # no earlier crossing
