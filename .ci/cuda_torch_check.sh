@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI, second environment: a GPU image's CUDA torch on a machine without a GPU (a login node or a
 # docker build). torch==2.14.1 (CUDA 13.0) goes in first, as in such an image; then depthfast is
-# installed the README's GPU way (DEPTHFAST_VENV=<env> bash install.sh) and must
+# installed the GPU way of docs/install.md (DEPTHFAST_VENV=<env> bash install.sh) and must
 #   * leave that torch in place (still 2.14.1, still a CUDA build: requirements.txt's CPU pins, e.g.
 #     triton==3.9.0, once made pip swap it for the CPU wheel and exit 0),
 #   * build depthfast._C with its CUDA kernels for the default arch list, sm_75 included (checked in
@@ -27,7 +27,7 @@ python3 -m venv "$env" && "$env/bin/pip" install -q --disable-pip-version-check 
 echo "cuda-torch env: $torch_req in $((SECONDS - t0)) s"
 
 t1=$SECONDS
-# The README's command for a GPU machine whose environment already has torch (kept verbatim):
+# docs/install.md's command for a GPU machine whose environment already has torch (kept verbatim):
 DEPTHFAST_VENV="$env" bash install.sh || fail "install.sh"
 echo "cuda-torch env: install.sh (dependencies and the CUDA build) in $((SECONDS - t1)) s"
 

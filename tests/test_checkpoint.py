@@ -31,6 +31,7 @@ def outcome(out):
     ("bert", "cls", "none"),  # dropout 0.1: the dropout draws must resume where they stopped
     ("bert", "mlm", "equal-step"),  # dropout and masking
 ])
+@pytest.mark.slow
 def test_killed_run_resumes_bit_for_bit(checkpoints, tmp_path, monkeypatch, family, objective, control):
     common = ["--model", checkpoints(family), "--objective", objective, "--control", control, "--measure-at", "0,3",
               *ARGS]

@@ -32,10 +32,10 @@ from depthfast.cka import engine as cka_engine
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_DIR = os.environ.get("DEPTHFAST_EMU_BUILD", os.path.join(REPO, "build", "cuda_emu"))
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.emulator, pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available(),
     reason="needs a C++ compiler and ninja to build the emulated extension",
-)
+)]
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,7 @@ def test_prepare_many_layers_strided_rows_and_nan_padding(emu):
 
 
 @pytest.mark.skipif(os.environ.get("DEPTHFAST_EMU_ASAN") == "1", reason="this is the sanitized run itself")
+@pytest.mark.slow
 def test_kernels_stay_inside_their_buffers_under_asan():
     """Every global access of the kernels lands in a torch CPU allocation and every __shared__ array
     is a static: ASan aborts at the first byte outside them (≈ 90 s: its own build, then this file)."""

@@ -18,6 +18,8 @@ import pytest
 import tiny_models
 from depthfast.run import main
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ARGS = ["--objective", "cls", "--steps", "4", "--batch-size", "8", "--max-length", "32", "--probe-size", "24",
         "--probe-batch-size", "12", "--warmup-steps", "1", "--quiet", "--control", "equal-step", "--lr", "1e-3"]
 

@@ -200,6 +200,7 @@ def test_default_targets_are_live_adapters_inside_the_blocks(family):
             assert not p.requires_grad, name
 
 
+@pytest.mark.slow
 def test_lora_resumes_bit_for_bit(checkpoints, tmp_path, monkeypatch):
     import depthfast.train
 
@@ -254,6 +255,8 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_lora_under_ddp_equals_one_process(checkpoints, tmp_path):
     """Two DDP processes over gloo (frozen base weights, adapters and head replicated) give the
     single-process run, the control on the merged weights included."""

@@ -58,6 +58,7 @@ def test_a_run_that_cannot_fit_is_refused():
     check_fits(MemoryEstimate({"weights": 1 << 20}), torch.device("cpu"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is read from the CUDA allocator")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_brackets_measured_peak_on_gpu(checkpointing):

@@ -509,6 +509,7 @@ def test_every_launch_enters_the_parameters_device(monkeypatch):
     assert launched_under == [(want, (want,))] * 4, launched_under
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_parameters_on_the_second_gpu_while_the_first_is_current():
     torch.cuda.set_device(0)

@@ -34,6 +34,7 @@ ADMISSIBLE = [("bert", "cls"), ("bert", "mlm")] + [
 
 
 @pytest.mark.parametrize("family,objective", ADMISSIBLE)
+@pytest.mark.slow
 def test_end_to_end_on_saved_tiny_model(checkpoints, tmp_path, family, objective):
     out = str(tmp_path / "run")
     assert main(["--model", checkpoints(family), "--objective", objective, "--out", out, *FAST]) == 0
@@ -84,6 +85,7 @@ def test_equal_step_run_equalizes_every_step(checkpoints, tmp_path, optimizer):
 
 
 @pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("bert", "cls"), ("bert", "mlm")])
+@pytest.mark.slow
 def test_same_seed_same_profile(checkpoints, tmp_path, family, objective):
     """Same seed, same run: tiny BERT has dropout 0.1, and mlm adds the masking draws."""
     runs = []
@@ -236,6 +238,7 @@ def test_bf16_run_measures_in_its_own_precision(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("family,objective", [("gpt_neox", "cls"), ("gpt2", "clm"), ("bert", "mlm")])
+@pytest.mark.slow
 def test_theta0_offload_gives_the_same_results(checkpoints, tmp_path, family, objective, monkeypatch):
     """θ₀ in host memory, run through accelerate's offload hooks (here host and device are both the CPU,
     so what is checked is the plumbing: hooks, captured activations, weight change against host
