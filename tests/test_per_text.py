@@ -150,3 +150,46 @@ def test_bootstrap_of_moments_equals_the_bootstrap_of_triples():
         assert got[key] == pytest.approx(truth[key], rel=TOL[torch.float32])
     with pytest.raises(ValueError, match="form must be one of"):
         metrics.bootstrap_slope_ci(depths, moments, form="triples")
+
+
+def test_probe_pass_records_the_change_moments_and_the_run_bootstraps_them():
+    """measure_probe keeps each text's change moments (per_text_change) and the triples derived from them
+    (per_text_hsic); run_metrics bootstraps the moments (form "change"): the same slope as the moments'
+    own bootstrap, and within 1e-9 of the triples' at this large change."""
+    from types import SimpleNamespace
+
+    import tiny_models
+    from depthfast.batches import probe_batches
+    from depthfast.cka_change import hsic_triples_from_moments
+    from depthfast.config import RunConfig
+    from depthfast.layers import BlockCapture, discover_layers
+    from depthfast.probe import measure_probe
+    from depthfast.run import run_metrics
+    from test_probe import PROBE_TEXTS, _perturbed_twin
+
+    model, tokenizer = tiny_models.build("bert")
+    model.eval()
+    twin = _perturbed_twin(model, scale=0.01).eval()
+    batches = probe_batches("clm", tokenizer, PROBE_TEXTS, None, 3, 32, 0.15, seed=0)
+    result = measure_probe(model, twin, discover_layers(model), discover_layers(twin), batches,
+                           torch.device("cpu"), "token", "exact", progress=False)
+    want = []
+    for batch in batches:
+        with torch.no_grad(), BlockCapture(discover_layers(model)) as cb, BlockCapture(discover_layers(twin)) as ct:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        want.append(change_loop(cb.activations, ct.activations, batch["attention_mask"]))
+    want = torch.cat(want)
+    assert result.per_text_change.shape == want.shape and relative(per_text_change(result.per_text_change),
+                                                                   per_text_change(want)) < 1e-9
+    assert torch.equal(result.per_text_hsic, hsic_triples_from_moments(result.per_text_change))
+    depths = [i / (want.shape[1] - 1) for i in range(want.shape[1])]
+    task, net = SimpleNamespace(num_labels=2), SimpleNamespace(config=SimpleNamespace(vocab_size=10))
+    measured = SimpleNamespace(per_text_hsic=result.per_text_hsic, per_text_change=result.per_text_change,
+                               loss_base=1.0, base_features=None, labels=None)
+    m = run_metrics(RunConfig(), task, net, measured, depths, [0.0] * len(depths), None)
+    own = metrics.bootstrap_slope_ci(depths[1:], result.per_text_change[:, 1:], form="change")
+    old = metrics.bootstrap_slope_ci(depths[1:], result.per_text_hsic[:, 1:])
+    assert (m["slope_per_text"], m["slope_per_text_ci_low"], m["slope_per_text_ci_high"]) == (
+        own["slope"], own["ci_low"], own["ci_high"])
+    assert m["slope_per_text"] == pytest.approx(old["slope"], rel=1e-9)
