@@ -23,7 +23,17 @@ cost O(m·(Σd)(Σe) + m·(Σd² + Σe²)), memory one (Σe_chunk, d) product at
 takes the cheaper of the two per batch (``last_space`` says which ran).
 
 The diagonal (i = j, same model family) equals ``StreamingCKA(estimator="unbiased")`` on the same
-batches: the same estimator, one minibatch per ``update`` call.
+batches: the same estimator, one minibatch per ``update`` call. A diagonal pair of one width is
+measured change-relative (depthfast.cka_change): with D = Y_i − X_i (formed in float64 from the
+inputs, centered like X) and M = X̃D̃ᵀ + D̃X̃ᵀ + D̃D̃ᵀ (never L − K), it accumulates κ = Σ_b HSIC₁(K, K),
+μ = Σ_b HSIC₁(K, M), ν = Σ_b HSIC₁(M, M) (HSIC₁ is bilinear) and finishes
+    1 − CKA_ii = (κν − μ²) / (κ(κ + 2μ + ν)) / (1 + CKA_ii),
+so a change of 1e-5 … 1e-8 keeps an error relative to itself, under fp32 products too. In sample
+space M is one Gram [X̃ D̃]·[D̃ Ỹ]ᵀ (Ỹ = X̃ + D̃); in feature space, with A = X̃ᵀX̃, B = D̃ᵀX̃, C = D̃ᵀD̃,
+m_a = M_aa = 2x̃_a·d̃_a + ‖d̃_a‖², sd = D̃ᵀ1:
+    tr(K̃M̃) = 2⟨A,B⟩ + ‖B‖² − k·m,   tr(M̃M̃) = 2⟨A,C⟩ + ‖B + Bᵀ + C‖² − 2‖B‖² − m·m,
+    M̃1 = X̃ sd + D̃ (sx + sd) − m,   1ᵀM̃1 = 2 sx·sd + ‖sd‖² − Σm.
+Off-diagonal pairs (and a diagonal pair of two widths) keep the statistics above.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import torch
 
 from depthfast.cka import POOLINGS, ieee_fp32_matmul, pool_activations
 from depthfast.cka.reference import _hsic1_from_moments  # the one HSIC₁ formula (depthfast.cka.hsic1)
+from depthfast.cka_change import one_minus_cka_from_moments
 from depthfast.errors import DepthfastError
 
 ESTIMATOR_LABEL = "unbiased minibatch HSIC₁ (Nguyen, Raghu & Kornblith 2021; Song et al. 2012)"
@@ -86,6 +97,10 @@ class AllPairsCKA:
         self.kl = torch.zeros(num_base, num_tuned, dtype=torch.float64)
         self.kk = torch.zeros(num_base, dtype=torch.float64)
         self.ll = torch.zeros(num_tuned, dtype=torch.float64)
+        diagonal = min(num_base, num_tuned)
+        self.km = torch.zeros(diagonal, dtype=torch.float64)  # Σ_b HSIC₁(K_i, M_i), M_i = L_i − K_i
+        self.mm = torch.zeros(diagonal, dtype=torch.float64)  # Σ_b HSIC₁(M_i, M_i)
+        self.change_batches = torch.zeros(diagonal, dtype=torch.long)  # batches whose pair (i, i) had one width
         self.batches = 0
         self.num_samples = 0
 
@@ -107,14 +122,17 @@ class AllPairsCKA:
                 raise DepthfastError(message + " (use larger probe batches)")
             warnings.warn(message + "; skipped", stacklevel=2)
             return
+        diagonal = [i for i in range(min(self.num_base, self.num_tuned)) if xs[i].shape[1] == ys[i].shape[1]]
         space = self.space
-        if space == "auto":
+        if space == "auto":  # the change terms of the diagonal: two more products of width d_i each
             db, dt = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
-            sample = m * m * (sum(db) + sum(dt) + len(db) * len(dt))
-            feature = m * (sum(db) * sum(dt) + sum(d * d for d in db) + sum(e * e for e in dt))
+            sample = m * m * (sum(db) + sum(dt) + len(db) * len(dt) + sum(2 * db[i] + 2 for i in diagonal))
+            feature = m * (sum(db) * sum(dt) + sum(d * d for d in db) + sum(e * e for e in dt)
+                           + sum(2 * db[i] * db[i] for i in diagonal))
             space = "feature" if feature < sample else "sample"
         with ieee_fp32_matmul():
-            (self._update_feature if space == "feature" else self._update_sample)(xs, ys, m)
+            (self._update_feature if space == "feature" else self._update_sample)(xs, ys, m, diagonal)
+        self.change_batches[diagonal] += 1
         self.last_space = space
         self.batches += 1
         self.num_samples += m
@@ -122,7 +140,7 @@ class AllPairsCKA:
     def _dtype(self, device: torch.device) -> torch.dtype:
         return self.gram_dtype or (torch.float64 if device.type == "cpu" else torch.float32)
 
-    def _update_sample(self, xs, ys, m: int) -> None:
+    def _update_sample(self, xs, ys, m: int, diagonal: list[int]) -> None:
         gram_bytes = 8 * m * m
         capacity = self.max_gram_bytes // gram_bytes
         if capacity < 2:
@@ -143,6 +161,12 @@ class AllPairsCKA:
                 hsic = _hsic1_from_moments(m, trace, k_sum[:, None], l_sum[None, :], cross)
                 self.kl[b0:b0 + cb, t0:t0 + ct] += hsic.cpu()
                 del l
+            for i in [i for i in diagonal if b0 <= i < b0 + cb]:  # the tuned chunk is freed: one Gram fits
+                change, c_rows, c_sum = self._change_gram(xs[i], ys[i])
+                trace = k[i - b0].flatten() @ change.flatten()  # tr(K̃M̃), K̃ symmetric
+                self.km[i] += _hsic1_from_moments(m, trace, k_sum[i - b0], c_sum, k_rows[i - b0] @ c_rows).cpu()
+                self.mm[i] += self._self_hsic(m, change[None], c_rows[None], c_sum[None])[0]
+                del change
             del k
 
     def _features(self, a: torch.Tensor):
@@ -155,9 +179,30 @@ class AllPairsCKA:
         rows, total = a64 @ s - k, s @ s - k.sum()
         gram = (c.T @ c).to(torch.float64)  # (d, d) = XᵀX
         self_hsic = _hsic1_from_moments(a.shape[0], (gram * gram).sum() - k @ k, total, total, rows @ rows)
-        return c, k, rows, total, self_hsic
+        return c, k, rows, total, self_hsic, gram
 
-    def _update_feature(self, xs, ys, m: int) -> None:
+    def _change_features(self, x: torch.Tensor, y: torch.Tensor, a_mat: torch.Tensor):
+        """(HSIC₁(K, M), HSIC₁(M, M)) float64 of one diagonal pair in feature space (module docstring),
+        a_mat = X̃ᵀX̃ (d, d) float64 as ``_features`` formed it."""
+        m = x.shape[0]
+        x64, d64 = _centered_change(x, y)
+        dtype = self._dtype(x.device)
+        xc, dc = x64.to(dtype), d64.to(dtype)
+        b_mat = (dc.T @ xc).to(torch.float64)  # D̃ᵀX̃
+        c_mat = (dc.T @ dc).to(torch.float64)  # D̃ᵀD̃
+        k = (x64 * x64).sum(dim=1)
+        diag = 2.0 * (x64 * d64).sum(dim=1) + (d64 * d64).sum(dim=1)  # m_a = M_aa
+        sx, sd = x64.sum(dim=0), d64.sum(dim=0)  # ≈ 0 after centering; kept so the identities hold exactly
+        k_rows, k_total = x64 @ sx - k, sx @ sx - k.sum()
+        m_rows = x64 @ sd + d64 @ (sx + sd) - diag
+        m_total = 2.0 * (sx @ sd) + sd @ sd - diag.sum()
+        p, q, r = (a_mat * b_mat).sum(), (b_mat * b_mat).sum(), (a_mat * c_mat).sum()
+        g = b_mat + b_mat.T + c_mat
+        km = _hsic1_from_moments(m, 2.0 * p + q - k @ diag, k_total, m_total, k_rows @ m_rows)
+        mm = _hsic1_from_moments(m, 2.0 * r + (g * g).sum() - 2.0 * q - diag @ diag, m_total, m_total, m_rows @ m_rows)
+        return km, mm
+
+    def _update_feature(self, xs, ys, m: int, diagonal: list[int]) -> None:
         d_max = max(x.shape[1] for x in xs)
         tuned = [self._features(y) for y in ys]
         self.ll += torch.stack([t[4] for t in tuned]).cpu()
@@ -177,8 +222,13 @@ class AllPairsCKA:
         l_rows = torch.stack([t[2] for t in tuned])
         l_sum = torch.stack([t[3] for t in tuned])
         for i, x in enumerate(xs):
-            c, k, k_rows, k_sum, self_hsic = self._features(x)
+            c, k, k_rows, k_sum, self_hsic, a_mat = self._features(x)
             self.kk[i] += self_hsic.cpu()
+            if i in diagonal:
+                km, mm = self._change_features(x, ys[i], a_mat)
+                self.km[i] += km.cpu()
+                self.mm[i] += mm.cpu()
+            del a_mat
             norms = []
             for (t0, t1), stack in zip(chunks, stacks):
                 prod = (stack.T @ c).to(torch.float64)  # (Σe, d): every Y_jᵀ X_i of the chunk
@@ -204,6 +254,20 @@ class AllPairsCKA:
         rows = grams.sum(dim=-1)
         return grams, rows, rows.sum(dim=-1)
 
+    def _change_gram(self, x: torch.Tensor, y: torch.Tensor):
+        """M̃ (m, m) float64 (zeroed diagonal) of one diagonal pair, M = [X̃ D̃]·[D̃ Ỹ]ᵀ = X̃D̃ᵀ + D̃X̃ᵀ + D̃D̃ᵀ
+        from the float64-centered X̃ and D̃ (one product of width 2d in the product dtype), its row
+        sums (m,) and total. Symmetric up to product roundoff, which is relative to the change."""
+        x64, d64 = _centered_change(x, y)
+        dtype = self._dtype(x.device)
+        left = torch.cat([x64, d64], dim=1).to(dtype)
+        right = torch.cat([d64, x64 + d64], dim=1).to(dtype)
+        change = (left @ right.T).to(torch.float64)
+        del left, right
+        change.diagonal().zero_()
+        rows = change.sum(dim=-1)
+        return change, rows, rows.sum()
+
     @staticmethod
     def _self_hsic(m: int, grams: torch.Tensor, rows: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         flat = grams.flatten(1)
@@ -212,7 +276,31 @@ class AllPairsCKA:
 
     # --- result ---------------------------------------------------------------------------------
     def compute(self) -> torch.Tensor:
-        """float64 (num_base, num_tuned) CKA matrix; a DepthfastError if a layer has no usable statistics."""
+        """float64 (num_base, num_tuned) CKA matrix; a DepthfastError if a layer has no usable statistics.
+        Off-diagonal: Σh_kl / sqrt(Σh_kk Σh_ll); the change-relative diagonal: 1 − ``one_minus_cka``'s."""
+        self._check()
+        matrix = self.kl / torch.sqrt(self.kk[:, None] * self.ll[None, :])
+        diagonal = self._change_diagonal()
+        matrix[diagonal, diagonal] = 1.0 - self._diagonal_change(diagonal)
+        return matrix
+
+    def one_minus_cka(self) -> torch.Tensor:
+        """float64 (num_base, num_tuned) 1 − CKA_ij, the diagonal pairs of one width change-relative (no
+        subtraction from 1: module docstring), every other pair 1 − ``compute``'s. Errors as ``compute``."""
+        self._check()
+        change = 1.0 - self.kl / torch.sqrt(self.kk[:, None] * self.ll[None, :])
+        diagonal = self._change_diagonal()
+        change[diagonal, diagonal] = self._diagonal_change(diagonal)
+        return change
+
+    def _change_diagonal(self) -> torch.Tensor:
+        """Indices i whose pair (i, i) had one width in every batch (so κ, μ, ν cover every batch)."""
+        return torch.nonzero(self.change_batches == self.batches).flatten()
+
+    def _diagonal_change(self, diagonal: torch.Tensor) -> torch.Tensor:
+        return one_minus_cka_from_moments(self.kk[diagonal], self.km[diagonal], self.mm[diagonal])
+
+    def _check(self) -> None:
         if self.batches == 0:
             raise DepthfastError("all-pairs CKA: no probe batch with at least 4 samples was seen")
         for name, self_terms in (("base", self.kk), ("tuned", self.ll)):
@@ -221,7 +309,13 @@ class AllPairsCKA:
                 raise DepthfastError(f"all-pairs CKA: {name} layer {bad[0]} has Σ HSIC₁(K, K) = "
                                      f"{float(self_terms[bad[0]]):.3g} ≤ 0 (no variance across samples); "
                                      "use more probe samples per batch")
-        return self.kl / torch.sqrt(self.kk[:, None] * self.ll[None, :])
+
+
+def _centered_change(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X̃ and D̃ = (Y − X)~ (m, d) in float64, each with its column mean removed (before any product)."""
+    x64 = x.to(torch.float64)
+    d64 = y.to(torch.float64) - x64
+    return x64 - x64.mean(dim=0, keepdim=True), d64 - d64.mean(dim=0, keepdim=True)
 
 
 def write_all_pairs(out_dir: str, matrix: torch.Tensor, base_names: Sequence[str], tuned_names: Sequence[str],

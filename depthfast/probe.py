@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from depthfast.all_pairs import AllPairsCKA
 from depthfast.cka import StreamingCKA, pool_activations
 from depthfast.distributed import group_sums_of_squares, is_sharded
+from depthfast.cka_change import hsic_triples_from_moments
 from depthfast.layers import BlockCapture, ModelLayers
-from depthfast.metrics import per_text_hsic_batch
+from depthfast.metrics.per_text import per_text_change_batch
 
 
 @dataclass
@@ -31,6 +32,9 @@ class ProbeResult:
     accuracy_base: float | None
     accuracy_tuned: float | None
     per_text_hsic: torch.Tensor | None = None  # (texts, L+1, 3): HSIC₁ (K,L), (K,K), (L,L) of each text's tokens
+    # (texts, L+1, 3): HSIC₁ (K,K), (K,M), (M,M) of each text's tokens, M = L − K built from D = Y − X
+    # (metrics.per_text_change_batch); per_text_hsic is derived from it, the bootstrap reads this one
+    per_text_change: torch.Tensor | None = None
     base_features: torch.Tensor | None = None  # (texts, d): θ₀'s last block, mean over real tokens (cls only)
     labels: torch.Tensor | None = None  # (texts,) (cls only)
     accumulator: StreamingCKA | None = None  # pass back to measure_probe to reuse θ₀'s statistics
@@ -79,7 +83,7 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
             if all_pairs is not None:
                 all_pairs.update(base_capture.activations, tuned_capture.activations, mask)
             # Per-text statistics, for the bootstrap over probe texts (depthfast.metrics)
-            hsic.append(per_text_hsic_batch(base_capture.activations, tuned_capture.activations, mask).cpu())
+            hsic.append(per_text_change_batch(base_capture.activations, tuned_capture.activations, mask).cpu())
             if batch["labels"].dim() == 1:
                 features.append(pool_activations(base_capture.activations[-1], mask, "mean").cpu())
                 labels.append(batch["labels"].cpu())
@@ -102,7 +106,8 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
         loss_tuned=mean(losses["tuned"]),
         accuracy_base=correct["base"] / counted if counted else None,
         accuracy_tuned=correct["tuned"] / counted if counted else None,
-        per_text_hsic=torch.cat(hsic) if hsic else None,
+        per_text_hsic=hsic_triples_from_moments(torch.cat(hsic)) if hsic else None,
+        per_text_change=torch.cat(hsic) if hsic else None,
         base_features=torch.cat(features) if features else None,
         labels=torch.cat(labels) if labels else None,
         accumulator=cka,

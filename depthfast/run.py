@@ -268,8 +268,11 @@ def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
     from depthfast.metrics import PER_TEXT_ESTIMATOR, profile_metrics, slope_estimator_label
     from depthfast.objective_distance import chance_normalized_loss, kernel_target_alignment
 
-    per_text = measured.per_text_hsic[:, 1:] if measured.per_text_hsic is not None else None
-    metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed)
+    # the change moments where the probe gave them (small changes stay exact), else the triples
+    per_text_change = getattr(measured, "per_text_change", None)
+    form, per_text = ("change", per_text_change) if per_text_change is not None else ("hsic", measured.per_text_hsic)
+    per_text = per_text[:, 1:] if per_text is not None else None
+    metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed, per_text_form=form)
     # Which estimator each slope is, so a report never compares two as one (locality_gradient is the
     # headline, from the run's own CKA; slope_per_text is token-level HSIC₁ per probe text).
     metrics["slope_estimator"] = slope_estimator_label(cfg.estimator, cfg.pooling)

@@ -110,11 +110,13 @@ def width(depths: Sequence[float], changes: Sequence[float]) -> dict:
 
 
 def profile_metrics(depths: Sequence[float], changes: Sequence[float], per_text_hsic: torch.Tensor | None = None,
-                    num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+                    num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                    per_text_form: str = "hsic") -> dict:
     """Every profile-shape number of one run, JSON-safe (floats, ints or None; never NaN).
 
     depths, changes: the blocks ℓ = 1 … L (drop the embedding row ℓ = 0). per_text_hsic: optional
-    float64 (texts, L, 3) for the same blocks (``per_text_hsic_batch`` stacked over the probe set).
+    float64 (texts, L, 3) for the same blocks: per_text_form "hsic" the triples (``per_text_hsic_batch``
+    stacked over the probe set), "change" the change moments (``per_text_change_batch``; bootstrap_slope_ci).
 
     Keys:
         num_blocks, mean_change, max_change, peak_depth (depth of the largest change),
@@ -146,7 +148,7 @@ def profile_metrics(depths: Sequence[float], changes: Sequence[float], per_text_
     ci = {"slope": None, "ci_low": None, "ci_high": None, "std": None, "confidence": confidence,
           "num_texts": None, "num_valid_resamples": None}
     if per_text_hsic is not None:
-        ci = bootstrap_slope_ci(depths, per_text_hsic, num_resamples, confidence, seed)
+        ci = bootstrap_slope_ci(depths, per_text_hsic, num_resamples, confidence, seed, form=per_text_form)
     out.update(slope_per_text=ci["slope"], slope_per_text_ci_low=ci["ci_low"], slope_per_text_ci_high=ci["ci_high"],
                slope_ci_low=ci["ci_low"], slope_ci_high=ci["ci_high"],
                slope_ci_std=ci["std"], slope_ci_confidence=ci["confidence"], slope_ci_texts=ci["num_texts"],
