@@ -198,7 +198,7 @@ def _unbiased_update(ext, stats, gx, gy, mask, n) -> None:
     acc = torch.zeros(len(stats), 3, dtype=torch.float64, device=gx[0].device)
     frozen = stats[0].frozen_sizes is not None
     # change form: acc = [Σ HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M)] of the change M = L − K
-    ext.unbiased_update(gx, gy, mask, acc, n, frozen, change=stats[0].change)
+    ext.unbiased_update(gx, gy, mask, acc, n, frozen, "auto", stats[0].change)
     for s, (kl, kk, ll) in zip(stats, acc.tolist()):
         s.add(kl, kk, ll, n)
 
