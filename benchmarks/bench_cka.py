@@ -17,7 +17,8 @@ and |CKA − float64 CKA| (max over layers) on inputs with offsets of 1e4 on a f
 
     python benchmarks/bench_cka.py                 # CPU: small shapes, < 1 min
     python benchmarks/bench_cka.py --device cuda   # 24×8192×2048 and 32×4096×4096, bf16
-    python benchmarks/bench_cka.py --accuracy      # error on 1 − CKA vs number of updates (fp32 vs float64 sums)
+    python benchmarks/bench_cka.py --accuracy      # old vs new (change-relative) error per magnitude, update
+                                                   # time old vs new; error vs number of updates
 
 --accuracy: nearly identical X, Y (Y = X + 0.01·noise, 1 − CKA ≈ 1e-4, offsets of 1e3 on two channels)
 streamed in probe batches of 4096 tokens up to a study-sized probe (256 updates ≈ 1 M tokens), the
@@ -42,6 +43,7 @@ import torch
 
 from depthfast import _ext, cka
 from depthfast.cka import engine as cka_engine
+from depthfast.cka import stats as cka_stats
 
 
 def timer(device: str, fn, reps: int, warmup: int = 1) -> float:
@@ -311,6 +313,57 @@ def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints
     return results
 
 
+def bench_change(device: str, n: int = 2048, d: int = 256, updates: int = 4, reps: int = 3,
+                 dtype=torch.float32, emulate_tensor_cores: bool = False) -> None:
+    """Old (XᵀX, YᵀX, YᵀY: ``stats._CHANGE_FORM = False``) vs new (X and the change D = Y − X)
+    statistics through StreamingCKA: relative error of 1 − CKA against the float64 change-relative
+    truth per magnitude (Y = X + εZ, offsets of 1e4 on 3 channels), and the time of ``update`` old vs
+    new in this process."""
+    ext = _ext.extension()
+    if emulate_tensor_cores and ext is not None:
+        ext._set_emulate_tensor_cores(True)
+    label = str(dtype).replace("torch.", "") + (" (emulated tensor cores)" if emulate_tensor_cores else "")
+    print(f"change    n = {n}, d = {d}, {updates} updates, {label} inputs on {device}, offsets 1e4 on 3 channels")
+    try:
+        for eps in (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(n, d, generator=g)
+            x[:, :3] += 1e4
+            z = torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5
+            y = (x.double() + eps * z.double()).float()
+            xq, yq = x.to(dtype), y.to(dtype)  # the truth is of the inputs the engine sees
+            truth = {"exact": float(cka.linear_cka_change(xq, yq)),
+                     "unbiased": float(cka.minibatch_cka_change(xq.split(n // updates), yq.split(n // updates)))}
+            errs = []
+            for change in (False, True):
+                cka_stats._CHANGE_FORM = change
+                for est in ("exact", "unbiased"):
+                    m = cka.StreamingCKA(1, estimator=est)
+                    for a, b in zip(xq.to(device).split(n // updates), yq.to(device).split(n // updates)):
+                        m.update([a], [b])
+                    errs.append(abs(float(m.compute_change()[0]) - truth[est]) / truth[est])
+            print(f"  1 − CKA {truth['exact']:.1e}   old exact {errs[0]:.1e} unbiased {errs[1]:.1e}   "
+                  f"new exact {errs[2]:.1e} unbiased {errs[3]:.1e}")
+        g = torch.Generator().manual_seed(2)
+        xs = [torch.randn(n, d, generator=g).to(device, dtype) for _ in range(4)]
+        ys = [x + 0.01 * torch.randn(x.shape, generator=g).to(device, dtype) for x in xs]
+        for est in ("exact", "unbiased"):
+            ms = {}
+            for _ in range(2):  # interleaved, so machine load affects both alike
+                for change in (False, True):
+                    cka_stats._CHANGE_FORM = change
+                    m = cka.StreamingCKA(4, estimator=est)
+                    m.update(xs, ys)  # allocation, shifts
+                    t = timer(device, lambda: m.update(xs, ys), reps)
+                    ms[change] = min(ms.get(change, t), t)
+            print(f"  update {est:8s} 4 layers: old {ms[False]:.2f} ms, new {ms[True]:.2f} ms, "
+                  f"new/old {ms[True] / ms[False]:.3f}")
+    finally:
+        cka_stats._CHANGE_FORM = True
+        if emulate_tensor_cores and ext is not None:
+            ext._set_emulate_tensor_cores(False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -319,6 +372,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.accuracy:
+        bench_change(args.device)
+        for dt in (torch.bfloat16, torch.float16):  # 16-bit operands (tensor cores, emulated on the CPU)
+            bench_change(args.device, n=1024, d=128, dtype=dt, emulate_tensor_cores=args.device == "cpu")
         bench_accuracy(args.device)
         if args.device == "cuda":  # the tensor-core path: bf16 inputs, production probe batch width
             bench_accuracy(args.device, widths=(2048,), dtype=torch.bfloat16, checkpoints=(1, 16, 256))

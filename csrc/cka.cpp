@@ -92,10 +92,15 @@ std::vector<at::Tensor> unit_column_stride(const std::vector<at::Tensor>& xs) {
 
 // CPU: one pass per layer over the input — shift, mask, fp32 operand, row norms and column sums
 // (float64 accumulators; per-chunk column partials, so threads never share a cache line of sums).
+// With a base b (change mode) the operand is the change: (x − b − c)·mask, x − b formed in fp32 from the
+// two inputs row by row (never a staged copy of either).
 template <typename T>
-void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, float* out, double* k, double* colsum) {
+void prepare_cpu_layer(const at::Tensor& x, const at::Tensor* base, const float* c, const float* mask, float* out,
+                       double* k, double* colsum) {
   const int64_t n = x.size(0), d = x.size(1), ld = x.stride(0);
   const T* xp = x.data_ptr<T>();
+  const T* bp = base != nullptr ? base->data_ptr<T>() : nullptr;
+  const int64_t ldb = base != nullptr ? base->stride(0) : 0;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
   std::vector<double> partial(chunks * d, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
@@ -110,6 +115,18 @@ void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, f
         }
         const T* xr = xp + r * ld;
         double acc = 0.0;
+        if (bp != nullptr) {
+          const T* br = bp + r * ldb;
+          for (int64_t j = 0; j < d; ++j) {
+            // the change first (the offsets of x and b cancel exactly), then its own shift
+            const float v = (static_cast<float>(xr[j]) - static_cast<float>(br[j])) - c[j];
+            o[j] = v;
+            acc += static_cast<double>(v) * v;
+            cs[j] += v;
+          }
+          k[r] = acc;
+          continue;
+        }
         for (int64_t j = 0; j < d; ++j) {
           const float v = static_cast<float>(xr[j]) - c[j];  // exact for massive channels (Sterbenz)
           o[j] = v;
@@ -124,10 +141,15 @@ void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, f
     for (int64_t j = 0; j < d; ++j) colsum[j] += partial[ch * d + j];
 }
 
-Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask) {
+// op = (x − base − shift)·mask per layer (base: the base model's activations in change mode, else none).
+Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask,
+                 const std::vector<at::Tensor>* base = nullptr) {
 #ifdef DEPTHFAST_WITH_CUDA
-  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble)
-    return prepare_cuda(unit_column_stride(xs), shift, mask);
+  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble) {
+    if (base == nullptr) return prepare_cuda(unit_column_stride(xs), shift, mask, nullptr);
+    const std::vector<at::Tensor> base_unit = unit_column_stride(*base);
+    return prepare_cuda(unit_column_stride(xs), shift, mask, &base_unit);
+  }
 #endif
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {
@@ -140,8 +162,11 @@ Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, con
     auto sh = shift.contiguous();
     for (int64_t i = 0; i < g; ++i) {
       auto xi = xs[i].stride(1) == 1 ? xs[i] : xs[i].contiguous();
+      at::Tensor bi;
+      if (base != nullptr) bi = (*base)[i].stride(1) == 1 ? (*base)[i] : (*base)[i].contiguous();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xi.scalar_type(), "prepare_cpu", [&] {
-        prepare_cpu_layer<scalar_t>(xi, sh.data_ptr<float>() + i * d, m.defined() ? m.data_ptr<float>() : nullptr,
+        prepare_cpu_layer<scalar_t>(xi, bi.defined() ? &bi : nullptr, sh.data_ptr<float>() + i * d,
+                                    m.defined() ? m.data_ptr<float>() : nullptr,
                                     p.op.data_ptr<float>() + i * n * d, p.k.data_ptr<double>() + i * n,
                                     p.colsum.data_ptr<double>() + i * d);
       });
@@ -152,7 +177,10 @@ Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, con
   at::Tensor op = at::empty({g, n, d}, xs[0].options().dtype(at::kFloat));
   for (int64_t i = 0; i < g; ++i) {
     auto out = op.select(0, i);
-    if (xs[i].scalar_type() == at::kDouble) {
+    if (base != nullptr) {  // the change in fp32 (float64 for float64 inputs), then its shift
+      const auto wide = xs[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      out.copy_(at::sub(xs[i].to(wide), (*base)[i].to(wide)).sub_(shift.select(0, i).to(wide)));
+    } else if (xs[i].scalar_type() == at::kDouble) {
       out.copy_(xs[i] - shift.select(0, i).to(at::kDouble));
     } else {
       // x and c are both representable in fp32, and for channels whose values lie within 2× of c
@@ -288,7 +316,82 @@ at::Tensor hsic1_moments(double n, const at::Tensor& off, const at::Tensor& sum_
   return (off + sum_k * sum_l / ((n - 1) * (n - 2)) - cross * (2.0 / (n - 2))) / (n * (n - 3));
 }
 
+// Σ_j a_ij b_ij per row (G, n) float64 of two prepared operands (G, n, d), one layer at a time.
+at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kDouble));
+  for (int64_t i = 0; i < a.size(0); ++i)
+    out.select(0, i).copy_(at::sum(a.select(0, i).to(at::kFloat) * b.select(0, i).to(at::kFloat), {-1}, false, at::kDouble));
+  return out;
+}
+
+// The change of the Gram's diagonal, m_i = ‖x'_i + d'_i‖² − ‖x'_i‖² = 2 x'_i·d'_i + ‖d'_i‖² (G, n) float64.
+at::Tensor change_diagonal(const Prepared& px, const Prepared& pd) { return row_dots(px.op, pd.op).mul_(2.0).add_(pd.k); }
+
 }  // namespace
+
+// Σ_{i≠j} [K∘M, K∘K, M∘M]_ij (G, 3) float64 over row tiles I ≤ J of K = XXᵀ and the change of the Gram
+// M = XDᵀ + DXᵀ + DDᵀ = [X + D | D]·[D | X]ᵀ (one product of inner width 2d); one tile pair at a time.
+at::Tensor offdiag_sums_change_tiled(const at::Tensor& x, const at::Tensor& d, int64_t tile) {
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == d.sizes(), "offdiag_sums_change_tiled: x_op and d_op must be (G, n, d) of one shape");
+  TORCH_CHECK(tile >= 1, "offdiag_sums_change_tiled: tile must be ≥ 1; got ", tile);
+  const int64_t n = x.size(1);
+  at::Tensor out = at::zeros({x.size(0), 3}, x.options().dtype(at::kDouble));
+  const auto xf = x.to(at::kFloat), df = d.to(at::kFloat);  // no copy for fp32 operands
+  for (int64_t i0 = 0; i0 < n; i0 += tile) {
+    const int64_t ti = std::min(tile, n - i0);
+    auto xi = xf.narrow(1, i0, ti), di = df.narrow(1, i0, ti);
+    auto left = at::cat({xi + di, di}, 2);
+    for (int64_t j0 = i0; j0 < n; j0 += tile) {
+      const int64_t tj = std::min(tile, n - j0);
+      auto xj = xf.narrow(1, j0, tj), dj = df.narrow(1, j0, tj);
+      auto k = at::bmm(xi, xj.transpose(1, 2));
+      auto m = at::bmm(left, at::cat({dj, xj}, 2).transpose(1, 2));
+      if (i0 == j0) {  // the diagonal is not part of K̃, M̃
+        auto off = 1.0 - at::eye(ti, k.options());
+        k.mul_(off);
+        m.mul_(off);
+      }
+      auto part = at::stack({at::sum(k * m, {1, 2}, false, at::kDouble), at::sum(k * k, {1, 2}, false, at::kDouble),
+                             at::sum(m * m, {1, 2}, false, at::kDouble)}, 1);
+      out.add_(part, i0 == j0 ? 1.0 : 2.0);
+    }
+  }
+  return out;
+}
+
+// (a, p, q, r, s) = (‖A‖², ⟨A,B⟩, ‖B‖², ⟨A,C⟩, ‖B + Bᵀ + C‖²) (G, 5) float64 of A = XᵀX, B = DᵀX, C = DᵀD
+// (full Frobenius sums, diagonal included), from (block × block) pieces I ≤ J: with the symmetry of A, C
+// and B + Bᵀ + C, a pair I < J counts twice and needs B_IJ and B_JI (four products; three on the diagonal).
+at::Tensor gram_moments_change(const at::Tensor& x, const at::Tensor& d, int64_t block) {
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == d.sizes(), "gram_moments_change: x_op and d_op must be (G, n, d) of one shape");
+  const int64_t w = x.size(2);
+  if (block <= 0 || block > w) block = w;
+  at::Tensor out = at::zeros({x.size(0), 5}, x.options().dtype(at::kDouble));
+  auto dot = [](const at::Tensor& a, const at::Tensor& b) { return at::sum(a * b, {1, 2}, false, at::kDouble); };
+  for (int64_t i0 = 0; i0 < w; i0 += block) {
+    const int64_t bi = std::min(block, w - i0);
+    auto xi = x.narrow(2, i0, bi), di = d.narrow(2, i0, bi);
+    for (int64_t j0 = i0; j0 < w; j0 += block) {
+      const int64_t bj = std::min(block, w - j0);
+      auto xj = x.narrow(2, j0, bj), dj = d.narrow(2, j0, bj);
+      auto a = bmm_f32(xi.transpose(1, 2), xj);   // A_IJ
+      auto b = bmm_f32(di.transpose(1, 2), xj);   // B_IJ
+      auto c = bmm_f32(di.transpose(1, 2), dj);   // C_IJ
+      at::Tensor part;
+      if (i0 == j0) {
+        auto gsum = b + b.transpose(1, 2) + c;
+        part = at::stack({dot(a, a), dot(a, b), dot(b, b), dot(a, c), dot(gsum, gsum)}, 1);
+      } else {
+        auto bt = bmm_f32(xi.transpose(1, 2), dj);  // B_JIᵀ = X_Iᵀ D_J
+        auto gsum = b + bt + c;
+        // ⟨A,B⟩ over both blocks: ⟨A_IJ, B_IJ⟩ + ⟨A_JI, B_JI⟩ = ⟨A_IJ, B_IJ + B_JIᵀ⟩ (counted once here)
+        part = at::stack({dot(a, a) * 2.0, dot(a, b + bt), dot(b, b) + dot(bt, bt), dot(a, c) * 2.0, dot(gsum, gsum) * 2.0}, 1);
+      }
+      out.add_(part);
+    }
+  }
+  return out;
+}
 
 // Symmetric-split block size for widths d: one block below 2·min_block, then ~min_block-wide blocks (≤ 8),
 // so a block product stays large enough for GEMM efficiency while the saving nears 2×.
@@ -307,7 +410,7 @@ int64_t gram_block(int64_t d, bool /*cuda*/) {
 void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& ys,
                   const c10::optional<at::Tensor>& mask, const at::Tensor& shift_x, const at::Tensor& shift_y,
                   at::Tensor sxx, at::Tensor syy, at::Tensor syx, at::Tensor sx, at::Tensor sy, at::Tensor vx,
-                  at::Tensor vy, at::Tensor sc, bool skip_xx, int64_t block) {
+                  at::Tensor vy, at::Tensor sc, bool skip_xx, int64_t block, bool change) {
   check_group(xs, ys, mask);
   const at::NoTF32Guard no_tf32;  // fp32 products in IEEE fp32, whatever the user's allow_tf32
   const int64_t g = xs.size(), d1 = xs[0].size(1), d2 = ys[0].size(1);
@@ -329,8 +432,11 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
   check_state(vy, {g, 2, d2}, at::kDouble, "vy");
   check_state(sc, {g, 5}, at::kDouble, "sc");
 
+  TORCH_CHECK(!change || d1 == d2, "exact_update: change=True needs base and tuned layers of one width; got ", d1,
+              " and ", d2);
   Prepared px = prepare(xs, shift_x, mask);
-  Prepared py = prepare(ys, shift_y, mask);
+  // change mode: the tuned side's operand is the change d' = (y − x − c_d)·mask, staged from ys and xs
+  Prepared py = prepare(ys, shift_y, mask, change ? &xs : nullptr);
   bool done = false;
 #ifdef DEPTHFAST_WITH_CUDA
   const char* syrk = std::getenv("DEPTHFAST_CKA_SYRK");
@@ -360,17 +466,65 @@ void exact_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tenso
   }
   sx.add_(px.colsum);
   sy.add_(py.colsum);
-  // Σ w_i x'_i for w = k, l: (G, 2, n) × (G, n, d) in the operand's precision, then float64.
-  vx.add_(split_bmm_left(at::stack({px.k, py.k}, 1), px.op));
-  vy.add_(split_bmm_left(at::stack({py.k, px.k}, 1), py.op));
   const auto& k = px.k;
-  const auto& l = py.k;
+  // change mode: l is the change of the Gram's diagonal m_i = 2x'_i·d'_i + ‖d'_i‖²
+  const at::Tensor l = change ? change_diagonal(px, py) : py.k;
+  // Σ w_i x'_i for w = k, l: (G, 2, n) × (G, n, d) in the operand's precision, then float64.
+  vx.add_(split_bmm_left(at::stack({k, l}, 1), px.op));
+  vy.add_(split_bmm_left(at::stack({l, k}, 1), py.op));
   sc.add_(at::stack({k.sum(1), l.sum(1), (k * l).sum(1), (k * k).sum(1), (l * l).sum(1)}, 1));
+}
+
+// One minibatch's (HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M)) per layer, added into acc (G, 3), from the prepared
+// centered X̃ (px) and change D̃ (pd); M = X̃D̃ᵀ + D̃X̃ᵀ + D̃D̃ᵀ is the change of the Gram (HSIC₁ is bilinear):
+//   tr(K̃M̃) = 2p + q − Σ k m,  tr(M̃M̃) = 2r + s − 2q − Σ m²,  tr(K̃K̃) = a − Σ k²   (feature space), or
+//   the three Σ_{i≠j} directly over tiles (sample space);  1ᵀM̃1 = 2 sx·sd + ‖sd‖² − Σm,
+//   (M̃1)_i = x̃_i·sd + d̃_i·(sx + sd) − m_i,  (K̃1)_i = x̃_i·sx − k_i.
+void unbiased_change_moments(const Prepared& px, const Prepared& pd, at::Tensor& acc, int64_t n_real, bool skip_xx,
+                             bool feature) {
+  const int64_t g = px.op.size(0);
+  const at::Tensor m = change_diagonal(px, pd);
+  const auto& k = px.k;
+  at::Tensor off;  // (G, 3): Σ_{i≠j} K∘M, K∘K, M∘M
+  if (feature) {
+    at::Tensor mom;  // (G, 5): a, p, q, r, s
+#ifdef DEPTHFAST_WITH_CUDA
+    // --- CUDA dispatch (kernels in cka_cuda.cu), as for gram_sqnorms_cuda below ---
+    if (runs_cuda_kernels(px.op) && use_tensor_cores(px.op)) {
+      mom = at::zeros({g, 5}, acc.options());
+      gram_moments_change_cuda(px.op, pd.op, mom);
+    }
+#endif
+    if (!mom.defined()) mom = gram_moments_change(px.op, pd.op, gram_block(px.op.size(2), px.op.is_cuda()));
+    auto a = mom.select(1, 0), p = mom.select(1, 1), q = mom.select(1, 2), r = mom.select(1, 3), s = mom.select(1, 4);
+    off = at::stack({2.0 * p + q - (k * m).sum(1), a - (k * k).sum(1), 2.0 * r + s - 2.0 * q - (m * m).sum(1)}, 1);
+  } else {
+#ifdef DEPTHFAST_WITH_CUDA
+    // --- CUDA dispatch (kernels in cka_cuda.cu), as for offdiag_sums_cuda below ---
+    if (runs_cuda_kernels(px.op) && use_tensor_cores(px.op)) {
+      off = at::zeros({g, 3}, acc.options());
+      offdiag_sums_change_cuda(px.op, pd.op, off);
+    } else
+#endif
+      off = offdiag_sums_change_tiled(px.op, pd.op, 256);
+  }
+  (void)g;
+  const double nd = static_cast<double>(n_real);
+  auto sx = px.colsum, sd = pd.colsum;
+  auto w = sx + sd;
+  auto xt = px.op.transpose(1, 2), dt = pd.op.transpose(1, 2);
+  auto pk = split_bmm_left(sx.unsqueeze(1), xt).squeeze(1) - k;
+  auto pm = split_bmm_left(sd.unsqueeze(1), xt).squeeze(1) + split_bmm_left(w.unsqueeze(1), dt).squeeze(1) - m;
+  auto sum_k = (sx * sx).sum(1) - k.sum(1);
+  auto sum_m = 2.0 * (sx * sd).sum(1) + (sd * sd).sum(1) - m.sum(1);
+  acc.select(1, 0).add_(hsic1_moments(nd, off.select(1, 0), sum_k, sum_m, (pk * pm).sum(1)));
+  acc.select(1, 2).add_(hsic1_moments(nd, off.select(1, 2), sum_m, sum_m, (pm * pm).sum(1)));
+  if (!skip_xx) acc.select(1, 1).add_(hsic1_moments(nd, off.select(1, 1), sum_k, sum_k, (pk * pk).sum(1)));
 }
 
 void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& ys,
                      const c10::optional<at::Tensor>& mask, at::Tensor acc, int64_t n_real, bool skip_xx,
-                     const std::string& space) {
+                     const std::string& space, bool change) {
   check_group(xs, ys, mask);
   const int64_t g = xs.size(), n = xs[0].size(0), d1 = xs[0].size(1), d2 = ys[0].size(1);
   const at::NoTF32Guard no_tf32;  // fp32 products in IEEE fp32, whatever the user's allow_tf32
@@ -391,6 +545,21 @@ void unbiased_update(const std::vector<at::Tensor>& xs, const std::vector<at::Te
     return m.to(at::kFloat);
   };
   Prepared px = prepare(xs, batch_mean(xs), mask);
+  if (change) {
+    TORCH_CHECK(d1 == d2, "unbiased_update: change=True needs base and tuned layers of one width; got ", d1, " and ", d2);
+    // The change's own (masked) batch mean, one layer at a time (a temporary of one layer, never of the
+    // group): it must be close to the change's mean, not only to Y's, or D̃ would carry Y's rounding.
+    const bool wide = xs[0].scalar_type() == at::kDouble;
+    at::Tensor mean_d = at::empty({g, d1}, acc.options());
+    for (int64_t i = 0; i < g; ++i) {
+      at::Tensor di = wide ? at::sub(ys[i], xs[i]) : at::sub(ys[i].to(at::kFloat), xs[i].to(at::kFloat));
+      if (mask.has_value()) di.masked_fill_(mask->view({-1, 1}) == 0, 0.0);
+      mean_d.select(0, i).copy_(at::sum(di, {0}, false, at::kDouble) / static_cast<double>(n_real));
+    }
+    Prepared pd = prepare(ys, mean_d.to(at::kFloat), mask, &xs);
+    unbiased_change_moments(px, pd, acc, n_real, skip_xx, space == "feature" || (space == "auto" && d1 + d2 <= n));
+    return;
+  }
   Prepared py = prepare(ys, batch_mean(ys), mask);
 
   const bool feature = space == "feature" || (space == "auto" && d1 + d2 <= n);
@@ -450,13 +619,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "xs, ys: lists of G (n, d1) / (n, d2) activations; mask: (n,) or None; shift_x (G, d1), shift_y (G, d2) f32;\n"
         "sxx (G,d1,d1), syy (G,d2,d2) (upper blocks of size `block`), syx (G,d2,d1): all f64 (or all f32);\n"
         "each update's products are fp32, added into them; sx (G,d1), sy (G,d2),\n"
-        "vx (G,2,d1), vy (G,2,d2), sc (G,5) f64; skip_xx leaves sxx untouched (kept base statistics).",
+        "vx (G,2,d1), vy (G,2,d2), sc (G,5) f64; skip_xx leaves sxx untouched (kept base statistics).\n"
+        "change (d1 = d2): ys are the tuned activations, the engine stages d = y − x; shift_y is d's shift and\n"
+        "syy, syx, sy hold Σd'd'ᵀ, Σd'x'ᵀ, Σd'; vx = [Σk x', Σm x'], vy = [Σm d', Σk d'], sc = [Σk, Σm, Σkm, Σk², Σm²],\n"
+        "m_i = 2x'_i·d'_i + ‖d'_i‖².",
         py::arg("xs"), py::arg("ys"), py::arg("mask"), py::arg("shift_x"), py::arg("shift_y"), py::arg("sxx"),
         py::arg("syy"), py::arg("syx"), py::arg("sx"), py::arg("sy"), py::arg("vx"), py::arg("vy"), py::arg("sc"),
-        py::arg("skip_xx"), py::arg("block"));
+        py::arg("skip_xx"), py::arg("block"), py::arg("change") = false);
+  m.def("offdiag_sums_change_tiled", &depthfast::offdiag_sums_change_tiled,
+        "Σ_{i≠j} [K∘M, K∘K, M∘M] (G, 3) f64 of K = XXᵀ and M = XDᵀ + DXᵀ + DDᵀ from prepared x_op, d_op (G, n, d).",
+        py::arg("x_op"), py::arg("d_op"), py::arg("tile") = 256);
+  m.def("gram_moments_change", &depthfast::gram_moments_change,
+        "(‖A‖², ⟨A,B⟩, ‖B‖², ⟨A,C⟩, ‖B+Bᵀ+C‖²) (G, 5) f64 of A = XᵀX, B = DᵀX, C = DᵀD from x_op, d_op (G, n, d).",
+        py::arg("x_op"), py::arg("d_op"), py::arg("block") = 0);
   m.def("unbiased_update", &depthfast::unbiased_update,
         "Add one minibatch's HSIC₁(K,L), HSIC₁(K,K), HSIC₁(L,L) per layer into acc (G, 3) f64 without forming\n"
-        "n×n Grams. n_real: number of unmasked rows (> 3). space: 'auto' | 'feature' | 'sample'.",
+        "n×n Grams. n_real: number of unmasked rows (> 3). space: 'auto' | 'feature' | 'sample'.\n"
+        "change (d1 = d2): acc += (HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M)) of the change M = L − K instead.",
         py::arg("xs"), py::arg("ys"), py::arg("mask"), py::arg("acc"), py::arg("n_real"), py::arg("skip_xx"),
-        py::arg("space") = "auto");
+        py::arg("space") = "auto", py::arg("change") = false);
 }

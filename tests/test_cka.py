@@ -763,6 +763,11 @@ def test_float64_gram_sums_keep_relative_accuracy_over_a_study_sized_probe(monke
     sums 1.3e-6–1.1e-4."""
     if _ext.extension() is None:
         pytest.skip("depthfast._C not built")
+    # The statistics of X and Y (the old form): the change-relative form's errors are relative to the
+    # change, and with it even fp32 sums stay below accum_tol (test_change_relative_* below).
+    from depthfast.cka import stats as cka_stats
+
+    monkeypatch.setattr(cka_stats, "_CHANGE_FORM", False)
     accum_tol = 5e-4
     layers, d, t, updates = 4, 32, 64, 256
     g = gen(96)
@@ -916,3 +921,109 @@ def test_memory_estimate_brackets_a_real_engine_update_on_gpu():
     staged = torch.cuda.max_memory_allocated() - base
     est = memory.cka_update_bytes(G, t, d, "exact", 2)
     assert 0.5 * est <= staged <= 1.1 * est, (staged, est)
+
+
+# --- change-relative statistics (issue #18): 1 − CKA exact relative to the change --------------------
+# Tolerances on the relative error of 1 − CKA against the float64 change-relative truth (depthfast.cka
+# *_cka_change): compiled engine (fp32 products of X̃ and D̃, float64 finish) 1e-4; float64 reference 1e-7.
+# Measured on a 2-core CPU: ≤ 8e-8 (engine), ≤ 2e-15 (reference) from 1e-1 to 1e-8 (docs/precision.md).
+_CHANGE_TOL = {"auto": 1e-4, "reference": 1e-7}
+
+
+def _change_pair(n, d, eps, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    if offset:
+        x[:, :3] += 1e4  # massive-activation channels, shared by base and tuned
+    z = torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5
+    return x, (x.double() + eps * z.double()).float()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("offset", [False, True])
+def test_change_relative_one_minus_cka_every_magnitude(backend, offset):
+    from depthfast.cka import debiased_cka_change, linear_cka_change, minibatch_cka_change
+
+    n, d, nb = 256, 40, 4
+    for i, eps in enumerate([3e-1, 3e-2, 3e-3, 3e-4, 1e-4]):  # 1 − CKA ≈ 1e-1 … 1e-8
+        x, y = _change_pair(n, d, eps, offset, seed=100 + i)
+        xb, yb = list(x.split(n // nb)), list(y.split(n // nb))
+        exact = cka.StreamingCKA(1, estimator="exact", backend=backend)
+        unbiased = cka.StreamingCKA(1, estimator="unbiased", backend=backend)
+        for a, b in zip(xb, yb):
+            exact.update([a], [b])
+            unbiased.update([a], [b])
+        for got, truth in ((exact.compute_change("linear"), linear_cka_change(x, y)),
+                           (exact.compute_change("debiased"), debiased_cka_change(x, y)),
+                           (unbiased.compute_change(), minibatch_cka_change(xb, yb))):
+            rel = abs(float(got[0]) - float(truth)) / float(truth)
+            assert rel <= _CHANGE_TOL[backend], (eps, float(truth), rel)
+        assert abs(float(exact.compute()[0]) - (1.0 - float(linear_cka_change(x, y)))) <= 1e-9
+
+
+def test_change_relative_different_widths_fall_back_to_old_statistics():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 12, generator=g), torch.randn(64, 7, generator=g)
+    for backend in ("auto", "reference"):
+        s = cka.StreamingCKA(1, backend=backend)
+        s.update([x], [y])
+        assert s._layers[0].change is False
+        assert abs(float(s.compute_change()[0]) - (1.0 - float(cka.linear_cka(x, y)))) <= 1e-6
+
+
+def test_change_relative_reset_tuned_keeps_base_and_matches_truth():
+    from depthfast.cka import linear_cka_change
+
+    x, y1 = _change_pair(96, 10, 1e-2, True, seed=7)
+    _, y2 = _change_pair(96, 10, 1e-3, True, seed=8)
+    for backend in ("auto", "reference"):
+        s = cka.StreamingCKA(1, backend=backend)
+        for a, b in zip(x.split(32), y1.split(32)):
+            s.update([a], [b])
+        s.reset_tuned()
+        for a, b in zip(x.split(32), y2.split(32)):
+            s.update([a], [b])
+        truth = float(linear_cka_change(x, y2))
+        assert abs(float(s.compute_change()[0]) - truth) / truth <= _CHANGE_TOL[backend]
+
+
+def test_change_relative_masked_nan_padding_many_layers_odd_width():
+    from depthfast.cka import linear_cka_change
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(3, 11, 13, generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    layers = 5
+    bases = [base + i for i in range(layers)]
+    tuned = [b + 10 ** (-1 - i) * torch.randn(b.shape, generator=g) for i, b in enumerate(bases)]
+    for t in (*bases, *tuned):
+        t[mask == 0] = float("nan")
+    s = cka.StreamingCKA(layers)
+    s.update(bases, tuned, mask)
+    got = s.compute_change()
+    for i in range(layers):
+        truth = float(linear_cka_change(bases[i][mask.bool()], tuned[i][mask.bool()]))
+        assert abs(float(got[i]) - truth) / truth <= 1e-4, (i, truth, float(got[i]))
+
+
+def test_change_relative_cpu_kernels_match_float64():
+    from depthfast import _C
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 37, 19, generator=g, dtype=torch.float64)
+    d = 1e-3 * torch.randn(2, 37, 19, generator=g, dtype=torch.float64)
+    eye = torch.eye(37, dtype=torch.bool)
+    for j in range(2):
+        k = x[j] @ x[j].T
+        m = x[j] @ d[j].T + d[j] @ x[j].T + d[j] @ d[j].T
+        k0, m0 = k.masked_fill(eye, 0), m.masked_fill(eye, 0)
+        want = torch.stack([(k0 * m0).sum(), (k0 * k0).sum(), (m0 * m0).sum()])
+        got = _C.offdiag_sums_change_tiled(x.float(), d.float(), 8)[j]
+        assert torch.allclose(got, want, rtol=1e-5), (got, want)
+        a, b, c = x[j].T @ x[j], d[j].T @ x[j], d[j].T @ d[j]
+        gs = b + b.T + c
+        want = torch.stack([(a * a).sum(), (a * b).sum(), (b * b).sum(), (a * c).sum(), (gs * gs).sum()])
+        got = _C.gram_moments_change(x.float(), d.float(), 8)[j]
+        assert torch.allclose(got, want, rtol=1e-5), (got, want)

@@ -12,6 +12,9 @@ Other measures from the same centered statistics (float64 references):
 
 Public API (import from ``depthfast.cka``):
     linear_cka(x, y), debiased_cka(x, y), procrustes_distance(x, y)   float64 scalars (ground truth)
+    linear_cka_change(x, y), debiased_cka_change(x, y), minibatch_cka_change(x_batches, y_batches)
+                                 1 − CKA (float64) from X and D = Y − X, exact at every magnitude
+    one_minus_cka_from_change(kk, km, mm)   1 − CKA from the moments of K and the change M
     hsic1(k, l)                  unbiased HSIC₁ of Gram stacks (..., n, n) → (...)
     pool_activations(acts, attention_mask, pooling)   (batch, seq, d) → samples (n, d)
     StreamingCKA(num_layers, pooling, estimator, backend)   per-layer CKA over probe batches
@@ -32,10 +35,14 @@ stated in tests/test_cka.py.
 """
 
 from depthfast.cka.engine import BACKENDS, ieee_fp32_matmul
-from depthfast.cka.reference import POOLINGS, debiased_cka, hsic1, linear_cka, pool_activations, procrustes_distance
+from depthfast.cka.reference import (
+    POOLINGS, debiased_cka, debiased_cka_change, hsic1, linear_cka, linear_cka_change, minibatch_cka_change,
+    one_minus_cka_from_change, pool_activations, procrustes_distance,
+)
 from depthfast.cka.streaming import ESTIMATORS, MEASURES, StreamingCKA
 
 __all__ = [
-    "BACKENDS", "ESTIMATORS", "MEASURES", "POOLINGS", "StreamingCKA", "debiased_cka", "hsic1",
-    "ieee_fp32_matmul", "linear_cka", "pool_activations", "procrustes_distance",
+    "BACKENDS", "ESTIMATORS", "MEASURES", "POOLINGS", "StreamingCKA", "debiased_cka", "debiased_cka_change",
+    "hsic1", "ieee_fp32_matmul", "linear_cka", "linear_cka_change", "minibatch_cka_change",
+    "one_minus_cka_from_change", "pool_activations", "procrustes_distance",
 ]

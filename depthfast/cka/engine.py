@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from depthfast.cka import stats as _stats
 from depthfast.cka.reference import pool_activations
 from depthfast.cka.stats import _ExactLayerStats, _mirror_upper_blocks
 from depthfast.errors import DepthfastError
@@ -144,9 +145,15 @@ def _engine_inputs(base_acts, tuned_acts, attention_mask, pooling: str):
 
 def _exact_update(ext, stats, gx, gy, mask, n) -> None:
     """One engine update of a width group: ``stats`` (_ExactLayerStats, one per layer of the group)
-    become views into stacked (G, …) buffers on the first call; shifts = the first batch's means."""
+    become views into stacked (G, …) buffers on the first call; shifts = the first batch's means.
+    Change form (one width, ``stats._CHANGE_FORM``): the engine stages D = y − x itself (no copy of
+    the activations here), and the y-fields and shift_y are those of D."""
     first = stats[0]
     g, d1, d2, dev = len(stats), gx[0].shape[1], gy[0].shape[1], gx[0].device
+    if first.change is None:
+        for s in stats:
+            s.change = _stats._CHANGE_FORM and d1 == d2
+    change = first.change
     if first.sx is None:  # allocate stacked state; per-layer stats are views into it
         f32 = dict(dtype=torch.float32, device=dev)
         f64 = dict(dtype=torch.float64, device=dev)
@@ -167,22 +174,31 @@ def _exact_update(ext, stats, gx, gy, mask, n) -> None:
     st = first._stacked
     for which, acts in (("shift_x", gx), ("shift_y", gy)):
         if getattr(first, which) is None:  # first batch (of this pass): shift by its mean
-            st[which].copy_(torch.stack([_masked_mean(a, mask, n) for a in acts]))
+            if which == "shift_y" and change:  # the change's own mean, in float64
+                means = [_masked_mean(y, mask, n, base=x) for x, y in zip(gx, gy)]
+            else:
+                means = [_masked_mean(a, mask, n) for a in acts]
+            st[which].copy_(torch.stack(means))
             for j, s in enumerate(stats):
                 setattr(s, which, st[which][j])
     frozen = first.frozen_n is not None
     ext.exact_update(gx, gy, mask, st["shift_x"], st["shift_y"], st["sxx"], st["syy"], st["syx"],
-                     st["sx"], st["sy"], st["vx"], st["vy"], st["sc"], frozen, first.upper_block)
+                     st["sx"], st["sy"], st["vx"], st["vy"], st["sc"], frozen, first.upper_block, change)
     for s in stats:
         s.n += n
 
 
 def _unbiased_update(ext, stats, gx, gy, mask, n) -> None:
     """One engine update of a width group: HSIC₁(K,L), HSIC₁(K,K), HSIC₁(L,L) of this minibatch per
-    layer, added into ``stats`` (_UnbiasedLayerStats)."""
+    layer (change form, one width: HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M)), added into ``stats``
+    (_UnbiasedLayerStats)."""
+    if stats[0].change is None:
+        for s in stats:
+            s.change = _stats._CHANGE_FORM and gx[0].shape[1] == gy[0].shape[1]
     acc = torch.zeros(len(stats), 3, dtype=torch.float64, device=gx[0].device)
     frozen = stats[0].frozen_sizes is not None
-    ext.unbiased_update(gx, gy, mask, acc, n, frozen)
+    # change form: acc = [Σ HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M)] of the change M = L − K
+    ext.unbiased_update(gx, gy, mask, acc, n, frozen, "auto", stats[0].change)
     for s, (kl, kk, ll) in zip(stats, acc.tolist()):
         s.add(kl, kk, ll, n)
 
@@ -202,14 +218,17 @@ def _to_reference(layers) -> None:
             s._stacked = None
 
 
-def _masked_mean(a: torch.Tensor, mask: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Column mean over real rows in float64, rounded to the input's precision when that is 16-bit
-    (then x − c is exact in that format for every channel whose values lie within 2× of c —
-    the massive-activation channels — so the CUDA tensor-core operand keeps their spread)."""
+def _masked_mean(a: torch.Tensor, mask: torch.Tensor | None, n: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Column mean over real rows in float64 (of a − base when base is given: the change), rounded to
+    the input's precision when that is 16-bit and no base is given (then x − c is exact in that format
+    for every channel whose values lie within 2× of c — the massive-activation channels — so the CUDA
+    tensor-core operand keeps their spread). The change's mean stays fp32: the change has no offset,
+    and its operand is rounded after the shift."""
+    a64 = a.to(torch.float64) if base is None else a.to(torch.float64) - base.to(torch.float64)
     if mask is None:
-        m = a.to(torch.float64).mean(dim=0)
+        m = a64.mean(dim=0)
     else:
-        m = torch.where(mask.unsqueeze(1) != 0, a.to(torch.float64), 0.0).sum(dim=0) / n
-    if a.dtype in (torch.float16, torch.bfloat16):
+        m = torch.where(mask.unsqueeze(1) != 0, a64, 0.0).sum(dim=0) / n
+    if base is None and a.dtype in (torch.float16, torch.bfloat16):
         m = m.to(a.dtype)
     return m.to(torch.float32)

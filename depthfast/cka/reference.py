@@ -4,7 +4,9 @@
     debiased CKA    HSIC₁(K,L) / sqrt(HSIC₁(K,K)·HSIC₁(L,L)),  K = XcXcᵀ, L = YcYcᵀ (Kornblith et al. 2019)
     Procrustes      d²_P = 2 − 2‖ŶᵀX̂‖_*,  X̂ = Xc/‖Xc‖_F, Ŷ = Yc/‖Yc‖_F
 
-for X (n, d1), Y (n, d2) of the same n samples. Computed in float64, with centering before any
+for X (n, d1), Y (n, d2) of the same n samples. For one width (d1 = d2) the change-relative truths
+``linear_cka_change``, ``debiased_cka_change`` and ``minibatch_cka_change`` give 1 − CKA from X and the
+change D = Y − X (formed in float64), exact relative to the change at every magnitude. Computed in float64, with centering before any
 product, so it stays exact when activations carry offsets of 1e3–1e5 ("massive activations"). The
 streaming statistics (depthfast.cka.stats) and the compiled engine are tested against these.
 """
@@ -155,6 +157,75 @@ def linear_change_moments(a_mat: torch.Tensor, b_mat: torch.Tensor, c_mat: torch
     g = b_mat + b_mat.transpose(-1, -2) + c_mat
     s = (g * g).sum()
     return a, 2.0 * p + q, 2.0 * r + s - 2.0 * q
+
+
+def _centered_change(x: torch.Tensor, y: torch.Tensor, min_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """X̃ (n, d) and the centered change D̃ = (Y − X) − mean, both float64: D is formed in float64 from
+    the inputs, then centered (D̃ = Ỹ − X̃ exactly in real arithmetic)."""
+    x = _as_float64_2d("x", x)
+    y = _as_float64_2d("y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"the change-relative measures need x and y of one shape (n, d); got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] < min_samples:
+        raise ValueError(f"this measure needs at least {min_samples} samples; got {x.shape[0]}")
+    d = y - x
+    return x - x.mean(dim=0, keepdim=True), d - d.mean(dim=0, keepdim=True)
+
+
+def _change_grams(xc: torch.Tensor, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K = X̃X̃ᵀ and the change of the Gram M = ỸỸᵀ − X̃X̃ᵀ = X̃D̃ᵀ + D̃X̃ᵀ + D̃D̃ᵀ, (n, n) float64 each."""
+    cross = xc @ dc.T
+    return xc @ xc.T, cross + cross.T + dc @ dc.T
+
+
+def linear_cka_change(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 − linear CKA of x, y (n, d) of one width, float64 scalar, exact relative to the change itself.
+
+    With X̃, D̃ the centered X and D = Y − X (formed in float64): κ = ‖X̃ᵀX̃‖², μ, ν from
+    A = X̃ᵀX̃, B = D̃ᵀX̃, C = D̃ᵀD̃ (``linear_change_moments``; sample space K, M when n < d), finished by
+    ``one_minus_cka_from_change``: no two numbers near 1 are subtracted, so 1 − CKA = 1e-8 keeps
+    float64's relative precision. Equals 1 − ``linear_cka(x, y)`` up to that function's cancellation.
+    """
+    xc, dc = _centered_change(x, y, min_samples=2)
+    n, d = xc.shape
+    if n < d:
+        k, m = _change_grams(xc, dc)
+        return one_minus_cka_from_change((k * k).sum(), (k * m).sum(), (m * m).sum())
+    return one_minus_cka_from_change(*linear_change_moments(xc.T @ xc, dc.T @ xc, dc.T @ dc))
+
+
+def _hsic1_change_moments(xc: torch.Tensor, dc: torch.Tensor):
+    """(HSIC₁(K,K), HSIC₁(K,M), HSIC₁(M,M)) float64 of one sample: HSIC₁ is bilinear, L = K + M."""
+    k, m = _change_grams(xc, dc)
+    return hsic1(k, k), hsic1(k, m), hsic1(m, m)
+
+
+def debiased_cka_change(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 − debiased CKA of x, y (n, d) of one width, n > 3, float64 scalar, exact relative to the change.
+
+        1 − CKA_debiased from κ = HSIC₁(K,K), μ = HSIC₁(K,M), ν = HSIC₁(M,M),  K = X̃X̃ᵀ,
+        M = X̃D̃ᵀ + D̃X̃ᵀ + D̃D̃ᵀ (D = Y − X), through ``one_minus_cka_from_change``.
+    """
+    xc, dc = _centered_change(x, y, min_samples=4)
+    return one_minus_cka_from_change(*_hsic1_change_moments(xc, dc))
+
+
+def minibatch_cka_change(x_batches, y_batches) -> torch.Tensor:
+    """1 − minibatch CKA (Nguyen, Raghu & Kornblith 2021) of minibatches x_b, y_b (n_b, d), n_b > 3,
+    float64 scalar, exact relative to the change.
+
+        κ = Σ_b HSIC₁(K_b,K_b), μ = Σ_b HSIC₁(K_b,M_b), ν = Σ_b HSIC₁(M_b,M_b),
+    each minibatch centered on its own mean (HSIC₁ ignores it), M_b the change of its Gram (D = Y − X);
+    finished by ``one_minus_cka_from_change``. What StreamingCKA(estimator="unbiased") computes with
+    one update per minibatch.
+    """
+    x_batches, y_batches = list(x_batches), list(y_batches)
+    if not x_batches or len(x_batches) != len(y_batches):
+        raise ValueError(f"need the same non-zero number of x and y minibatches; got {len(x_batches)} and {len(y_batches)}")
+    total = torch.zeros(3, dtype=torch.float64)
+    for xb, yb in zip(x_batches, y_batches):
+        total += torch.stack(_hsic1_change_moments(*_centered_change(xb, yb, min_samples=4)))
+    return one_minus_cka_from_change(*total.unbind())
 
 
 def pool_activations(acts: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:

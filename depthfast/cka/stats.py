@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from depthfast.cka.reference import _cka_ratio, _debiased_ratio, _hsic1_from_moments, hsic1
+from depthfast.cka.reference import (
+    _centered_change, _cka_ratio, _debiased_ratio, _hsic1_change_moments, _hsic1_from_moments, hsic1,
+    linear_change_moments, one_minus_cka_from_change,
+)
 from depthfast.errors import DepthfastError
+
+# Whether layers of one width accumulate the statistics of X and the change D = Y − X (the
+# change-relative form: 1 − CKA exact relative to the change) instead of those of X and Y. Read when
+# a layer's statistics are first filled; False is the old form, kept so benchmarks/bench_cka.py
+# --accuracy and the tests can show the difference. Different widths always use the old form.
+_CHANGE_FORM = True
 
 
 def _mirror_upper_blocks(s: torch.Tensor, block: int) -> torch.Tensor:
@@ -26,6 +35,11 @@ def _mirror_upper_blocks(s: torch.Tensor, block: int) -> torch.Tensor:
         for j0 in range(i0 + block, d, block):
             s[j0:j0 + block, i0:i0 + block] = s[i0:i0 + block, j0:j0 + block].T
     return s
+
+
+def _cka_from_change(kk, km, mm, what: str) -> torch.Tensor:
+    """CKA = (κ + μ) / sqrt(κ (κ + 2μ + ν)) from the moments of K and the change M, float64."""
+    return _cka_ratio(kk + km, kk.sqrt(), (kk + 2.0 * km + mm).clamp_min(0.0).sqrt(), what=what)
 
 
 class _ExactLayerStats:
@@ -42,10 +56,19 @@ class _ExactLayerStats:
     fields (Grams: fp32 products per update summed in ``_GRAM_ACCUM_DTYPE`` = float64, only the upper
     blocks of Sxx/Syy: ``upper_block``); ``finish`` always
     combines them in float64.
+
+    Change form (``change`` True: one width and ``_CHANGE_FORM``): the y-fields hold the change
+    d = y − x instead, shifted by its own first-batch mean (d' = d − c_d), and l_i is replaced by the
+    change of the Gram's diagonal m_i = 2x'_i·d'_i + ‖d'_i‖²:
+        Syy = Σ d'd'ᵀ,  Syx = Σ d'x'ᵀ,  sy = Σ d',  vx = [Σ k x', Σ m x'],  vy = [Σ m d', Σ k d'],
+        sc = [Σk, Σm, Σkm, Σk², Σm²].
+    Every measure is then finished from X and D (``one_minus_cka_from_change``): the O(1) terms cancel
+    algebraically and 1 − CKA carries an error relative to the change, not to 1.
     """
 
     def __init__(self) -> None:
         self.n = 0
+        self.change = None  # set by the first update: whether y-fields hold the change D = Y − X
         self.shift_x = self.shift_y = None
         self.sxx = self.syy = self.syx = self.sx = self.sy = self.vx = self.vy = self.sc = None
         self.upper_block = 0
@@ -55,6 +78,12 @@ class _ExactLayerStats:
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.to(torch.float64)
         y = y.to(torch.float64)
+        if self.change is None:
+            self.change = _CHANGE_FORM and x.shape[1] == y.shape[1]
+        if self.change:
+            if y.shape != x.shape:
+                raise ValueError("activation width changed between updates of the same layer")
+            y = y - x  # the change, formed in float64
         if self.shift_x is None:
             self.shift_x = x.mean(dim=0)
         if self.shift_y is None:
@@ -77,6 +106,8 @@ class _ExactLayerStats:
         self.sx += x.sum(dim=0)
         self.sy += y.sum(dim=0)
         k, l = (x * x).sum(dim=1), (y * y).sum(dim=1)
+        if self.change:  # m_i = ‖x'_i + d'_i‖² − ‖x'_i‖², without the subtraction
+            l = 2.0 * (x * y).sum(dim=1) + l
         self.vx += torch.stack([k, l]) @ x
         self.vy += torch.stack([l, k]) @ y
         self.sc += torch.stack([k.sum(), l.sum(), (k * l).sum(), (k * k).sum(), (l * l).sum()])
@@ -114,22 +145,75 @@ class _ExactLayerStats:
                 f(self.syx), f(self.sx), f(self.sy))
 
     def _centered(self):
+        """Centered (XcᵀXc, YcᵀYc, YcᵀXc), float64; in the change form (A, C, B) = (X̃ᵀX̃, D̃ᵀD̃, D̃ᵀX̃)."""
         sxx, syy, syx, sx, sy = self._f64()
         n = float(self.n)
         return sxx - torch.outer(sx, sx) / n, syy - torch.outer(sy, sy) / n, syx - torch.outer(sy, sx) / n
 
+    def _centered_xy(self):
+        """Centered (XcᵀXc, YcᵀYc, YcᵀXc) in either form (change: YᵀX = A + B, YᵀY = A + B + Bᵀ + C)."""
+        cxx, cyy, cyx = self._centered()
+        if not self.change:
+            return cxx, cyy, cyx
+        yx = cxx + cyx
+        return cxx, yx + cyx.T + cyy, yx
+
+    def one_minus_cka(self, layer: int) -> torch.Tensor:
+        """1 − linear CKA, float64: from (κ, μ, ν) of A, B, C in the change form (no subtraction from 1)."""
+        self._check(layer, 2)
+        if not self.change:
+            return 1.0 - self.cka(layer)
+        a_mat, c_mat, b_mat = self._centered()
+        return one_minus_cka_from_change(*linear_change_moments(a_mat, b_mat, c_mat))
+
     def cka(self, layer: int) -> torch.Tensor:
         self._check(layer, 2)
+        if self.change:
+            a_mat, c_mat, b_mat = self._centered()
+            return _cka_from_change(*linear_change_moments(a_mat, b_mat, c_mat), what=f"layer {layer}")
         cxx, cyy, cyx = self._centered()
         return _cka_ratio(
             torch.linalg.norm(cyx) ** 2, torch.linalg.norm(cxx), torch.linalg.norm(cyy), what=f"layer {layer}"
         )
+
+    def _debiased_change_moments(self):
+        """(HSIC₁(K,K), HSIC₁(K,M), HSIC₁(M,M)) from the shifted change-form sums (HSIC₁ ignores the
+        shifts; it is bilinear, and M' = X'D'ᵀ + D'X'ᵀ + D'D'ᵀ is the change of the shifted Gram):
+            ⟨K,M⟩ = 2⟨Sxx,Sdx⟩ + ‖Sdx‖²,  ‖M‖² = 2⟨Sxx,Sdd⟩ + ‖Sdx + Sdxᵀ + Sdd‖² − 2‖Sdx‖²,
+            1ᵀM1 = 2 sx·sd + ‖sd‖²,  (M1)_i = x'_i·sd + d'_i·w (w = sx + sd),  diagonals k_i, m_i:
+            1ᵀK̃M̃1 = sxᵀSxx sd + wᵀSdx sx − sd·Σk x' − w·Σk d' − sx·Σm x' + Σkm,
+            1ᵀM̃M̃1 = sdᵀSxx sd + 2wᵀSdx sd + wᵀSdd w − 2(sd·Σm x' + w·Σm d') + Σm²."""
+        sxx, sdd, sdx, sx, sd = self._f64()
+        vx, vd, sc = self.vx.to(torch.float64), self.vy.to(torch.float64), self.sc.to(torch.float64)
+        n = float(self.n)
+        sum_k, sum_m, s_km, s_kk, s_mm = sc.unbind()
+        w = sx + sd
+        ksum, msum = sx @ sx - sum_k, 2.0 * (sx @ sd) + sd @ sd - sum_m
+        g = sdx + sdx.T + sdd
+        tr_kk = (sxx * sxx).sum() - s_kk
+        tr_km = 2.0 * (sxx * sdx).sum() + (sdx * sdx).sum() - s_km
+        tr_mm = 2.0 * (sxx * sdd).sum() + (g * g).sum() - 2.0 * (sdx * sdx).sum() - s_mm
+        cross_kk = sx @ sxx @ sx - 2 * sx @ vx[0] + s_kk
+        cross_km = sx @ sxx @ sd + w @ sdx @ sx - sd @ vx[0] - w @ vd[1] - sx @ vx[1] + s_km
+        cross_mm = sd @ sxx @ sd + 2.0 * (w @ sdx @ sd) + w @ sdd @ w - 2.0 * (sd @ vx[1] + w @ vd[0]) + s_mm
+        return (_hsic1_from_moments(n, tr_kk, ksum, ksum, cross_kk), _hsic1_from_moments(n, tr_km, ksum, msum, cross_km),
+                _hsic1_from_moments(n, tr_mm, msum, msum, cross_mm))
+
+    def one_minus_debiased(self, layer: int) -> torch.Tensor:
+        """1 − debiased CKA, float64 (change form: from the HSIC₁ moments of K and M, no subtraction)."""
+        self._check(layer, 4)
+        if not self.change:
+            return 1.0 - self.debiased(layer)
+        return one_minus_cka_from_change(*self._debiased_change_moments())
 
     def debiased(self, layer: int) -> torch.Tensor:
         """HSIC₁ terms from shifted statistics (HSIC₁ ignores the shift; the terms do not):
             tr(K̃L̃) = ‖Syx‖²_F − Σk l,   1ᵀK̃1 = ‖sx‖² − Σk,
             1ᵀK̃L̃1 = Σ_i (x'_i·sx − k_i)(y'_i·sy − l_i) = syᵀSyx sx − sx·Σl x' − sy·Σk y' + Σk l."""
         self._check(layer, 4)
+        if self.change:
+            kk, km, mm = self._debiased_change_moments()
+            return _debiased_ratio(kk + km, kk, kk + 2.0 * km + mm, what=f"layer {layer}")
         sxx, syy, syx, sx, sy = self._f64()
         vx, vy, sc = self.vx.to(torch.float64), self.vy.to(torch.float64), self.sc.to(torch.float64)
         n = float(self.n)
@@ -142,7 +226,7 @@ class _ExactLayerStats:
 
     def procrustes(self, layer: int) -> torch.Tensor:
         self._check(layer, 2)
-        cxx, cyy, cyx = self._centered()
+        cxx, cyy, cyx = self._centered_xy()
         tx, ty = torch.trace(cxx), torch.trace(cyy)
         if tx <= 0 or ty <= 0:
             raise DepthfastError(f"layer {layer}: Procrustes distance is undefined (a representation has no variance)")
@@ -155,26 +239,34 @@ class _UnbiasedLayerStats:
         CKA = Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b)),
     K_b = X_b X_bᵀ, L_b = Y_b Y_bᵀ. HSIC₁ is invariant to adding a constant row vector, so each
     minibatch is centered first: free, and it removes the offset before the products.
+
+    Change form (``change`` True: one width and ``_CHANGE_FORM``): ``kl`` and ``ll`` hold
+    μ = Σ_b HSIC₁(K_b, M_b) and ν = Σ_b HSIC₁(M_b, M_b) of the change M_b = L_b − K_b (HSIC₁ is
+    bilinear) instead, and 1 − CKA is finished by ``one_minus_cka_from_change``.
     """
 
     def __init__(self) -> None:
         self.kl = self.kk = self.ll = 0.0
+        self.change = None  # set by the first update
         self.sizes: list[int] = []  # samples per minibatch summed so far (its length: their count)
         self.frozen_sizes = None  # set by freeze_base(): Σ HSIC₁(K,K) is kept
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.change is None:
+            self.change = _CHANGE_FORM and x.shape[1] == y.shape[1]
+        if self.change:
+            kk, kl, ll = (float(v) for v in _hsic1_change_moments(*_centered_change(x, y, min_samples=4)))
+            self.add(kl, kk, ll, x.shape[0])
+            return
         x = x.to(torch.float64)
         y = y.to(torch.float64)
         x = x - x.mean(dim=0, keepdim=True)
         y = y - y.mean(dim=0, keepdim=True)
         k, l = x @ x.T, y @ y.T
-        self.kl += float(hsic1(k, l))
-        if self.frozen_sizes is None:
-            self.kk += float(hsic1(k, k))
-        self.ll += float(hsic1(l, l))
-        self.sizes.append(x.shape[0])
+        self.add(float(hsic1(k, l)), float(hsic1(k, k)), float(hsic1(l, l)), x.shape[0])
 
     def add(self, kl: float, kk: float, ll: float, n: int) -> None:
+        """Add one minibatch: (HSIC₁(K,L), HSIC₁(K,K), HSIC₁(L,L)), or (μ, κ, ν) in the change form."""
         self.kl += kl
         if self.frozen_sizes is None:
             self.kk += kk
@@ -189,7 +281,7 @@ class _UnbiasedLayerStats:
         self.kl = self.ll = 0.0
         self.sizes = []
 
-    def cka(self, layer: int) -> torch.Tensor:
+    def _check(self, layer: int) -> None:
         if not self.sizes:
             raise DepthfastError(f"layer {layer}: no minibatch had more than 3 samples; unbiased CKA is undefined")
         if self.frozen_sizes is not None and self.sizes != self.frozen_sizes:
@@ -197,11 +289,32 @@ class _UnbiasedLayerStats:
                 f"layer {layer}: after reset_tuned() feed the same minibatches as before "
                 f"(sizes {self.sizes[:4]}… now, {self.frozen_sizes[:4]}… then)"
             )
+
+    def _undefined(self, layer: int, denom: float) -> DepthfastError:
+        return DepthfastError(
+            f"layer {layer}: unbiased CKA is undefined (HSIC(K,K)·HSIC(L,L) = {denom:.3g} ≤ 0); "
+            "use more probe samples per batch or the exact estimator"
+        )
+
+    def cka(self, layer: int) -> torch.Tensor:
+        self._check(layer)
+        if self.change:
+            kk, km, mm = self.kk, self.kl, self.ll
+            denom = kk * (kk + 2.0 * km + mm)
+            if not denom > 0 or not kk > 0:
+                raise self._undefined(layer, denom)
+            return torch.tensor((kk + km) / denom**0.5, dtype=torch.float64)
         denom = self.kk * self.ll
         if denom <= 0:
-            raise DepthfastError(
-                f"layer {layer}: unbiased CKA is undefined (HSIC(K,K)·HSIC(L,L) = {denom:.3g} ≤ 0); "
-                "use more probe samples per batch or the exact estimator"
-            )
+            raise self._undefined(layer, denom)
         return torch.tensor(self.kl / denom**0.5, dtype=torch.float64)
 
+    def one_minus_cka(self, layer: int) -> torch.Tensor:
+        """1 − minibatch CKA, float64 (change form: from μ, κ, ν, no subtraction from 1)."""
+        self._check(layer)
+        if not self.change:
+            return 1.0 - self.cka(layer)
+        denom = self.kk * (self.kk + 2.0 * self.kl + self.ll)
+        if not denom > 0 or not self.kk > 0:
+            raise self._undefined(layer, denom)
+        return one_minus_cka_from_change(self.kk, self.kl, self.ll)

@@ -30,6 +30,13 @@ class StreamingCKA:
     compute(measure="linear") → float64 tensor (num_layers,):
         "linear": linear CKA;  "debiased": debiased linear CKA (HSIC₁ over the whole probe set);
         "procrustes": squared Procrustes distance d²_P ∈ [0, 2] (a distance, not a similarity).
+    compute_change(measure="linear") → float64 tensor (num_layers,): 1 − CKA (d²_P for "procrustes"),
+        formed without subtracting from 1: exact relative to the change at every magnitude.
+
+    Layers whose base and tuned widths agree (d1 = d2) accumulate the statistics of X and of the change
+    D = Y − X (XᵀX, DᵀX, DᵀD: the same products and memory as XᵀX, YᵀX, YᵀY) and finish in float64
+    from a closed form in which the O(1) terms cancel (``one_minus_cka_from_change``); layers of
+    different widths keep the statistics of X and Y.
 
     estimator "exact": feature-space statistics over the whole probe set; equals ``linear_cka``
     on the concatenated samples and does not depend on how the probe set is split into batches.
@@ -45,7 +52,7 @@ class StreamingCKA:
     and the failed batch goes through the reference (launch failures leave the engine's state
     untouched, see csrc/cka.cpp), so the result equals an all-reference run. Under "extension" the
     failure is raised.
-    Engine precision: each update's Grams in fp32 from operands shifted by the first batch's mean
+    Engine precision (docs/precision.md): each update's Grams in fp32 from operands shifted by the first batch's mean
     (16-bit inputs on CUDA stay 16-bit for the tensor cores, see tests/test_cka.py for the bounds;
     never TF32), added into float64 statistics (``engine._GRAM_ACCUM_DTYPE``); everything else float64.
     DEPTHFAST_CKA_SYRK=1 switches the CUDA exact Grams from cuBLAS upper blocks to the one-launch
@@ -166,7 +173,15 @@ class StreamingCKA:
         with ieee_fp32_matmul():
             return self._compute(measure)
 
-    def _compute(self, measure: str) -> torch.Tensor:
+    def compute_change(self, measure: str = "linear") -> torch.Tensor:
+        """The change per layer, float64 (num_layers,): 1 − CKA for "linear" and "debiased", d²_P for
+        "procrustes". For layers of one width (d1 = d2) 1 − CKA is formed from the statistics of X and
+        the change D = Y − X without subtracting from 1, so it keeps its relative precision at every
+        magnitude (docs/precision.md); for different widths it is 1 − ``compute(measure)``."""
+        with ieee_fp32_matmul():
+            return self._compute(measure, change=True)
+
+    def _compute(self, measure: str, change: bool = False) -> torch.Tensor:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
         if self.estimator == "unbiased" and measure != "linear":
@@ -175,7 +190,10 @@ class StreamingCKA:
             for layer, s in enumerate(self._layers):
                 if s.sx is None:
                     raise DepthfastError(f"layer {layer}: no probe samples were seen")
-        name = {"linear": "cka", "debiased": "debiased", "procrustes": "procrustes"}[measure]
+        if change:
+            name = {"linear": "one_minus_cka", "debiased": "one_minus_debiased", "procrustes": "procrustes"}[measure]
+        else:
+            name = {"linear": "cka", "debiased": "debiased", "procrustes": "procrustes"}[measure]
         return torch.stack(
             [getattr(s, name)(layer).to(torch.float64).cpu() for layer, s in enumerate(self._layers)]
         )
