@@ -145,11 +145,10 @@ void prepare_cpu_layer(const at::Tensor& x, const at::Tensor* base, const float*
 Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask,
                  const std::vector<at::Tensor>* base = nullptr) {
 #ifdef DEPTHFAST_WITH_CUDA
-  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble) {
-    if (base == nullptr) return prepare_cuda(unit_column_stride(xs), shift, mask, nullptr);
-    const std::vector<at::Tensor> base_unit = unit_column_stride(*base);
-    return prepare_cuda(unit_column_stride(xs), shift, mask, &base_unit);
-  }
+  // The change (base given) is staged by the generic ATen path below until the CUDA staging kernel
+  // takes a base (DEPTHFAST_CUDA_CHANGE_KERNELS): still on the device, one fp32 temporary per layer.
+  if (base == nullptr && runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble)
+    return prepare_cuda(unit_column_stride(xs), shift, mask);
 #endif
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {
@@ -488,7 +487,7 @@ void unbiased_change_moments(const Prepared& px, const Prepared& pd, at::Tensor&
   at::Tensor off;  // (G, 3): Σ_{i≠j} K∘M, K∘K, M∘M
   if (feature) {
     at::Tensor mom;  // (G, 5): a, p, q, r, s
-#ifdef DEPTHFAST_WITH_CUDA
+#if defined(DEPTHFAST_WITH_CUDA) && defined(DEPTHFAST_CUDA_CHANGE_KERNELS)  // not yet in cka_cuda.cu: ATen below
     // --- CUDA dispatch (kernels in cka_cuda.cu), as for gram_sqnorms_cuda below ---
     if (runs_cuda_kernels(px.op) && use_tensor_cores(px.op)) {
       mom = at::zeros({g, 5}, acc.options());
@@ -499,7 +498,7 @@ void unbiased_change_moments(const Prepared& px, const Prepared& pd, at::Tensor&
     auto a = mom.select(1, 0), p = mom.select(1, 1), q = mom.select(1, 2), r = mom.select(1, 3), s = mom.select(1, 4);
     off = at::stack({2.0 * p + q - (k * m).sum(1), a - (k * k).sum(1), 2.0 * r + s - 2.0 * q - (m * m).sum(1)}, 1);
   } else {
-#ifdef DEPTHFAST_WITH_CUDA
+#if defined(DEPTHFAST_WITH_CUDA) && defined(DEPTHFAST_CUDA_CHANGE_KERNELS)  // not yet in cka_cuda.cu: ATen below
     // --- CUDA dispatch (kernels in cka_cuda.cu), as for offdiag_sums_cuda below ---
     if (runs_cuda_kernels(px.op) && use_tensor_cores(px.op)) {
       off = at::zeros({g, 3}, acc.options());

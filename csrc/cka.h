@@ -21,7 +21,7 @@ struct Prepared {
 // shift, multiplies by the row mask, writes op in the input's 16-bit dtype (or fp32), and reduces
 // row norms and column sums in fp32 → fp64 atomics.
 Prepared prepare_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& shift,
-                      const c10::optional<at::Tensor>& mask, const std::vector<at::Tensor>* base);
+                      const c10::optional<at::Tensor>& mask);
 
 // Fused unbiased-HSIC sample-space reduction: for every layer g, with K = XXᵀ, L = YYᵀ of the
 // prepared 16-bit operands X (G, n, d1), Y (G, n, d2), adds Σ_{i≠j} [K∘L, K∘K, L∘L]_ij into

@@ -25,7 +25,9 @@ from depthfast.metrics.per_text import per_text_change_batch
 
 @dataclass
 class ProbeResult:
-    cka: list[float]  # per layer (L+1): embeddings, block.1 … block.L
+    # per layer (L+1): embeddings, block.1 … block.L. change = 1 − CKA formed from the statistics of X and
+    # D = Y − X (StreamingCKA.compute_change: exact relative to the change); cka = 1 − change
+    change: list[float]
     num_samples: int
     loss_base: float
     loss_tuned: float
@@ -38,6 +40,10 @@ class ProbeResult:
     base_features: torch.Tensor | None = None  # (texts, d): θ₀'s last block, mean over real tokens (cls only)
     labels: torch.Tensor | None = None  # (texts,) (cls only)
     accumulator: StreamingCKA | None = None  # pass back to measure_probe to reuse θ₀'s statistics
+
+    @property
+    def cka(self) -> list[float]:
+        return [1.0 - c for c in self.change]
 
 
 @torch.no_grad()
@@ -100,7 +106,7 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
                 counted += batch["labels"].shape[0]
     mean = lambda pairs: sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else math.nan  # noqa: E731
     return ProbeResult(
-        cka=cka.compute().tolist(),
+        change=cka.compute_change().tolist(),
         num_samples=cka.num_samples,
         loss_base=mean(losses["base"]),
         loss_tuned=mean(losses["tuned"]),

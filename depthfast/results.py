@@ -82,9 +82,10 @@ def atomic_write_csv(path: str, header: list[str], rows: list[list]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def profile_rows(names: list[str], depths: list[float], cka: list[float]) -> list[dict]:
-    """One row per measured layer: name, normalized depth, CKA and change = 1 − CKA."""
-    return [{"layer": n, "depth": d, "cka": c, "change": 1.0 - c} for n, d, c in zip(names, depths, cka)]
+def profile_rows(names: list[str], depths: list[float], changes: list[float]) -> list[dict]:
+    """One row per measured layer: name, normalized depth, change = 1 − CKA (measured as such, see
+    depthfast.probe.ProbeResult) and CKA = 1 − change."""
+    return [{"layer": n, "depth": d, "cka": 1.0 - c, "change": c} for n, d, c in zip(names, depths, changes)]
 
 
 def write_profile(out: str, rows: list[dict], title: str, slope: float | None) -> None:
@@ -138,7 +139,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     import depthfast
 
     depths = layers.normalized_depths
-    rows = profile_rows(layers.layer_names, depths, measured.cka)
+    rows = profile_rows(layers.layer_names, depths, measured.change)
     for row in rows:
         row["weight_change"] = group_changes.get(row["layer"])
     steps = len(log.loss)

@@ -177,8 +177,8 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                                    show, cka=reuse.get("cka"), all_pairs=all_pairs)
         reuse["cka"] = result.accumulator
         reshard(base, model)
-        changes = [1.0 - c for c in result.cka]
-        return {"step": step, "layers": profile_rows(layers.layer_names, depths, result.cka),
+        changes = result.change
+        return {"step": step, "layers": profile_rows(layers.layer_names, depths, changes),
                 "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned,
                 "_result": result}
 
@@ -201,7 +201,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                                            for n, ps in layers.param_groups(cfg.tied_embeddings)])
     if main:
         measured = final.pop("_result")
-        changes = [1.0 - c for c in measured.cka]
+        changes = measured.change
         slope = locality_gradient(depths[1:], changes[1:])
         if cfg.measure_steps():
             log.trajectory.append(final)

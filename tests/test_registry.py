@@ -60,7 +60,7 @@ def test_family_quirks_reach_results_json_and_the_table(tmp_path):
     model, _ = tiny_models.build("opt")
     layers = discover_layers(model)
     n = layers.num_blocks + 1
-    measured = ProbeResult(cka=[0.9] * n, num_samples=4, loss_base=1.0, loss_tuned=0.9, accuracy_base=None,
+    measured = ProbeResult(change=[0.1] * n, num_samples=4, loss_base=1.0, loss_tuned=0.9, accuracy_base=None,
                            accuracy_tuned=None)
     task = Task("test", ["a b c"], ["d e f"])
     written = {}

@@ -116,7 +116,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, tuned_layers.layer_names, title,
                                        cfg.pooling, cfg.estimator)
     depths = base_layers.normalized_depths
-    changes = [1.0 - c for c in measured.cka]
+    changes = measured.change
     slope = locality_gradient(depths[1:], changes[1:])
     effective = dataclasses.replace(cfg, objective=objective)
     metrics = run_metrics(effective, task, base, measured, depths, changes, None)

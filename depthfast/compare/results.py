@@ -34,7 +34,7 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
     from depthfast.adapters import adapter_config
 
     depths = layers.normalized_depths
-    rows = profile_rows(layers.layer_names, depths, measured.cka)
+    rows = profile_rows(layers.layer_names, depths, measured.change)
     for row in rows:
         row["weight_change"] = group_changes.get(row["layer"]) if group_changes is not None else None
     results = {

@@ -268,8 +268,8 @@ class DepthProfileCallback(TrainerCallback):
         model.train(was_training)
         self._cka = result.accumulator
         depths = self._layers.normalized_depths
-        changes = [1.0 - c for c in result.cka]
-        entry = {"step": step, "layers": profile_rows(self._layers.layer_names, depths, result.cka),
+        changes = result.change
+        entry = {"step": step, "layers": profile_rows(self._layers.layer_names, depths, changes),
                  "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned}
         if record:
             self.trajectory.append(entry)
@@ -295,7 +295,7 @@ class DepthProfileCallback(TrainerCallback):
         layers, out = self._layers, self._out
         measured = final["_result"]
         depths = layers.normalized_depths
-        changes = [1.0 - c for c in measured.cka]
+        changes = measured.change
         rows = [{**row, "weight_change": groups.get(row["layer"])} for row in final["layers"]]
         found = find_equal_step(optimizer)
         control = getattr(getattr(found, "equal_step", found), "control", "none")
