@@ -145,10 +145,11 @@ void prepare_cpu_layer(const at::Tensor& x, const at::Tensor* base, const float*
 Prepared prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask,
                  const std::vector<at::Tensor>* base = nullptr) {
 #ifdef DEPTHFAST_WITH_CUDA
-  // The change (base given) is staged by the generic ATen path below until the CUDA staging kernel
-  // takes a base (DEPTHFAST_CUDA_CHANGE_KERNELS): still on the device, one fp32 temporary per layer.
-  if (base == nullptr && runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble)
-    return prepare_cuda(unit_column_stride(xs), shift, mask);
+  if (runs_cuda_kernels(xs[0]) && xs[0].scalar_type() != at::kDouble) {
+    if (base == nullptr) return prepare_cuda(unit_column_stride(xs), shift, mask);
+    const std::vector<at::Tensor> base_unit = unit_column_stride(*base);  // D formed while staging
+    return prepare_cuda(unit_column_stride(xs), shift, mask, &base_unit);
+  }
 #endif
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   if (!xs[0].is_cuda() && !use_tensor_cores(xs[0]) && xs[0].scalar_type() != at::kDouble) {

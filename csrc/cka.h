@@ -19,9 +19,10 @@ struct Prepared {
 #ifdef DEPTHFAST_WITH_CUDA
 // One launch for all G layers: reads each layer's (n, d) input (bf16/fp16/fp32), subtracts the fp32
 // shift, multiplies by the row mask, writes op in the input's 16-bit dtype (or fp32), and reduces
-// row norms and column sums in fp32 → fp64 atomics.
+// row norms and column sums in fp32 → fp64 atomics. With base (the change form) it stages
+// D = x − base (fp32 difference, then the shift) in the same pass: no copy of D is made first.
 Prepared prepare_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& shift,
-                      const c10::optional<at::Tensor>& mask);
+                      const c10::optional<at::Tensor>& mask, const std::vector<at::Tensor>* base = nullptr);
 
 // Fused unbiased-HSIC sample-space reduction: for every layer g, with K = XXᵀ, L = YYᵀ of the
 // prepared 16-bit operands X (G, n, d1), Y (G, n, d2), adds Σ_{i≠j} [K∘L, K∘K, L∘L]_ij into

@@ -1,7 +1,9 @@
 // CKA engine, CUDA kernels (built only when torch has CUDA; see setup.py).
 //
 // prepare_kernel   one launch for all layers of a group: op = round((x − c)·[mask]) into the
-//                  tensor-core format, plus row norms k_i = ‖op_i‖² and column sums Σ_i op_i
+//                  tensor-core format, or in the change form op = round(((x − b) − c)·[mask]) with b
+//                  the base model's activations (the change D formed in fp32 while staging, no second
+//                  copy of the activations), plus row norms k_i = ‖op_i‖² and column sums Σ_i op_i
 //                  (fp32 partials, fp64 atomics), computed from the rounded values so the
 //                  moments match the products exactly.
 // offdiag_kernel   fused unbiased-HSIC sample-space reduction: for upper tile pairs I ≤ J of
@@ -64,7 +66,8 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
 constexpr int kPrepRows = 64, kPrepCols = 256, kPrepThreads = 256, kPrepPerLane = kPrepCols / 32;
 
 template <typename Tin, typename Tout>
-__global__ void prepare_kernel(LayerPtrs in, const float* __restrict__ shift, const float* __restrict__ mask,
+__global__ void prepare_kernel(LayerPtrs in, LayerPtrs base, bool has_base, const float* __restrict__ shift,
+                               const float* __restrict__ mask,
                                Tout* __restrict__ op, double* __restrict__ rownorm, double* __restrict__ colsum,
                                int64_t n, int64_t d, int layer0) {
   const int g = blockIdx.z;
@@ -73,6 +76,8 @@ __global__ void prepare_kernel(LayerPtrs in, const float* __restrict__ shift, co
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kPrepCols;
   const Tin* x = static_cast<const Tin*>(in.ptr[g]);
   const int64_t ld = in.row_stride[g];
+  const Tin* b = has_base ? static_cast<const Tin*>(base.ptr[g]) : nullptr;
+  const int64_t ldb = has_base ? base.row_stride[g] : 0;
   const float* c = shift + static_cast<int64_t>(layer0 + g) * d;
   Tout* out = op + static_cast<int64_t>(layer0 + g) * n * d;
 
@@ -90,7 +95,9 @@ __global__ void prepare_kernel(LayerPtrs in, const float* __restrict__ shift, co
       const int64_t col = c0 + lane + 32 * j;
       if (col < d) {
         // where, not a product: padded rows may hold inf/NaN.
-        const float v = keep ? to_f32<Tin>(x[r * ld + col]) - c[col] : 0.f;
+        // change form: the offsets of x and b cancel exactly in the difference, then D's own shift.
+        const float xv = keep ? to_f32<Tin>(x[r * ld + col]) : 0.f;
+        const float v = !keep ? 0.f : (b != nullptr ? (xv - to_f32<Tin>(b[r * ldb + col])) - c[col] : xv - c[col]);
         const Tout q = from_f32<Tout>(v);
         out[r * d + col] = q;
         const float vq = to_f32<Tout>(q);
@@ -117,20 +124,24 @@ __global__ void prepare_kernel(LayerPtrs in, const float* __restrict__ shift, co
 }
 
 template <typename Tin, typename Tout>
-void launch_prepare(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const float* mask, at::Tensor& op,
-                    at::Tensor& k, at::Tensor& colsum) {
+void launch_prepare(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>* base, const at::Tensor& shift,
+                    const float* mask, at::Tensor& op, at::Tensor& k, at::Tensor& colsum) {
   const int64_t n = xs[0].size(0), d = xs[0].size(1), g = xs.size();
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t l0 = 0; l0 < g; l0 += kMaxLayers) {
     const int64_t count = std::min<int64_t>(kMaxLayers, g - l0);
-    LayerPtrs ptrs{};
+    LayerPtrs ptrs{}, bptrs{};
     for (int64_t i = 0; i < count; ++i) {
       ptrs.ptr[i] = xs[l0 + i].data_ptr();
       ptrs.row_stride[i] = xs[l0 + i].stride(0);
+      if (base != nullptr) {
+        bptrs.ptr[i] = (*base)[l0 + i].data_ptr();
+        bptrs.row_stride[i] = (*base)[l0 + i].stride(0);
+      }
     }
     dim3 grid((d + kPrepCols - 1) / kPrepCols, (n + kPrepRows - 1) / kPrepRows, count);
     prepare_kernel<Tin, Tout><<<grid, kPrepThreads, 0, stream>>>(
-        ptrs, shift.data_ptr<float>(), mask, static_cast<Tout*>(op.data_ptr()), k.data_ptr<double>(),
+        ptrs, bptrs, base != nullptr, shift.data_ptr<float>(), mask, static_cast<Tout*>(op.data_ptr()), k.data_ptr<double>(),
         colsum.data_ptr<double>(), n, d, static_cast<int>(l0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -448,11 +459,18 @@ bool tensor_cores_on(const at::Tensor& t) {
 
 }  // namespace
 
-Prepared prepare_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask) {
+Prepared prepare_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& shift, const c10::optional<at::Tensor>& mask,
+                      const std::vector<at::Tensor>* base) {
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const int64_t g = xs.size(), n = xs[0].size(0), d = xs[0].size(1);
   for (const auto& t : xs)
     TORCH_CHECK(t.stride(1) == 1, "cka (CUDA): activations need unit column stride; call .contiguous()");
+  if (base != nullptr) {
+    TORCH_CHECK(static_cast<int64_t>(base->size()) == g, "cka (CUDA): one base activation per layer");
+    for (const auto& t : *base)
+      TORCH_CHECK(t.stride(1) == 1 && t.size(0) == n && t.size(1) == d && t.scalar_type() == xs[0].scalar_type(),
+                  "cka (CUDA): base activations need the tuned ones' shape, dtype and unit column stride");
+  }
   TORCH_CHECK(shift.is_contiguous() && shift.scalar_type() == at::kFloat, "cka (CUDA): shift must be contiguous fp32");
   const auto in_t = xs[0].scalar_type();
   const auto out_t = (in_t == at::kHalf || in_t == at::kBFloat16) ? in_t : at::kFloat;
@@ -467,12 +485,12 @@ Prepared prepare_cuda(const std::vector<at::Tensor>& xs, const at::Tensor& shift
     mptr = m.data_ptr<float>();
   }
   if (in_t == at::kBFloat16) {
-    launch_prepare<__nv_bfloat16, __nv_bfloat16>(xs, shift, mptr, p.op, p.k, p.colsum);
+    launch_prepare<__nv_bfloat16, __nv_bfloat16>(xs, base, shift, mptr, p.op, p.k, p.colsum);
   } else if (in_t == at::kHalf) {
-    launch_prepare<__half, __half>(xs, shift, mptr, p.op, p.k, p.colsum);
+    launch_prepare<__half, __half>(xs, base, shift, mptr, p.op, p.k, p.colsum);
   } else {
     TORCH_CHECK(in_t == at::kFloat, "cka (CUDA): unsupported activation dtype ", in_t);
-    launch_prepare<float, float>(xs, shift, mptr, p.op, p.k, p.colsum);
+    launch_prepare<float, float>(xs, base, shift, mptr, p.op, p.k, p.colsum);
   }
   return p;
 }
