@@ -133,6 +133,9 @@ def _save_checkpoint(out, step, model, optimizer, scheduler, log_state, fingerpr
     torch.save(rng_state(), os.path.join(staging, f"rng-rank{rank}.pt"))
     barrier()
     if is_main:
+        from depthfast.rundir import apply_modes
+
+        apply_modes(staging)  # as the umask says, like every artifact
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         previous = _pointer_or_none(out)

@@ -96,6 +96,11 @@ def _load_records(dataset: str, text_column: str, label_column: str | None,
     for path in files:
         if os.path.getsize(path) == 0:
             raise DepthfastError(f"dataset file {path!r} is empty")
+    import logging
+
+    library_log = logging.getLogger("datasets")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)  # its parsers log the error too: the one line below says it
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types: missing, offline, bad format
@@ -106,6 +111,8 @@ def _load_records(dataset: str, text_column: str, label_column: str | None,
             reason += " (the hub is unreachable: only locally cached datasets load)"
         shown = f"{dataset}:{config_name}" if config_name else dataset
         raise DepthfastError(f"cannot load dataset {shown!r}: {reason}") from None
+    finally:
+        library_log.setLevel(level)
     splits = {}
     for split_name, split in loaded.items():
         missing = [c for c in (text_column, label_column) if c and c not in split.column_names]

@@ -285,9 +285,9 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     rundir.before_write(path)  # an artifact: publishing starts (the older run retracted)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".model.")
     try:
-        os.chmod(tmp, rundir.file_mode(directory=True))  # mkdtemp makes it 0700
         (model.backbone if objective == "cls" else model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        rundir.apply_modes(tmp)  # mkdtemp makes it 0700, safetensors its file 0600
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -74,6 +74,17 @@ def file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def apply_modes(path: str) -> None:
+    """Give a written tree (model/, a checkpoint) the umask's modes: some writers (safetensors, tempfile)
+    create 0600 files and 0700 directories."""
+    os.chmod(path, file_mode(directory=True))
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), file_mode(directory=True))
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode())
+
+
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
