@@ -179,6 +179,7 @@ class RunDir:
         self.refuse_finished = refuse_finished
         self.fd: int | None = None
         self.publishing = False
+        self.created = False  # made by check(): removed again by close() if nothing was written into it
 
     # ---- start ---------------------------------------------------------------------------------------
 
@@ -188,6 +189,7 @@ class RunDir:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise DepthfastError(f"{self.what} {self.shown!r} is a file, not a directory; choose a directory")
         try:
+            self.created = self.created or not os.path.exists(self.path)
             os.makedirs(self.path, exist_ok=True)
             probe = os.path.join(self.path, f".depthfast-write-test.{os.getpid()}")
             with open(probe, "wb") as f:
@@ -279,7 +281,8 @@ class RunDir:
                         pass
 
     def close(self) -> None:
-        """Release the lock (and remove its file: a directory left by a finished run holds only the run)."""
+        """Release the lock (and remove its file: a directory left by a finished run holds only the run);
+        a directory this run created and left empty (refused input) is removed: nothing of it is left."""
         _ACTIVE.pop(self.path, None)
         if self.fd is not None:
             try:
@@ -288,6 +291,11 @@ class RunDir:
                 pass
             os.close(self.fd)
             self.fd = None
+        if self.created:
+            try:
+                os.rmdir(self.path)  # only if empty
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunDir":
         return self.open()
