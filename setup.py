@@ -99,6 +99,6 @@ setup(
     },
     ext_modules=extension_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["depthfast=depthfast.cli:main"]},
+    entry_points={"console_scripts": ["depthfast=depthfast.cli:console_main"]},
     zip_safe=False,
 )

@@ -2,7 +2,11 @@
 
 import sys
 
-from depthfast.cli import main
+from depthfast.rundir import interrupt_exits_130
+
+interrupt_exits_130()  # before the heavy imports: Ctrl-C is one line, exit 130
+
+from depthfast.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

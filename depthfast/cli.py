@@ -45,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # e.g. while importing a subcommand, before its own handler runs
+        print("depthfast: interrupted", file=sys.stderr)
+        return 130
+
+
+def console_main() -> int:
+    """The ``depthfast`` console script: main(), with Ctrl-C and SIGTERM one line and exit 130 at any moment."""
+    from depthfast.rundir import interrupt_exits_130
+
+    interrupt_exits_130()
+    return main()
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":  # everything after `run` belongs to depthfast.run's own parser
         from depthfast.run import main as run_main
@@ -73,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

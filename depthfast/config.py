@@ -152,6 +152,7 @@ class RunConfig(TypedConfig):
     lora_dropout: float = 0.0
     save_model: bool = False  # save_pretrained the fine-tuned model into OUT/model (for depthfast compare)
     all_pairs: bool = False
+    overwrite: bool = False  # replace a finished run in --out whole (else refused: depthfast.rundir)
 
     def measure_steps(self) -> set[int]:
         """Steps (after k optimizer steps; 0 = before training) at which the trajectory is measured."""

@@ -78,25 +78,41 @@ def _load_records(dataset: str, text_column: str, label_column: str | None,
     if config_name and not os.path.isdir(dataset) and (os.path.exists(dataset) or ext in LOCAL_BUILDERS):
         raise DepthfastError(f"--dataset-config {config_name!r} names a configuration of a hub dataset or a "
                              f"dataset directory; {dataset!r} is a single file")
+    local, files = os.path.exists(dataset), []
     if os.path.isdir(dataset):  # a local directory of data files (or a hub-style repository with configs)
         args, kwargs = named, {}
-    elif os.path.exists(dataset):
+        files = [os.path.join(dataset, n) for n in sorted(os.listdir(dataset))
+                 if os.path.splitext(n)[1].lower() in LOCAL_BUILDERS]
+    elif local:
         if ext not in LOCAL_BUILDERS:
             raise DepthfastError(f"dataset file {dataset!r}: unknown format; use one of {sorted(LOCAL_BUILDERS)}")
+        files = [dataset]
         args, kwargs = (LOCAL_BUILDERS[ext],), {"data_files": dataset}
     elif ext in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
         raise DepthfastError(f"dataset file {dataset!r} does not exist")
     else:
         args, kwargs = named, {}
         go_offline_if_unreachable()
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DepthfastError(f"dataset file {path!r} is empty")
+    import logging
+
+    library_log = logging.getLogger("datasets")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)  # its parsers log the error too: the one line below says it
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types: missing, offline, bad format
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not hub_reachable():
-            first_line += " (the hub is unreachable: only locally cached datasets load)"
+        for path in files:  # a JSON-lines file names its bad line itself
+            check_data_file(path)
+        reason = root_cause(exc)
+        if not local and not hub_reachable():  # only a hub id can be missing for want of the hub
+            reason += " (the hub is unreachable: only locally cached datasets load)"
         shown = f"{dataset}:{config_name}" if config_name else dataset
-        raise DepthfastError(f"cannot load dataset {shown!r}: {first_line}") from None
+        raise DepthfastError(f"cannot load dataset {shown!r}: {reason}") from None
+    finally:
+        library_log.setLevel(level)
     splits = {}
     for split_name, split in loaded.items():
         missing = [c for c in (text_column, label_column) if c and c not in split.column_names]
@@ -107,6 +123,44 @@ def _load_records(dataset: str, text_column: str, label_column: str | None,
         labels = split[label_column] if label_column else [None] * len(split)
         splits[split_name] = list(zip(split[text_column], labels))
     return splits, dataset
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error with a message in ``exc``'s chain: datasets wraps a parser's
+    error ("JSON parse error … in row 49") in a generic "An error occurred while generating the dataset"."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    generic = ("An error occurred while generating the dataset",)
+    for item in chain[1:] + chain[:1]:  # inner causes first, the outer message last
+        text = str(item).strip()
+        if text and not text.startswith(generic):
+            return f"{type(item).__name__}: {text.splitlines()[0]}"
+    return type(chain[0]).__name__
+
+
+def check_data_file(path: str) -> None:
+    """A local data file's own errors, with the file and row: empty, or (JSON lines) a line that does not
+    parse: the real cause instead of datasets' generic message (read only after datasets failed)."""
+    import json
+
+    if os.path.getsize(path) == 0:
+        raise DepthfastError(f"dataset file {path!r} is empty")
+    if path.lower().endswith(".jsonl"):
+        rows = 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    json.loads(line)
+                except ValueError as exc:
+                    raise DepthfastError(f"dataset file {path!r} line {number}: not valid JSON ({exc})") from None
+        if not rows:
+            raise DepthfastError(f"dataset file {path!r} has no rows (only blank lines)")
 
 
 def load_task(

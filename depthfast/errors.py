@@ -13,11 +13,21 @@ class DepthfastError(Exception):
 
 def exit_status(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run ``work`` (a subcommand's body) and return its exit status: its own (0 if None), 2 after one
-    line for a DepthfastError, 130 after one line for Ctrl-C (``interrupted`` says what survives)."""
+    line for a DepthfastError or a write refused for want of space or permission (ENOSPC, EACCES,
+    EROFS: depthfast.rundir.os_error_line says what to do), 130 after one line for Ctrl-C
+    (``interrupted`` says what survives)."""
     try:
         return work() or 0
     except DepthfastError as exc:
         print(f"depthfast: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from depthfast.rundir import os_error_line
+
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"depthfast: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"depthfast: {interrupted}", file=sys.stderr)

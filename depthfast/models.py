@@ -127,6 +127,37 @@ def check_objective(config, objective: str) -> None:
         )
 
 
+def position_limit(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (``max_position_embeddings``, GPT-2's
+    ``n_positions``); None for state-space and recurrent families (Mamba, RWKV), which have none."""
+    if config.model_type in ("mamba", "mamba2", "rwkv"):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(config, max_length: int, name: str) -> None:
+    """Refuse --max-length beyond the model's positions, from the config, before anything is loaded (else an
+    IndexError deep in the embedding, or a RuntimeError, once a long text comes)."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise DepthfastError(f"--max-length {max_length} exceeds the {limit} positions of {name!r} "
+                             f"({config.model_type}); use --max-length {limit} or less")
+
+
+def weights_error(exc: Exception) -> bool:
+    """Whether ``exc`` says a weights file is damaged (safetensors' own error: truncated, corrupt header)."""
+    return type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__
+
+
+def damaged_weights_line(name: str, exc: Exception) -> str:
+    return (f"the weights of {name!r} are damaged or truncated ({first_line(exc)}); "
+            "copy or download them again (a local directory: re-save it)")
+
+
 def load_tokenizer(name_or_path: str, objective: str):
     from transformers import AutoTokenizer
 
@@ -159,6 +190,10 @@ def load_model(name_or_path: str, objective: str, num_labels: int = 0) -> nn.Mod
         model = loader.from_pretrained(path, dtype=torch.float32, **load_kwargs(path))
     except (OSError, ValueError) as exc:
         raise DepthfastError(f"cannot load weights of {name_or_path!r} for {objective}: {first_line(exc)}") from None
+    except Exception as exc:
+        if weights_error(exc):
+            raise DepthfastError(damaged_weights_line(name_or_path, exc)) from None
+        raise
     if objective == "cls":
         if num_labels < 2:
             raise DepthfastError(f"classification needs at least 2 labels; got {num_labels}")

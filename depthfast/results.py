@@ -15,11 +15,19 @@ from depthfast.registry import family_quirks
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The file gets the mode the umask gives a new file (0644 under 022; tempfile alone would leave 0600).
+    Inside an open run directory (depthfast.rundir) an artifact's first write retracts the older run.
+    """
+    from depthfast import rundir
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    rundir.before_write(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, rundir.file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -29,6 +37,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    rundir.after_write(path)
 
 
 def finite_or_none(value):
@@ -134,9 +143,11 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
                   extra: dict | None = None) -> dict:
     """Write config.json, results.json, profile.csv, train_log.csv and profile.png into ``cfg.out``.
 
-    Each file is replaced atomically, results.json last: a reader that finds it finds the rest.
+    Each file is replaced atomically, results.json last: a reader that finds it finds the rest, and
+    its ``manifest`` lists each artifact's sha256.
     """
     import depthfast
+    from depthfast.rundir import publish_results
 
     depths = layers.normalized_depths
     rows = profile_rows(layers.layer_names, depths, measured.change)
@@ -184,8 +195,7 @@ def write_results(cfg, layers, task, log, measured, group_changes: dict[str, flo
     write_profile(out, rows, f"{cfg.model} · {cfg.objective} · control {cfg.control} · {steps} steps", slope)
     write_train_log(out, log.group_names,
                     [[i + 1, log.loss[i], log.lr[i]] + log.ratios_before[i] + log.ratios_after[i] for i in range(steps)])
-    atomic_write_json(os.path.join(out, "results.json"), results)
-    return results
+    return publish_results(out, results)  # last, with the manifest of every artifact (depthfast.rundir)
 
 
 def fmt(value) -> str:

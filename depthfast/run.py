@@ -15,6 +15,11 @@ import random
 import sys
 import time
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C from the first moment is one line, exit 130
+    from depthfast.rundir import interrupt_exits_130
+
+    interrupt_exits_130()
+
 from depthfast.cka import ESTIMATORS, POOLINGS
 from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, TIED_EMBEDDINGS, RunConfig
 from depthfast.errors import DepthfastError, exit_status
@@ -28,7 +33,10 @@ HELP = {
     "momentum": "SGD momentum (default 0.9; ignored by adamw)",
     "dataset_config": "configuration name of a hub dataset that has several (e.g. sst2 of nyu-mll/glue)",
     "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
-    "out": "results directory (written atomically)",
+    "out": "results directory (written atomically; locked while the run lasts; a finished run in it is refused "
+           "unless --overwrite)",
+    "overwrite": "replace a finished run in --out whole (its results, profile, model/, all_pairs.* …); without it "
+                 "a directory holding results.json is refused",
     "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
     "keep_checkpoints": "keep the last checkpoint after a successful run",
     "parallel": "with several processes: ddp (replicated model), fsdp (FSDP2, parameters sharded by block over "
@@ -89,6 +97,20 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
     With ``resume``, training continues from the checkpoint in ``cfg.out`` when there is one.
     """
+    from depthfast.rundir import RunDir
+
+    # The directory first, before anything is loaded: a bad --out is refused within seconds, and the lock
+    # is held for the run's life (only the main process writes; every rank shares one directory).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    rundir = RunDir(cfg.out, overwrite=cfg.overwrite, resume=resume)
+    rundir.open() if main_rank else rundir.check()
+    try:
+        return _run(cfg, rundir, progress, resume)
+    finally:
+        rundir.close()
+
+
+def _run(cfg: RunConfig, rundir, progress: bool, resume: bool) -> dict:
     import torch
 
     from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
@@ -99,7 +121,7 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     from depthfast.probe import measure_probe, weight_changes
     from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
     from depthfast.metrics import locality_gradient
-    from depthfast.models import check_objective, load_config, load_model, load_tokenizer
+    from depthfast.models import check_objective, check_positions, load_config, load_model, load_tokenizer
     from depthfast.results import print_table, profile_rows, write_results
     from depthfast.train import autocast, finetune, make_accelerator
 
@@ -108,6 +130,13 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     device, main = accelerator.device, accelerator.is_main_process
     model_config = load_config(cfg.model)
     check_objective(model_config, cfg.objective)  # fail before any data is read
+    check_positions(model_config, cfg.max_length, cfg.model)
+    if main:
+        from depthfast.rundir import disk_need, weights_bytes_of
+
+        weights = weights_bytes_of(model_config, cfg.objective)
+        if weights is not None:
+            rundir.check_space(disk_need(weights, cfg))
     tokenizer = load_tokenizer(cfg.model, cfg.objective)
     # Every process builds the probe (cheap), so that a probe set with nothing to compare is refused
     # on all of them alike, before any model is loaded.
@@ -249,18 +278,23 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     import shutil
     import tempfile
 
+    from depthfast import rundir
+
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    rundir.before_write(path)  # an artifact: publishing starts (the older run retracted)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".model.")
     try:
         (model.backbone if objective == "cls" else model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        rundir.apply_modes(tmp)  # mkdtemp makes it 0700, safetensors its file 0600
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    rundir.after_write(path)
 
 
 def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:

@@ -271,7 +271,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     start_step = 0
     if resume and out and read_pointer(out):
         start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank,
-                                            sharded=sharded)
+                                            sharded=sharded, config=cfg.to_dict())
         log = TrainLog(**state)
         log.resumed_from = start_step
     first_step = True  # of this process: unused parameters are read off its gradients
@@ -331,7 +331,8 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
             model_p.train()
         if at_checkpoint:
             save_checkpoint(out, done, model, optimizer, scheduler, dataclasses.asdict(log), fingerprint,
-                            rank=rank, is_main=main, barrier=accelerator.wait_for_everyone, sharded=sharded)
+                            rank=rank, is_main=main, barrier=accelerator.wait_for_everyone, sharded=sharded,
+                            config=cfg.to_dict())
     if writer is not None:
         writer.close()
     return log

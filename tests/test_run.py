@@ -155,7 +155,8 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("\n".join(f"line number {i} of a dataset far too small to probe" for i in range(20)))
     args = [str(tiny) if a == "TINY" else a for a in args]
-    proc = run_cli(*args, "--out", str(out), "--quiet", "--max-length", "32")
+    # --overwrite: the earlier results would be refused first; with it, bad input still leaves them as they were
+    proc = run_cli(*args, "--out", str(out), "--quiet", "--max-length", "32", "--overwrite")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("depthfast: error:")]

@@ -33,7 +33,8 @@ import os
 import sys
 import time
 
-from depthfast.compare.checkpoints import (backbone_module, check_architectures, check_tokenizer, discover_both,
+from depthfast.compare.checkpoints import (backbone_module, check_architectures, check_run_manifests, check_tokenizer,
+                                           discover_both,
                                            compare_probe, load_sides, mismatch_note, param_shapes, resolve_adapter,
                                            resolve_objective)
 from depthfast.compare.config import (CHOICES, COMPARE_OBJECTIVES, HELP, OFFLOAD, CompareConfig, build_parser,
@@ -46,24 +47,39 @@ __all__ = ["COMPARE_OBJECTIVES", "OFFLOAD", "CompareConfig", "HELP", "CHOICES", 
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> dict:
-    """Measure the profile between ``cfg.base`` and ``cfg.tuned``, write ``cfg.out``; return results.json's dict."""
+    """Measure the profile between ``cfg.base`` and ``cfg.tuned``, write ``cfg.out``; return results.json's dict.
+
+    ``cfg.out`` is checked and locked first (depthfast.rundir): a file, an unwritable directory, finished
+    results (unless ``overwrite``) or another run holding it are refused before any model loads."""
+    from depthfast.rundir import RunDir
+
+    started = time.perf_counter()
+    cfg.validate()
+    adapter = resolve_adapter(cfg)
+    if not cfg.overwrite:
+        check_out(cfg.out)
+    rundir = RunDir(cfg.out, overwrite=cfg.overwrite).open()  # checked and locked before any model loads
+    try:
+        return _compare(cfg, adapter, started, progress)
+    finally:
+        rundir.close()
+
+
+def _compare(cfg: CompareConfig, adapter, started: float, progress: bool) -> dict:
     import torch
 
     from depthfast.data import load_task
     from depthfast.distributed import offload_to_host
     from depthfast.metrics import locality_gradient
-    from depthfast.models import check_objective, load_tokenizer
+    from depthfast.models import check_objective, check_positions, load_tokenizer
     from depthfast.probe import measure_probe, weight_changes
     from depthfast.run import run_metrics, seed_everything
     from depthfast.train import autocast, resolve_device
 
-    started = time.perf_counter()
-    cfg.validate()
-    adapter = resolve_adapter(cfg)
-    check_out(cfg.out)
     device = resolve_device(cfg.device)
-
+    check_run_manifests(cfg)
     base_config, architecture = check_architectures(cfg, adapter)
+    check_positions(base_config, cfg.max_length, cfg.base)
     if cfg.objective in ("mlm", "clm"):
         check_objective(base_config, cfg.objective)
     tokenizer = load_tokenizer(cfg.base, "mlm" if cfg.objective == "mlm" else "clm")  # mlm: one line if no mask token

@@ -2,6 +2,10 @@
 
 import sys
 
-from depthfast.compare import main
+from depthfast.rundir import interrupt_exits_130
+
+interrupt_exits_130()  # before the heavy imports: Ctrl-C is one line, exit 130
+
+from depthfast.compare import main  # noqa: E402
 
 sys.exit(main())

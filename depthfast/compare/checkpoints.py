@@ -21,7 +21,7 @@ def from_pretrained(name: str, architecture: str):
     """(model, missing checkpoint keys) of ``name`` loaded as the family's LM class, on the host, fp32."""
     import torch
 
-    from depthfast.models import first_line, load_kwargs, resolve_model_path
+    from depthfast.models import damaged_weights_line, first_line, load_kwargs, resolve_model_path, weights_error
 
     path = resolve_model_path(name)
     try:
@@ -29,6 +29,10 @@ def from_pretrained(name: str, architecture: str):
                                                              **load_kwargs(path))
     except (OSError, ValueError) as exc:
         raise DepthfastError(f"cannot load the weights of {name!r}: {first_line(exc)}") from None
+    except Exception as exc:
+        if weights_error(exc):
+            raise DepthfastError(damaged_weights_line(name, exc)) from None
+        raise
     return model, sorted(info.get("missing_keys") or [])
 
 
@@ -82,6 +86,23 @@ def resolve_adapter(cfg) -> str | None:
     elif cfg.tuned.startswith((".", "/", "~")) and not os.path.exists(cfg.tuned):
         raise DepthfastError(f"TUNED {cfg.tuned!r} does not exist")
     return adapter
+
+
+def check_run_manifests(cfg) -> None:
+    """BASE or TUNED that is a run's ``model/`` (``--save-model``) must be the model of the results beside it:
+    refused when the run directory does not match its results.json manifest (a mix of two runs)."""
+    from depthfast.results import read_json
+    from depthfast.rundir import verify_manifest
+
+    for which, name in (("BASE", cfg.base), ("TUNED", cfg.tuned)):
+        if not os.path.isdir(name) or os.path.basename(os.path.normpath(name)) != "model":
+            continue
+        run_dir = os.path.dirname(os.path.abspath(name))
+        results, _ = read_json(os.path.join(run_dir, "results.json"))
+        problem = verify_manifest(run_dir, results) if isinstance(results, dict) else ""
+        if problem:
+            raise DepthfastError(f"{which} {name!r} does not match its run's results.json ({problem}); rerun that "
+                                 "run (with --overwrite) or compare another checkpoint")
 
 
 def block_count(config) -> int | None:

@@ -45,6 +45,7 @@ class CompareConfig(TypedConfig):
     offload: str = "none"
     seed: int = 0
     all_pairs: bool = False
+    overwrite: bool = False  # replace finished results in --out whole (else refused: depthfast.rundir)
 
     def __post_init__(self) -> None:
         for name in ("base", "tuned", "out", "dataset"):  # pathlib paths are welcome where names are strings
@@ -70,7 +71,9 @@ class CompareConfig(TypedConfig):
 HELP = {
     "all_pairs": "also write all_pairs.csv/.png: CKA of every BASE layer against every TUNED layer (unbiased "
                  "minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)",
-    "out": "results directory (written atomically; a directory holding a run's results is refused)",
+    "out": "results directory (written atomically, locked while the compare lasts; a directory holding results is "
+           "refused unless --overwrite)",
+    "overwrite": "replace the results in --out (a compare's or a run's) whole, old artifacts included",
     "objective": "how the probe loss is scored: auto (clm for decoders, mlm for encoders with their MLM head, "
                  "else none), none (backbones, no loss), mlm, clm",
     "offload": "keep one model (base or tuned) in host memory, its weights streamed to the device per module "

@@ -72,8 +72,9 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
     out = cfg.out
     atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
     write_profile(out, rows, f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
-    atomic_write_json(os.path.join(out, "results.json"), results)
-    return results
+    from depthfast.rundir import publish_results
+
+    return publish_results(out, results)  # last, with the manifest of every artifact
 
 
 def print_compare(results: dict, file=None) -> None:

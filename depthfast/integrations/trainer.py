@@ -91,13 +91,15 @@ class DepthProfileCallback(TrainerCallback):
     ``args.output_dir/depthfast``). steps: optimizer steps at which to also measure (0 = before
     training). pooling "token"|"mean", estimator "exact"|"unbiased": as ``--pooling``/``--estimator``.
     offload: keep θ₀ in host memory (``--theta0-offload``). objective: "cls"|"mlm"|"clm" (default:
-    from the model's class). tied_embeddings: the group of a tied input/output matrix.
+    from the model's class). tied_embeddings: the group of a tied input/output matrix. overwrite: replace
+    finished results in ``out`` whole (without it, a directory holding results.json is refused at train
+    begin); ``out`` is locked from train begin to train end (depthfast.rundir), on the main process.
     """
 
     def __init__(self, probe, out: str | None = None, steps=(), pooling: str = "token", estimator: str = "exact",
                  offload: bool = False, *, probe_labels: list[int] | None = None, objective: str | None = None,
                  tokenizer=None, max_length: int = 128, batch_size: int = 32, mlm_probability: float = 0.15,
-                 seed: int = 0, tied_embeddings: str = "head", progress: bool = False) -> None:
+                 seed: int = 0, tied_embeddings: str = "head", progress: bool = False, overwrite: bool = False) -> None:
         from depthfast.cka import ESTIMATORS, POOLINGS
         from depthfast.layers import check_tied_policy
 
@@ -128,6 +130,7 @@ class DepthProfileCallback(TrainerCallback):
         self.results: dict | None = None  # results.json's contents after train end (main process)
         self._base, self._base_groups, self._cka, self._ratios, self._lrs, self._unused = None, None, None, [], [], None
         self._theta0_of = None
+        self.overwrite, self._rundir = overwrite, None
 
     @property
     def theta0(self) -> torch.nn.Module | None:
@@ -199,6 +202,11 @@ class DepthProfileCallback(TrainerCallback):
         self._batches = self._probe_batches(objective, self.tokenizer or processing_class)
         self._device = next(model.parameters()).device
         self._out = self.out or os.path.join(args.output_dir, "depthfast")
+        from depthfast.rundir import RunDir
+
+        if self._rundir is not None:  # a train() of this callback that raised: its lock is this process's
+            self._rundir.close()
+        self._rundir = RunDir(self._out, overwrite=self.overwrite, what="DepthProfileCallback out").open()
         self._started = time.perf_counter()
         self._first_step = state.global_step
         prepare_for_measurement(model)
@@ -249,7 +257,12 @@ class DepthProfileCallback(TrainerCallback):
         final = self._measure(state.global_step, args, model, keep=True, record=bool(self.steps) and not again)
         groups = weight_changes(self._base_groups, [(n, [p.detach() for p in ps])
                                 for n, ps in self._layers.param_groups(self.tied_embeddings)])
-        self.results = self._write(args, state, model, optimizer, train_dataloader, final, groups)
+        try:
+            self.results = self._write(args, state, model, optimizer, train_dataloader, final, groups)
+        finally:
+            if self._rundir is not None:
+                self._rundir.close()
+                self._rundir = None
         self._base = self._base_groups = self._cka = self._theta0_of = None  # θ₀ and its statistics: no longer needed
 
     # ---- measuring and writing -------------------------------------------------------------------
@@ -359,5 +372,6 @@ class DepthProfileCallback(TrainerCallback):
                                          + before[i] + after[i] for i in range(len(before))])
         write_profile(out, rows, f"{results['model']} · {self._objective} · Trainer · control {control} · {steps} steps",
                       final["locality_gradient"])
-        atomic_write_json(os.path.join(out, "results.json"), results)
-        return results
+        from depthfast.rundir import publish_results
+
+        return publish_results(out, results)  # last, with the manifest of every artifact

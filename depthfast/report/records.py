@@ -2,7 +2,8 @@
 slopes, tied embeddings).
 
 A run directory holds config.json, results.json or run.log; a record's status is "ok", "missing
-results" (with run.log's last error as the problem) or "corrupt results". Metrics come from
+results" (with run.log's last error as the problem), "corrupt results", or "mixed artifacts" (files
+that do not match results.json's manifest: written by two runs, or changed since; depthfast.rundir). Metrics come from
 results.json "metrics" or, without them, from ``profile_metrics`` over the block rows; non-finite
 values become None.
 """
@@ -17,6 +18,7 @@ from depthfast.errors import DepthfastError
 from depthfast.metrics import profile_metrics, slope_estimator_label
 from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
 from depthfast.results import finite_or_none, read_json
+from depthfast.rundir import verify_manifest
 
 
 RUN_MARKERS = ("config.json", "results.json", "run.log")
@@ -27,7 +29,7 @@ METRIC_KEYS = list(profile_metrics([0.5, 1.0], [0.1, 0.2]).keys()) + list(OBJECT
 class RunRecord:
     name: str
     directory: str
-    status: str = "ok"  # ok | missing results | corrupt results
+    status: str = "ok"  # ok | missing results | corrupt results | mixed artifacts
     problem: str = ""
     config: dict = field(default_factory=dict)
     results: dict | None = None
@@ -78,7 +80,11 @@ def load_run(directory: str, root: str) -> RunRecord:
         if not isinstance(layers, list) or not layers or not all(isinstance(r, dict) for r in layers):
             record.status, record.problem = "corrupt results", "results.json has no per-layer rows"
         else:
-            record.results = results
+            mixed = verify_manifest(directory, results)
+            if mixed:  # kept out of every table: its numbers may belong to another run than its files
+                record.status, record.problem = "mixed artifacts", mixed
+            else:
+                record.results = results
     for key in ("model", "objective", "control"):  # a run without config.json still says what it was
         if key not in record.config and isinstance(results, dict) and key in results:
             record.config[key] = results[key]

@@ -73,8 +73,10 @@ __all__ = ["Fit", "Grid", "Run", "build_runs", "command", "estimate_memory", "ex
 
 def summary(runs: list[Run]) -> str:
     rows = [[r.name, r.status, f"{r.seconds:.1f}" if r.seconds else "", r.note or r.reason] for r in runs]
-    counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "skipped", "pending")}
+    counts = {s: sum(r.status == s for r in runs) for s in ("ok", "failed", "interrupted", "skipped", "pending")}
     tail = f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped"
+    if counts["interrupted"]:
+        tail += f", {counts['interrupted']} interrupted"
     if counts["pending"]:
         tail += f", {counts['pending']} not run (interrupted)"
     return format_table(["run", "status", "seconds", "note"], rows) + "\n" + tail

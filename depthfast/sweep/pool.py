@@ -39,6 +39,11 @@ def _last_error(log_path: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
+# A run's exit status when it was stopped rather than failed: 130 (its own Ctrl-C / SIGTERM handler),
+# or killed by SIGINT / SIGTERM before the handler was in place.
+INTERRUPTED = (130, 143, -2, -15)
+
+
 class Pool:
     """N worker threads, each owning one slot (a GPU id or None) and running one subprocess at a time."""
 
@@ -71,6 +76,8 @@ class Pool:
         run.seconds = time.perf_counter() - started
         if rc == 0 and isinstance(read_json(os.path.join(run.directory, "results.json"))[0], dict):
             run.status = "ok"
+        elif self.stopping or rc in INTERRUPTED:  # stopped by Ctrl-C or a signal, not by its own error
+            run.status, run.note = "interrupted", "interrupted; the next sweep continues it from its checkpoint"
         else:
             run.status = "failed"
             run.note = f"exit {rc}: {_last_error(log_path)}" if rc != 0 else "exit 0 but no results.json"

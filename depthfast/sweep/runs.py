@@ -19,7 +19,7 @@ from depthfast.sweep.grid import Grid, expand
 # Fields that always appear in a run's name, bare (model and the two factors the study is about) …
 NAMED_ALWAYS = ("model", "objective", "control", "seed")
 # … and fields whose value differs between runs but that do not identify the run's content.
-IGNORED_IN_COMPARISON = ("out",)
+IGNORED_IN_COMPARISON = ("out", "overwrite")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Run:
     action: str = "run"  # "run" | "skip"
     reason: str = ""
     resume: bool = False
-    status: str = "pending"  # pending | ok | failed | skipped
+    status: str = "pending"  # pending | ok | failed | interrupted | skipped
     seconds: float = 0.0
     note: str = ""
 
@@ -145,12 +145,13 @@ def prepare(run: Run) -> None:
     results = os.path.join(run.directory, "results.json")
     if os.path.exists(results):
         os.unlink(results)
-    atomic_write_json(os.path.join(run.directory, "config.json"), run.config.to_dict())
+    atomic_write_json(os.path.join(run.directory, "config.json"), {**run.config.to_dict(), "overwrite": False})
 
 
 def command(run: Run, python: str | None = None) -> list[str]:
     cmd = [python or sys.executable, "-m", "depthfast.run", "--config", os.path.join(run.directory, "config.json"),
            "--out", run.directory, "--quiet"]
-    if run.resume:
-        cmd.append("--resume")
+    # Not resuming: the run replaces whatever an earlier attempt of another config left (its results.json
+    # is gone already, see prepare; --overwrite also clears its model/, all_pairs.* …).
+    cmd.append("--resume" if run.resume else "--overwrite")
     return cmd
