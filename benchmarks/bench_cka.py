@@ -44,6 +44,7 @@ import torch
 from depthfast import _ext, cka
 from depthfast.cka import engine as cka_engine
 from depthfast.cka import stats as cka_stats
+from targets import record  # this script's directory is on sys.path
 
 
 def timer(device: str, fn, reps: int, warmup: int = 1) -> float:
@@ -136,6 +137,11 @@ def bench_exact(layers, n, d, dtype, device, reps, with_reference):
             how = "one-launch WMMA SYRK" if syrk == "1" else f"BLAS upper blocks of {g._layers[0].upper_block}"
             row(name, ms, base_ms, flops, err, f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; {how})")
         os.environ.pop("DEPTHFAST_CKA_SYRK", None)
+        if x.shape[2] == y.shape[2]:  # one width: what a run measures, X and the change D = Y − X
+            ms = timer(device, lambda: ext.exact_update(*args, True), reps, warmup=1)
+            row("engine_change", ms, base_ms, flops, float("nan"), f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; "
+                "statistics of X and D, staged in one pass)")
+            record("cka_exact", shifted_ms / ms, f"L={layers} n={n} d={d} {str(dtype).replace('torch.', '')}")
     else:
         print("  engine               skipped: depthfast._C not built")
 
@@ -206,6 +212,12 @@ def bench_unbiased(layers, n, d, dtype, device, reps):
         run()
         err = (to_cka(acc.cpu()) - to_cka(truth)).abs().max().item()
         row(f"engine_{space}", ms, base_ms, flops, err)
+        if x.shape[2] == y.shape[2]:  # one width: the change form a run uses
+            acc = torch.zeros(layers, 3, dtype=torch.float64, device=device)
+            ms = timer(device, lambda: ext.unbiased_update(list(x), list(y), None, acc, n, False, space, True), reps)
+            row(f"engine_{space}_change", ms, base_ms, flops, float("nan"), "(HSIC₁ of K and the change M)")
+            record("cka_unbiased", base_ms / ms, f"{space} space, L={layers} n={n} d={d} "
+                   f"{str(dtype).replace('torch.', '')}")
 
 
 def bench_ride_along(device: str, reps: int) -> None:
@@ -247,6 +259,8 @@ def bench_ride_along(device: str, reps: int) -> None:
           f"{dtype} on {device} (backend {acc.backend})")
     print(f"  two forwards with hooks   {plain:9.2f} ms")
     print(f"  + CKA statistics          {measured:9.2f} ms   (+{100 * (measured / plain - 1):.1f} %; target ≤ 10 % on a GPU)")
+    record("measure_share", measured / plain - 1, f"{layers_b.num_blocks} blocks × {tokens[0] * tokens[1]} tokens, "
+           f"d {config.hidden_size}, backend {acc.backend}")
 
 
 def bench_production(device: str, reps: int) -> None:
@@ -344,6 +358,8 @@ def bench_change(device: str, n: int = 2048, d: int = 256, updates: int = 4, rep
                     errs.append(abs(float(m.compute_change()[0]) - truth[est]) / truth[est])
             print(f"  1 − CKA {truth['exact']:.1e}   old exact {errs[0]:.1e} unbiased {errs[1]:.1e}   "
                   f"new exact {errs[2]:.1e} unbiased {errs[3]:.1e}")
+            key = "accuracy_fp32" if dtype == torch.float32 else "accuracy_16bit"
+            record(key, max(errs[2:]), f"{label}, 1 − CKA {truth['exact']:.0e}, offsets 1e4, n {n} d {d}")
         g = torch.Generator().manual_seed(2)
         xs = [torch.randn(n, d, generator=g).to(device, dtype) for _ in range(4)]
         ys = [x + 0.01 * torch.randn(x.shape, generator=g).to(device, dtype) for x in xs]

@@ -44,6 +44,7 @@ if not torch.cuda.is_available():
 
 from depthfast.optim import EqualStep, launch_config  # noqa: E402
 from optim_baselines import ForeachEqualStep  # noqa: E402  (this script's directory is on sys.path)
+from targets import record  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -179,6 +180,8 @@ def run_shape(name, shape_groups, dtype, warmup, iters, skip, algo="adamw"):
             b = bytes_per_param(kind, algo, p_bytes, g_bytes, s_bytes)
             bpp, gbs = str(b), f"{b * n / (ms * 1e-3) / 1e9:.0f}"
         mem = f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a"
+        if label == "fused-exact" and algo == "adamw" and base_ms:
+            record("optim_equal_step", ms / base_ms, f"{name}, {n / 1e6:.0f} M params, {dtype}")
         print(f"   {label:<14} {ms:10.2f} {ratio:>14} {bpp:>8} {gbs:>8} {mem:>11}")
         del opt, state
         gc.collect()

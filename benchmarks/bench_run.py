@@ -26,6 +26,7 @@ from depthfast.layers import BlockCapture, discover_layers
 from depthfast.memory import GiB
 from depthfast.optim import EqualStep
 from depthfast.registry import lookup
+from targets import record  # this script's directory is on sys.path
 
 
 def build(model_id: str, device: torch.device, small: bool = False):
@@ -126,6 +127,8 @@ def main() -> None:
     print(f"{'contender':<36}{'ms/step':>10}{'tokens/s':>12}{'× plain':>9}{'peak GiB':>10}")
     for label, seconds, tps, peak in rows:
         print(f"{label:<36}{seconds * 1e3:>10.1f}{tps:>12.0f}{tps / rows[0][2]:>9.3f}{peak:>10}")
+    record("train_tokens", rows[1][2] / rows[0][2], f"{args.model}, {args.batch} × {args.seq} tokens, bf16" if gpu
+           else f"{args.model} CPU stand-in")
     if gpu:
         print(f"Pythia-6.9B on {name}: {fits_pythia_6_9b(device, 2048)}")
 
