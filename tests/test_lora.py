@@ -244,7 +244,9 @@ def test_refusals_are_one_line(checkpoints, tmp_path, monkeypatch, capsys, args,
     args = [a for a in args if a not in ("MAMBA", "NOPEFT")]
     if "--model" in args:
         args.remove("--model")
-    assert main(["--model", model, "--objective", "cls", "--out", str(out), *FAST, *args]) == 2
+    # --overwrite: a finished run in --out is otherwise refused first (depthfast.rundir); the LoRA check
+    # must still come before anything of the earlier run is touched
+    assert main(["--model", model, "--objective", "cls", "--out", str(out), "--overwrite", *FAST, *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("depthfast: error:")]
     assert len(err) == 1 and message in err[0], err
     assert sorted(os.listdir(out)) == ["results.json"]
