@@ -323,7 +323,7 @@ def write_all_pairs(out_dir: str, matrix: torch.Tensor, base_names: Sequence[str
     """Write ``all_pairs.csv`` (rows: base layers, columns: tuned layers; non-finite cells empty) and
     ``all_pairs.png`` (heatmap, diagonal marked: the depth profile's layer-ℓ-against-ℓ CKA) into
     ``out_dir``, each atomically. Returns {"csv": name, "png": name}."""
-    from depthfast.results import atomic_write_bytes, atomic_write_csv
+    from depthfast.artifacts import atomic_write_bytes, atomic_write_csv
 
     matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if matrix.shape != (len(base_names), len(tuned_names)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from depthfast.results import atomic_write_bytes
+from depthfast.artifacts import atomic_write_bytes
 
 
 def pyplot():

@@ -13,10 +13,12 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,6 +49,13 @@ class TrainLog:
     # Trainable parameters that got no gradient at the first step (structurally unused by the
     # objective's loss, e.g. BERT's pooler under mean-pooled cls); they keep their pretrained values.
     unused_parameters: list[str] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators seeded alike (a run, a compare)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def warmup_linear(warmup_steps: int, total_steps: int):

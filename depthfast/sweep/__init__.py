@@ -58,13 +58,13 @@ from __future__ import annotations
 import os
 
 from depthfast.errors import DepthfastError
-from depthfast.results import atomic_write_csv
+from depthfast.artifacts import atomic_write_csv
 from depthfast.sweep.fit import GPUS, Fit, estimate_memory, fit_of, fit_summary, meta_model
 from depthfast.sweep.grid import Grid, expand, load_grid, parse_grid
 from depthfast.sweep.pool import Pool, slots_for, visible_gpus
 from depthfast.sweep.runs import Run, build_runs, command, model_short_name, plan, prepare, run_name
 from depthfast.sweep.slurm import write_slurm
-from depthfast.tables import format_table
+from depthfast.terminal import format_table
 
 __all__ = ["Fit", "Grid", "Run", "build_runs", "command", "estimate_memory", "expand", "fit_of", "load_grid",
            "meta_model", "model_short_name", "parse_grid", "plan", "prepare", "run_name", "summary", "sweep",

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 
-from depthfast.results import read_json
+from depthfast.artifacts import read_json
 from depthfast.sweep.runs import Run, command, prepare
 
 
