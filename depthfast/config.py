@@ -23,7 +23,7 @@ def read_data_file(path: str, what: str, fmt: str = "json"):
     try:
         with open(path) as f:
             if fmt == "yaml":
-                import yaml
+                import yaml  # optional: only a YAML file needs it
 
                 try:
                     return yaml.safe_load(f)

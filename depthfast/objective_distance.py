@@ -29,13 +29,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from depthfast import models  # models.load_model read at call time (tests count the loads)
 from depthfast.artifacts import finite_or_none
 from depthfast.batches import make_batch
 from depthfast.checkpoint import rng_state, set_rng_state
 from depthfast.cka import linear_cka
 from depthfast.errors import DepthfastError
 from depthfast.layers import family_of
-from depthfast import models  # models.load_model read at call time (tests count the loads)
 
 # Keys that run.py stores under results["metrics"] for the objective distance (read by the report).
 OBJECTIVE_DISTANCE_KEYS = ("initial_loss_normalized", "gradient_alignment_distance", "kernel_target_alignment")

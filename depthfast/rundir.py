@@ -177,7 +177,7 @@ class RunDir:
 
     def check_space(self, need: int, what: str = "checkpoints and artifacts") -> None:
         """Refuse when the disk holding the directory has less than ``need`` bytes free."""
-        from depthfast.memory import human_bytes
+        from depthfast.memory import human_bytes  # here: rundir loads before torch (__main__, Ctrl-C)
 
         try:
             free = shutil.disk_usage(self.path).free
@@ -263,7 +263,7 @@ def disk_need(weights_bytes: int, cfg) -> int:
     """Bytes a run writes at most, from its model's fp32 weight bytes: two checkpoints at a time (the
     new one is complete before the old one goes), each weights + optimizer states; the saved model;
     8 MiB for the small artifacts."""
-    from depthfast.memory import optimizer_states
+    from depthfast.memory import optimizer_states  # here: rundir loads before torch (see check_space)
 
     need = 8 << 20
     if getattr(cfg, "checkpoint_every", 0) and cfg.checkpoint_every < cfg.steps:
@@ -277,7 +277,7 @@ def weights_bytes_of(model_config, objective: str = "cls") -> int | None:
     """fp32 bytes of the model's parameters, from its config on the meta device (nothing is loaded);
     None when the config does not build."""
     try:
-        import torch
+        import torch  # here: rundir loads before torch and transformers (__main__, Ctrl-C)
         import transformers
 
         loader = transformers.AutoModelForMaskedLM if objective == "mlm" else (

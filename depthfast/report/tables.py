@@ -61,7 +61,7 @@ def write_table(out: str, header: list[str], rows: list[dict]) -> list[str]:
     written = [os.path.join(out, "runs.csv")]
     atomic_write_csv(written[0], header, [["" if r.get(k) is None else r.get(k) for k in header] for r in rows])
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # optional: parquet output only
         import pyarrow.parquet as pq
     except ImportError:
         return written
