@@ -51,8 +51,8 @@ def file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def active(path: str) -> "RunDir | None":
-    """The open RunDir that ``path`` (a file or model/ directly inside it) belongs to, if any."""
+def active(path: str) -> "depthfast.rundir.RunDir | None":
+    """The open run directory that ``path`` (a file or model/ directly inside it) belongs to, if any."""
     return _ACTIVE.get(os.path.dirname(os.path.abspath(path)))
 
 

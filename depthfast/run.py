@@ -11,7 +11,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import random
 import sys
 import time
 

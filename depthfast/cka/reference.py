@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from depthfast.constants import POOLINGS
+from depthfast.constants import POOLINGS  # noqa: F401  (also depthfast.cka.reference.POOLINGS, as before)
 from depthfast.errors import DepthfastError
 
 
