@@ -8,7 +8,6 @@ top-level imports form no cycle."""
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
@@ -223,4 +222,3 @@ def test_the_architecture_names_every_top_level_module():
     for path in PACKAGE.glob("*.py"):
         if path.name not in ("__init__.py", "_ext.py"):
             assert f"`{path.name}`" in text or f"{path.name}," in text or f" {path.name}" in text, path.name
-    assert os.path.isdir(PACKAGE)
