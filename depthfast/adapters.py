@@ -30,7 +30,7 @@ def require_peft(needed_by: str = f"a PEFT adapter (a directory with {ADAPTER_CO
     """The ``peft`` module (an optional dependency: LoRA runs, adapter directories), or one clear error
     saying what needs it and the install command."""
     try:
-        import peft
+        import peft  # optional: only LoRA runs and adapter checkpoints need it
     except ImportError:
         raise DepthfastError(f"{needed_by} needs the peft package ({PEFT_HINT})") from None
     return peft
@@ -56,7 +56,7 @@ def adapter_base(path: str) -> str:
 def saved_keys(path: str) -> list[str]:
     """Names of the adapter's saved tensors, as PEFT stores them ("base_model.model.<module>.lora_A.weight")."""
     require_peft()
-    from peft.utils import load_peft_weights
+    from peft.utils import load_peft_weights  # optional (require_peft said so above)
 
     try:
         return sorted(load_peft_weights(path, device="cpu"))

@@ -46,8 +46,9 @@ from typing import Sequence
 
 import torch
 
+from depthfast.artifacts import atomic_write_bytes, atomic_write_csv
 from depthfast.cka import POOLINGS, ieee_fp32_matmul, pool_activations
-from depthfast.cka.reference import _hsic1_from_moments  # the one HSIC₁ formula (depthfast.cka.hsic1)
+from depthfast.cka.reference import _hsic1_from_moments
 from depthfast.cka_change import one_minus_cka_from_moments
 from depthfast.errors import DepthfastError
 
@@ -323,8 +324,6 @@ def write_all_pairs(out_dir: str, matrix: torch.Tensor, base_names: Sequence[str
     """Write ``all_pairs.csv`` (rows: base layers, columns: tuned layers; non-finite cells empty) and
     ``all_pairs.png`` (heatmap, diagonal marked: the depth profile's layer-ℓ-against-ℓ CKA) into
     ``out_dir``, each atomically. Returns {"csv": name, "png": name}."""
-    from depthfast.results import atomic_write_bytes, atomic_write_csv
-
     matrix = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if matrix.shape != (len(base_names), len(tuned_names)):
         raise ValueError(f"matrix shape {tuple(matrix.shape)} does not match {len(base_names)} base × "
@@ -347,7 +346,7 @@ def record_all_pairs(out_dir: str, pairs: AllPairsCKA, base_names: Sequence[str]
 
 
 def _heatmap_png(matrix: torch.Tensor, base_names, tuned_names, title) -> bytes:
-    import matplotlib
+    import matplotlib  # here: figures only (the API layer does not import depthfast.plotting)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,8 +24,10 @@ import sys
 import numpy as np
 import torch
 
-from depthfast.errors import DepthfastError
-from depthfast.results import atomic_write_json
+from depthfast.artifacts import atomic_write_json
+from depthfast.distributed import full_state_dict
+from depthfast.errors import DepthfastError, os_error_line
+from depthfast.rundir import apply_modes
 
 POINTER = "checkpoint.json"
 
@@ -93,8 +95,6 @@ def save_checkpoint(out: str, step: int, model: torch.nn.Module, optimizer, sche
         return _save_checkpoint(out, step, model, optimizer, scheduler, log_state, fingerprint, rank, is_main,
                                 barrier, sharded, config)
     except OSError as exc:
-        from depthfast.rundir import os_error_line
-
         shutil.rmtree(os.path.join(out, f".checkpoint-{step}.partial"), ignore_errors=True)
         reason = os_error_line(exc) or f"{type(exc).__name__}: {exc}"
         print(f"depthfast: warning: checkpoint at step {step} not written ({reason}); the run goes on, "
@@ -111,8 +111,6 @@ def _save_checkpoint(out, step, model, optimizer, scheduler, log_state, fingerpr
     staging = os.path.join(out, f".{name}.partial")
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        from depthfast.distributed import full_state_dict
 
         weights = full_state_dict(model)
         optimizer_state = get_optimizer_state_dict(
@@ -133,8 +131,6 @@ def _save_checkpoint(out, step, model, optimizer, scheduler, log_state, fingerpr
     torch.save(rng_state(), os.path.join(staging, f"rng-rank{rank}.pt"))
     barrier()
     if is_main:
-        from depthfast.rundir import apply_modes
-
         apply_modes(staging)  # as the umask says, like every artifact
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``depthfast`` console script: main(), with Ctrl-C and SIGTERM one line and exit 130 at any moment."""
-    from depthfast.rundir import interrupt_exits_130
+    from depthfast.rundir import interrupt_exits_130  # first of all: Ctrl-C is one line from the first moment
 
     interrupt_exits_130()
     return main()
@@ -63,11 +63,11 @@ def console_main() -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":  # everything after `run` belongs to depthfast.run's own parser
-        from depthfast.run import main as run_main
+        from depthfast.run import main as run_main  # a subcommand loads its modules only when it runs
 
         return run_main(argv[1:])
     if argv and argv[0] == "compare":  # likewise for depthfast.compare's parser
-        from depthfast.compare import main as compare_main
+        from depthfast.compare import main as compare_main  # likewise: torch loads only for a compare
 
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -75,13 +75,13 @@ def _main(argv: list[str] | None = None) -> int:
 
     def work():
         if args.command == "sweep":
-            from depthfast.sweep import sweep
+            from depthfast.sweep import sweep  # likewise
 
             if args.workers is not None and args.workers < 1:
                 raise DepthfastError(f"--workers must be ≥ 1; got {args.workers}")
             return sweep(args.grid, out=args.out, workers=args.workers, dry_run=args.dry_run, slurm=args.slurm,
                          slurm_options=args.slurm_option)
-        from depthfast.report import report
+        from depthfast.report import report  # likewise
 
         return report(args.runs_dir, out=args.out, resamples=args.resamples)
 

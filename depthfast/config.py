@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 
+from depthfast.constants import ESTIMATORS, POOLINGS, TIED_EMBEDDINGS
 from depthfast.errors import DepthfastError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -14,7 +15,6 @@ CONTROLS = ("none", "equal-step")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp", "hsdp")
 OPTIMIZERS = ("adamw", "sgd")
-TIED_EMBEDDINGS = ("head", "embeddings")  # who owns a tied input/output matrix (depthfast.layers)
 
 
 def read_data_file(path: str, what: str, fmt: str = "json"):
@@ -23,7 +23,7 @@ def read_data_file(path: str, what: str, fmt: str = "json"):
     try:
         with open(path) as f:
             if fmt == "yaml":
-                import yaml
+                import yaml  # optional: only a YAML file needs it
 
                 try:
                     return yaml.safe_load(f)
@@ -191,8 +191,6 @@ def raise_first(checks: list[tuple[bool, str]], config):
 def measurement_checks(cfg) -> list[tuple[bool, str]]:
     """The checks of what every measurement shares (RunConfig, CompareConfig): the probe set, its
     batches and pooling, the estimator, the precision, the tied-embeddings policy."""
-    from depthfast.cka import ESTIMATORS, POOLINGS
-
     return [
         (cfg.pooling in POOLINGS, f"pooling must be one of {POOLINGS}; got {cfg.pooling!r}"),
         (cfg.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}; got {cfg.estimator!r}"),

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from depthfast.errors import DepthfastError
+
 
 def dtensor_type():
     """torch's DTensor class, or None where torch has none."""
@@ -109,8 +111,6 @@ def shard_mesh(parallel: str, shard_size: int, world: int, device: torch.device)
     LOCAL_WORLD_SIZE), so that parameters are gathered within a node and gradients are all-reduced
     across nodes."""
     from torch.distributed.device_mesh import init_device_mesh
-
-    from depthfast.errors import DepthfastError
 
     if parallel == "fsdp":
         return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))

@@ -3,6 +3,7 @@ status every subcommand returns: 0 done, 2 bad input (one line ``depthfast: erro
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
@@ -14,7 +15,7 @@ class DepthfastError(Exception):
 def exit_status(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run ``work`` (a subcommand's body) and return its exit status: its own (0 if None), 2 after one
     line for a DepthfastError or a write refused for want of space or permission (ENOSPC, EACCES,
-    EROFS: depthfast.rundir.os_error_line says what to do), 130 after one line for Ctrl-C
+    EROFS: os_error_line says what to do), 130 after one line for Ctrl-C
     (``interrupted`` says what survives)."""
     try:
         return work() or 0
@@ -22,8 +23,6 @@ def exit_status(work: Callable[[], int | None], interrupted: str = "interrupted"
         print(f"depthfast: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from depthfast.rundir import os_error_line
-
         line = os_error_line(exc)
         if line is None:
             raise
@@ -32,3 +31,17 @@ def exit_status(work: Callable[[], int | None], interrupted: str = "interrupted"
     except KeyboardInterrupt:
         print(f"depthfast: {interrupted}", file=sys.stderr)
         return 130
+
+
+def os_error_line(exc: OSError, path: str | None = None) -> str | None:
+    """One line for a write that failed for want of space or permission, saying what to do; None for
+    other errors."""
+    where = path or exc.filename or "the output directory"
+    advice = {errno.ENOSPC: "no space left on the device: free some space or choose --out on another disk",
+              errno.EDQUOT: "disk quota exceeded: free some space or choose --out on another disk",
+              errno.EACCES: "permission denied: choose a directory you can write to as --out",
+              errno.EPERM: "operation not permitted: choose a directory you can write to as --out",
+              errno.EROFS: "read-only file system: choose --out on a writable disk"}
+    if exc.errno not in advice:
+        return None
+    return f"cannot write {where}: {advice[exc.errno]}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from depthfast.config import TIED_EMBEDDINGS
+from depthfast.constants import TIED_EMBEDDINGS
 from depthfast.errors import DepthfastError
 
 # model_type → (architecture, block type). The block type is what the equal-step result hinges on:

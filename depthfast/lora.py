@@ -24,11 +24,15 @@ import math
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from depthfast import adapters
 from depthfast.errors import DepthfastError
+from depthfast.layers import discover_layers
+from depthfast.models import SequenceClassifier
 from depthfast.optim.scales import ratios_from_sums, rescalable, target_of
 from depthfast.probe import relative_change
+from depthfast.train import CONTROL_HOOK
 
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 
@@ -58,8 +62,6 @@ BYPASSED: dict[str, frozenset[str]] = {
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(module, (nn.Linear, Conv1D))
 
 
@@ -72,8 +74,6 @@ def target_modules(model: nn.Module, targets: str = "") -> list[str]:
     matched as the last dotted segment(s) of a module name inside the blocks ("query,value",
     "attn.c_attn"); one that matches no linear layer of the blocks is an error naming the ones there are.
     """
-    from depthfast.layers import discover_layers
-
     layers = discover_layers(model)
     bypassed = BYPASSED.get(layers.model_type, frozenset())
     linear = []  # (qualified name, name inside the block)
@@ -106,15 +106,12 @@ def apply_lora(model: nn.Module, cfg) -> dict:
 
     peft's LoraConfig with r = cfg.lora_r, α = ``lora_alpha(cfg)``, dropout cfg.lora_dropout (0 by
     default: the training forward is then the measured forward), no bias training, A initialised
-    Kaiming-uniform from the torch RNG and B = 0 (peft's default). Returns the settings and the
-    parameter counts for results.json.
+    Kaiming-uniform from the torch RNG and B = 0 (peft's default). Marks the model with
+    depthfast.train.CONTROL_HOOK = LoraEqualStep (its equal-step control measures the merged weights).
+    Returns the settings and the parameter counts for results.json.
     """
     peft = require_peft()
-    from depthfast.models import SequenceClassifier
-
     names = target_modules(model, cfg.lora_targets)
-    from transformers.pytorch_utils import Conv1D
-
     modules = dict(model.named_modules())
     conv1d = any(isinstance(modules[n], Conv1D) for n in names)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -130,6 +127,7 @@ def apply_lora(model: nn.Module, cfg) -> dict:
         for p in model.classifier.parameters():
             p.requires_grad_(True)
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    setattr(model, CONTROL_HOOK, LoraEqualStep)  # depthfast.train.build_control: the merged weights' control
     return {
         "r": cfg.lora_r,
         "alpha": lora_alpha(cfg),
@@ -152,7 +150,7 @@ def _is_adapter(name: str) -> bool:
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter name of each adapted weight (``….base_layer.weight``) → its peft LoRA layer."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft is optional (--lora-r, adapters)
 
     return {f"{name}.base_layer.weight": m for name, m in model.named_modules()
             if isinstance(m, LoraLayer) and hasattr(m, "base_layer")}
@@ -161,8 +159,6 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 def structural_groups(model: nn.Module, tied_embeddings: str = "head") -> list[tuple[str, list[str]]]:
     """The role groups of the model's own weights (adapter factors left out, frozen weights in), as
     parameter names: what the groups of a full fine-tuning of the same model would hold."""
-    from depthfast.layers import discover_layers
-
     named = list(model.named_parameters())
     flags = [p.requires_grad for _, p in named]
     try:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from depthfast.cka import engine as cka_engine
+from depthfast.constants import PER_TEXT_GRAM_BYTES
 from depthfast.errors import DepthfastError
 
 GiB = 1024**3
@@ -151,13 +152,11 @@ def cka_update_bytes(layers: int, tokens: int, width: int, estimator: str, eleme
 
 def per_text_hsic_bytes(texts: int, seq: int, width: int, element_size: int = 4) -> int:
     """Peak of ``metrics.per_text_hsic_batch`` (layers one after another, texts in chunks of
-    c = min(B, _PER_TEXT_GRAM_BYTES / (16 s²)) on a GPU, where the Grams are fp32): K̃ (c, s, s)·4 is kept
+    c = min(B, PER_TEXT_GRAM_BYTES / (16 s²)) on a GPU, where the Grams are fp32): K̃ (c, s, s)·4 is kept
     while Y's masked copy (c, s, d)·e and centered fp32 rows (c, s, d)·4 and L̃ are formed, then one
     (c, s, s) product: c·(2·s²·4 + max(s·d·(e + 4), s²·4)). On the CPU (float64) the same bound holds."""
-    from depthfast.metrics.per_text import _PER_TEXT_GRAM_BYTES
-
     s, d, e = seq, width, element_size
-    c = min(texts, max(1, _PER_TEXT_GRAM_BYTES // (16 * s * s)))
+    c = min(texts, max(1, PER_TEXT_GRAM_BYTES // (16 * s * s)))
     return c * (2 * s * s * 4 + max(s * d * (e + 4), s * s * 4))
 
 

@@ -29,9 +29,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from depthfast import models  # models.load_model read at call time (tests count the loads)
+from depthfast.artifacts import finite_or_none
 from depthfast.batches import make_batch
+from depthfast.checkpoint import rng_state, set_rng_state
+from depthfast.cka import linear_cka
+from depthfast.errors import DepthfastError
 from depthfast.layers import family_of
-from depthfast.results import finite_or_none
 
 # Keys that run.py stores under results["metrics"] for the objective distance (read by the report).
 OBJECTIVE_DISTANCE_KEYS = ("initial_loss_normalized", "gradient_alignment_distance", "kernel_target_alignment")
@@ -102,9 +106,6 @@ def kernel_target_alignment(features: torch.Tensor, labels: torch.Tensor | Seque
     the last block's output mean-pooled per text. None if undefined (< 2 samples, one class only, or
     constant features).
     """
-    from depthfast.cka import linear_cka
-    from depthfast.errors import DepthfastError
-
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if features.dim() != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"features must be (n, d) with n = len(labels); got {tuple(features.shape)} and {labels.shape[0]}")
@@ -130,8 +131,6 @@ def pretraining_objective(config) -> str:
 @contextlib.contextmanager
 def rng_preserved():
     """Every global generator (Python, NumPy, torch CPU and CUDA) as it was on entry, on exit."""
-    from depthfast.checkpoint import rng_state, set_rng_state
-
     state = rng_state()
     try:
         yield
@@ -150,11 +149,9 @@ def pretraining_model(model: torch.nn.Module, name_or_path: str, objective: str,
     loaded with is dropped, and a head tied to the input embeddings (BERT's decoder, GPT-2's LM head)
     is tied again to the shared backbone's, so that ∇ of its loss holds the output term.
     """
-    from depthfast.models import load_model
-
     with rng_preserved():
         torch.manual_seed(seed + HEAD_SEED_OFFSET)
-        pretrain = load_model(name_or_path, objective)
+        pretrain = models.load_model(name_or_path, objective)
     setattr(pretrain, pretrain.base_model_prefix, backbone_of(model))
     pretrain.tie_weights()
     return pretrain

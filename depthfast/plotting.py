@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 
-from depthfast.results import atomic_write_bytes
+from depthfast.artifacts import atomic_write_bytes
 
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed: runs on cluster nodes and in CI)."""
-    import matplotlib
+    import matplotlib  # here: figures only, and the backend is set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,7 +11,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import random
 import sys
 import time
 
@@ -20,9 +19,11 @@ if __name__ == "__main__":  # before the heavy imports: Ctrl-C from the first mo
 
     interrupt_exits_130()
 
-from depthfast.cka import ESTIMATORS, POOLINGS
+from depthfast.constants import ESTIMATORS, POOLINGS
 from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, TIED_EMBEDDINGS, RunConfig
 from depthfast.errors import DepthfastError, exit_status
+from depthfast.run_metrics import run_metrics  # also depthfast.run.run_metrics, as before
+from depthfast.train import seed_everything  # also depthfast.run.seed_everything, as before
 
 HELP = {
     "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
@@ -83,15 +84,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_args(args)
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Fine-tune, measure, write ``cfg.out``; returns the results dictionary (also results.json).
 
@@ -122,7 +114,8 @@ def _run(cfg: RunConfig, rundir, progress: bool, resume: bool) -> dict:
     from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
     from depthfast.metrics import locality_gradient
     from depthfast.models import check_objective, check_positions, load_config, load_model, load_tokenizer
-    from depthfast.results import print_table, profile_rows, write_results
+    from depthfast.results import profile_rows, write_results
+    from depthfast.terminal import print_table
     from depthfast.train import autocast, finetune, make_accelerator
 
     started = time.perf_counter()
@@ -295,29 +288,6 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     rundir.after_write(path)
-
-
-def run_metrics(cfg, task, model, measured, depths, changes, alignment) -> dict:
-    """Profile shape (blocks only, like the locality gradient) and the objective distances at θ₀."""
-    from depthfast.metrics import PER_TEXT_ESTIMATOR, profile_metrics, slope_estimator_label
-    from depthfast.objective_distance import chance_normalized_loss, kernel_target_alignment
-
-    # the change moments where the probe gave them (small changes stay exact), else the triples
-    per_text_change = getattr(measured, "per_text_change", None)
-    form, per_text = ("change", per_text_change) if per_text_change is not None else ("hsic", measured.per_text_hsic)
-    per_text = per_text[:, 1:] if per_text is not None else None
-    metrics = profile_metrics(depths[1:], changes[1:], per_text_hsic=per_text, seed=cfg.seed, per_text_form=form)
-    # Which estimator each slope is, so a report never compares two as one (locality_gradient is the
-    # headline, from the run's own CKA; slope_per_text is token-level HSIC₁ per probe text).
-    metrics["slope_estimator"] = slope_estimator_label(cfg.estimator, cfg.pooling)
-    metrics["slope_per_text_estimator"] = PER_TEXT_ESTIMATOR if per_text is not None else None
-    chance = task.num_labels if cfg.objective == "cls" else model.config.vocab_size
-    metrics["initial_loss_normalized"] = chance_normalized_loss(measured.loss_base, chance)
-    metrics["gradient_alignment_distance"] = alignment
-    metrics["kernel_target_alignment"] = (
-        kernel_target_alignment(measured.base_features, measured.labels, task.num_labels)
-        if measured.base_features is not None else None)
-    return metrics
 
 
 def _public(entry: dict) -> dict:

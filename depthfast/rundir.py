@@ -9,7 +9,7 @@ second run on the same directory is refused with one line naming the holder. The
 when its process dies, so the lock of a killed run is stale by construction and simply taken over.
 A finished run (results.json present) is refused unless ``overwrite``.
 
-Publishing: the first artifact written (any file of ``ARTIFACTS``, through ``depthfast.results``'
+Publishing: the first artifact written (any file of ``ARTIFACTS``, through ``depthfast.artifacts``'
 atomic writers, or ``model/``) first retracts the old results.json, then removes the older run's other
 artifacts; results.json is written last and carries ``manifest`` {file: sha256} of every artifact, which
 ``verify_manifest`` (depthfast report, depthfast compare) checks. So a reader finds either a whole old run,
@@ -30,48 +30,15 @@ import socket
 import sys
 import time
 
-from depthfast.errors import DepthfastError
+# the publishing hooks live with the atomic writers (depthfast.artifacts, a leaf); re-exported here
+from depthfast.artifacts import (  # noqa: F401
+    _ACTIVE, ARTIFACTS, FAULT_ENV, RESULTS, _fault_count, active, after_write, atomic_write_json, before_write,
+    fault_point, file_mode)
+from depthfast.errors import DepthfastError, os_error_line  # noqa: F401  (os_error_line re-exported)
 
 LOCK = ".depthfast.lock"
-RESULTS = "results.json"
-# What a run, a compare or the Trainer callback writes besides results.json; an older run's copies are
-# removed when a new run publishes (so `--overwrite` replaces a run whole), and the manifest lists them.
-ARTIFACTS = ("config.json", "profile.csv", "profile.png", "train_log.csv", "trajectory.csv", "all_pairs.csv",
-             "all_pairs.png", "model")
 # Working state that is neither an artifact nor a result: never removed by publishing, never in a manifest.
 WORKING = (LOCK, "checkpoint.json", "run.log", "tensorboard")
-FAULT_ENV = "DEPTHFAST_FAULT_KILL_AT"
-
-_ACTIVE: dict[str, "RunDir"] = {}  # absolute path → the open RunDir of this process
-_fault_count = [0]
-
-
-def fault_point() -> None:
-    """One point of the publishing window; under DEPTHFAST_FAULT_KILL_AT=n the n-th ends the process as
-    kill -9 would (no cleanup, exit 137)."""
-    target = os.environ.get(FAULT_ENV)
-    if not target:
-        return
-    _fault_count[0] += 1
-    if _fault_count[0] == int(target):
-        os._exit(137)
-
-
-def file_mode(directory: bool = False) -> int:
-    """The mode a new file (0666) or directory (0777) gets under the process's umask (0644/0755 under 022):
-    temporary files from tempfile are 0600, and results are meant to be read by teammates."""
-    umask = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    if umask is None:  # not Linux: read it by setting it (not thread-safe, hence the /proc way first)
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
 
 
 def apply_modes(path: str) -> None:
@@ -132,40 +99,6 @@ def verify_manifest(directory: str, results: dict) -> str:
     if extra:
         return f"{extra[0]} is not in the manifest (left by another run?)"
     return ""
-
-
-def os_error_line(exc: OSError, path: str | None = None) -> str | None:
-    """One line for a write that failed for want of space or permission, saying what to do; None for
-    other errors."""
-    where = path or exc.filename or "the output directory"
-    advice = {errno.ENOSPC: "no space left on the device: free some space or choose --out on another disk",
-              errno.EDQUOT: "disk quota exceeded: free some space or choose --out on another disk",
-              errno.EACCES: "permission denied: choose a directory you can write to as --out",
-              errno.EPERM: "operation not permitted: choose a directory you can write to as --out",
-              errno.EROFS: "read-only file system: choose --out on a writable disk"}
-    if exc.errno not in advice:
-        return None
-    return f"cannot write {where}: {advice[exc.errno]}"
-
-
-def active(path: str) -> "RunDir | None":
-    """The open RunDir that ``path`` (a file or model/ directly inside it) belongs to, if any."""
-    return _ACTIVE.get(os.path.dirname(os.path.abspath(path)))
-
-
-def before_write(path: str) -> None:
-    """Called by every atomic writer before it writes ``path``: an artifact of an open RunDir starts the
-    publishing (retracting the older run) and is a fault point."""
-    owner = active(path)
-    if owner is not None and os.path.basename(path) in ARTIFACTS + (RESULTS,):
-        owner.begin_publish()
-        fault_point()
-
-
-def after_write(path: str) -> None:
-    owner = active(path)
-    if owner is not None and os.path.basename(path) in ARTIFACTS + (RESULTS,):
-        fault_point()
 
 
 class RunDir:
@@ -244,7 +177,7 @@ class RunDir:
 
     def check_space(self, need: int, what: str = "checkpoints and artifacts") -> None:
         """Refuse when the disk holding the directory has less than ``need`` bytes free."""
-        from depthfast.memory import human_bytes
+        from depthfast.memory import human_bytes  # here: rundir loads before torch (__main__, Ctrl-C)
 
         try:
             free = shutil.disk_usage(self.path).free
@@ -308,8 +241,6 @@ class RunDir:
 def publish_results(out: str, results: dict) -> dict:
     """Write results.json last, with the manifest of every artifact beside it; returns ``results``
     (the manifest added)."""
-    from depthfast.results import atomic_write_json
-
     results["manifest"] = manifest_of(out)
     atomic_write_json(os.path.join(out, RESULTS), results)
     return results
@@ -332,7 +263,7 @@ def disk_need(weights_bytes: int, cfg) -> int:
     """Bytes a run writes at most, from its model's fp32 weight bytes: two checkpoints at a time (the
     new one is complete before the old one goes), each weights + optimizer states; the saved model;
     8 MiB for the small artifacts."""
-    from depthfast.memory import optimizer_states
+    from depthfast.memory import optimizer_states  # here: rundir loads before torch (see check_space)
 
     need = 8 << 20
     if getattr(cfg, "checkpoint_every", 0) and cfg.checkpoint_every < cfg.steps:
@@ -346,7 +277,7 @@ def weights_bytes_of(model_config, objective: str = "cls") -> int | None:
     """fp32 bytes of the model's parameters, from its config on the meta device (nothing is loaded);
     None when the config does not build."""
     try:
-        import torch
+        import torch  # here: rundir loads before torch and transformers (__main__, Ctrl-C)
         import transformers
 
         loader = transformers.AutoModelForMaskedLM if objective == "mlm" else (

@@ -13,10 +13,12 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,6 +49,18 @@ class TrainLog:
     # Trainable parameters that got no gradient at the first step (structurally unused by the
     # objective's loss, e.g. BERT's pooler under mean-pooled cls); they keep their pretrained values.
     unused_parameters: list[str] = field(default_factory=list)
+
+
+# The attribute of a model whose equal-step control is not the plain one (depthfast.lora.apply_lora: the
+# control on the merged LoRA weights): a class called like LoraEqualStep(optimizer, named_groups, model,
+# tied_embeddings, target=, control=, free=).
+CONTROL_HOOK = "depthfast_control"
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators seeded alike (a run, a compare)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def warmup_linear(warmup_steps: int, total_steps: int):
@@ -93,15 +107,15 @@ def build_control(optimizer, named_groups, cfg: RunConfig, fused: bool | None = 
     """The equal-step wrapper (or, with control "none", the ratio recorder) over the role groups.
 
     EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick its
-    fused Triton path; both paths get the same groups and free indices. Under --lora-r (``model``
-    given) it is depthfast.lora.LoraEqualStep: the ratios are those of the merged weights.
+    fused Triton path; both paths get the same groups and free indices. A ``model`` that carries a
+    ``CONTROL_HOOK`` (depthfast.lora.apply_lora sets one: LoraEqualStep, the ratios of the merged weights)
+    gets the control it names, built from the same arguments; training never imports the LoRA module.
     """
     target = "mean" if cfg.equal_step_target == "mean" else float(cfg.equal_step_target)
-    if cfg.lora_r and model is not None:
-        from depthfast.lora import LoraEqualStep
-
-        return LoraEqualStep(optimizer, named_groups, model, cfg.tied_embeddings, target=target,
-                             control=cfg.control, free=free_groups(named_groups, cfg))
+    hook = getattr(model, CONTROL_HOOK, None) if model is not None else None
+    if hook is not None:
+        return hook(optimizer, named_groups, model, cfg.tied_embeddings, target=target,
+                    control=cfg.control, free=free_groups(named_groups, cfg))
     return EqualStep(optimizer, [params for _, params in named_groups], target=target, control=cfg.control,
                      free=free_groups(named_groups, cfg), fused=fused)
 
@@ -362,7 +376,7 @@ def flush(pending: list, log: TrainLog, writer, cfg: RunConfig) -> None:
 
 def open_tensorboard(out: str):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional (tensorboard): only under --tensorboard
     except ImportError:
         raise DepthfastError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     return SummaryWriter(log_dir=os.path.join(out, "tensorboard"))

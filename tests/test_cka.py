@@ -857,7 +857,7 @@ def test_per_text_hsic_batch_fp32_at_wide_layers_and_chunks(monkeypatch):
     """d = 1024 (the √d term of the fp32 bound), offsets of 1e3, texts split into chunks of 3."""
     from depthfast.metrics import per_text as metrics
 
-    monkeypatch.setattr(metrics, "_PER_TEXT_GRAM_BYTES", 3 * 4 * 48 * 48 * 4)  # 3 texts per chunk
+    monkeypatch.setattr(metrics, "PER_TEXT_GRAM_BYTES", 3 * 4 * 48 * 48 * 4)  # 3 texts per chunk
     xs, ys, mask = _texts(99, [48, 30, 7, 4, 48, 12, 2], 48, (1024,))
     want = per_text_hsic_loop(xs, ys, mask)
     f32 = metrics.per_text_hsic_batch(xs, ys, mask, gram_dtype=torch.float32)

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import depthfast.artifacts
 import depthfast.models
 import depthfast.results
 import depthfast.train
@@ -205,14 +206,14 @@ def test_stale_lock_of_a_killed_run_is_taken_over(model, tmp_path):
                                         (errno.EROFS, "read-only file system")])
 def test_failed_artifact_write_is_one_line(model, tmp_path, monkeypatch, capsys, code, words):
     out = str(tmp_path / "out")
-    real = depthfast.results.tempfile.mkstemp
+    real = depthfast.artifacts.tempfile.mkstemp
 
     def failing(*args, dir=None, **kwargs):
         if dir and os.path.abspath(dir) == os.path.abspath(out):
             raise OSError(code, os.strerror(code), os.path.join(dir, "profile.csv"))
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(depthfast.results.tempfile, "mkstemp", failing)
+    monkeypatch.setattr(depthfast.artifacts.tempfile, "mkstemp", failing)
     assert main(["--model", model, "--out", out, *FLAGS]) == 2
     one_error(capsys, words)
     assert not os.path.exists(os.path.join(out, "results.json"))

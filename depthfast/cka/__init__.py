@@ -36,10 +36,11 @@ stated in tests/test_cka.py.
 
 from depthfast.cka.engine import BACKENDS, ieee_fp32_matmul
 from depthfast.cka.reference import (
-    POOLINGS, debiased_cka, debiased_cka_change, hsic1, linear_cka, linear_cka_change, minibatch_cka_change,
+    debiased_cka, debiased_cka_change, hsic1, linear_cka, linear_cka_change, minibatch_cka_change,
     one_minus_cka_from_change, pool_activations, procrustes_distance,
 )
-from depthfast.cka.streaming import ESTIMATORS, MEASURES, StreamingCKA
+from depthfast.cka.streaming import StreamingCKA
+from depthfast.constants import ESTIMATORS, MEASURES, POOLINGS  # the option values, in the leaf (re-exported)
 
 __all__ = [
     "BACKENDS", "ESTIMATORS", "MEASURES", "POOLINGS", "StreamingCKA", "debiased_cka", "debiased_cka_change",

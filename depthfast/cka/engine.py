@@ -24,7 +24,7 @@ BACKENDS = ("auto", "reference", "extension")
 
 
 def _resolve_backend(backend: str):
-    from depthfast import _ext
+    from depthfast import _ext  # here: _C loads (and a missing build says so) when a kernel is first used
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from depthfast.constants import POOLINGS  # noqa: F401  (also depthfast.cka.reference.POOLINGS, as before)
 from depthfast.errors import DepthfastError
 
-POOLINGS = ("token", "mean")
 
 
 def _as_float64_2d(name: str, t: torch.Tensor) -> torch.Tensor:

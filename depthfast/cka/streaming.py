@@ -14,12 +14,11 @@ import torch
 
 from depthfast.cka import engine
 from depthfast.cka.engine import ieee_fp32_matmul
-from depthfast.cka.reference import POOLINGS, pool_activations
+from depthfast.cka.reference import pool_activations
 from depthfast.cka.stats import _ExactLayerStats, _UnbiasedLayerStats
+from depthfast.constants import ESTIMATORS, MEASURES, POOLINGS
 from depthfast.errors import DepthfastError
 
-ESTIMATORS = ("exact", "unbiased")
-MEASURES = ("linear", "debiased", "procrustes")
 
 
 class StreamingCKA:

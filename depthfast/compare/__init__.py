@@ -33,6 +33,9 @@ import os
 import sys
 import time
 
+import torch
+
+from depthfast.all_pairs import AllPairsCKA, record_all_pairs
 from depthfast.compare.checkpoints import (backbone_module, check_architectures, check_run_manifests, check_tokenizer,
                                            discover_both,
                                            compare_probe, load_sides, mismatch_note, param_shapes, resolve_adapter,
@@ -40,7 +43,15 @@ from depthfast.compare.checkpoints import (backbone_module, check_architectures,
 from depthfast.compare.config import (CHOICES, COMPARE_OBJECTIVES, HELP, OFFLOAD, CompareConfig, build_parser,
                                       config_from_args)
 from depthfast.compare.results import check_out, print_compare, write_compare_results
+from depthfast.data import load_task
+from depthfast.distributed import offload_to_host
 from depthfast.errors import exit_status
+from depthfast.metrics import locality_gradient
+from depthfast.models import check_objective, check_positions, load_tokenizer, quiet_libraries
+from depthfast.probe import measure_probe, weight_changes
+from depthfast.rundir import RunDir
+from depthfast.run_metrics import run_metrics
+from depthfast.train import autocast, resolve_device, seed_everything
 
 __all__ = ["COMPARE_OBJECTIVES", "OFFLOAD", "CompareConfig", "HELP", "CHOICES", "build_parser", "config_from_args",
            "compare", "write_compare_results", "print_compare", "main"]
@@ -51,8 +62,6 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
 
     ``cfg.out`` is checked and locked first (depthfast.rundir): a file, an unwritable directory, finished
     results (unless ``overwrite``) or another run holding it are refused before any model loads."""
-    from depthfast.rundir import RunDir
-
     started = time.perf_counter()
     cfg.validate()
     adapter = resolve_adapter(cfg)
@@ -66,16 +75,6 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
 
 
 def _compare(cfg: CompareConfig, adapter, started: float, progress: bool) -> dict:
-    import torch
-
-    from depthfast.data import load_task
-    from depthfast.distributed import offload_to_host
-    from depthfast.metrics import locality_gradient
-    from depthfast.models import check_objective, check_positions, load_tokenizer
-    from depthfast.probe import measure_probe, weight_changes
-    from depthfast.run import run_metrics, seed_everything
-    from depthfast.train import autocast, resolve_device
-
     device = resolve_device(cfg.device)
     check_run_manifests(cfg)
     base_config, architecture = check_architectures(cfg, adapter)
@@ -118,16 +117,12 @@ def _compare(cfg: CompareConfig, adapter, started: float, progress: bool) -> dic
             model.to(device)
     pairs = None
     if cfg.all_pairs:  # skips a batch of ≤ 3 samples like the profile's estimator does
-        from depthfast.all_pairs import AllPairsCKA
-
         pairs = AllPairsCKA(base_layers.num_blocks + 1, tuned_layers.num_blocks + 1, cfg.pooling, small_batches="skip")
     with autocast(cfg, device):
         measured = measure_probe(base, tuned, base_layers, tuned_layers, batches, device, cfg.pooling, cfg.estimator,
                                  progress, all_pairs=pairs)
     pairs_entry = None
     if pairs is not None:  # before results.json, which names the files
-        from depthfast.all_pairs import record_all_pairs
-
         title = f"{os.path.basename(cfg.base.rstrip('/'))} vs {os.path.basename(cfg.tuned.rstrip('/'))} · {cfg.pooling} pooling"
         pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, tuned_layers.layer_names, title,
                                        cfg.pooling, cfg.estimator)
@@ -148,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         cfg = config_from_args(args)
-        from depthfast.models import quiet_libraries
-
         quiet_libraries(datasets_too=args.quiet)  # missing heads etc. are checked and said by compare itself
         results = compare(cfg, progress=not args.quiet)
         print_compare(results)

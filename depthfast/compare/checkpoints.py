@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import os
 
+from depthfast.adapters import adapter_base, is_adapter_dir, load_adapter, require_peft, saved_keys
+from depthfast.artifacts import read_json
+from depthfast.batches import probe_batches
 from depthfast.errors import DepthfastError
+from depthfast.layers import discover_layers, family_of, prepare_for_measurement
+from depthfast.models import (damaged_weights_line, first_line, load_config, load_kwargs, load_tokenizer,
+                              resolve_model_path, weights_error)
+from depthfast.rundir import verify_manifest
 
 
 def lm_class(architecture: str):
@@ -20,8 +27,6 @@ def lm_class(architecture: str):
 def from_pretrained(name: str, architecture: str):
     """(model, missing checkpoint keys) of ``name`` loaded as the family's LM class, on the host, fp32."""
     import torch
-
-    from depthfast.models import damaged_weights_line, first_line, load_kwargs, resolve_model_path, weights_error
 
     path = resolve_model_path(name)
     try:
@@ -62,8 +67,6 @@ def backbone_module():
 
 def same_model(a: str, b: str) -> bool:
     """Whether two model names denote the same model (the same string, or the same resolved directory)."""
-    from depthfast.models import resolve_model_path
-
     if a == b:
         return True
     try:
@@ -75,8 +78,6 @@ def same_model(a: str, b: str) -> bool:
 
 def resolve_adapter(cfg) -> str | None:
     """TUNED's adapter directory (its recorded base checked against BASE), or None for a checkpoint."""
-    from depthfast.adapters import adapter_base, is_adapter_dir, require_peft
-
     adapter = cfg.tuned if is_adapter_dir(cfg.tuned) else None
     if adapter is not None:
         require_peft()
@@ -91,9 +92,6 @@ def resolve_adapter(cfg) -> str | None:
 def check_run_manifests(cfg) -> None:
     """BASE or TUNED that is a run's ``model/`` (``--save-model``) must be the model of the results beside it:
     refused when the run directory does not match its results.json manifest (a mix of two runs)."""
-    from depthfast.results import read_json
-    from depthfast.rundir import verify_manifest
-
     for which, name in (("BASE", cfg.base), ("TUNED", cfg.tuned)):
         if not os.path.isdir(name) or os.path.basename(os.path.normpath(name)) != "model":
             continue
@@ -113,9 +111,6 @@ def block_count(config) -> int | None:
 def check_architectures(cfg, adapter: str | None):
     """(BASE's HF config, its architecture "encoder"/"decoder"), from the configs alone (no weights):
     BASE and TUNED must share model_type and, where the configs say it, the number of blocks."""
-    from depthfast.layers import family_of
-    from depthfast.models import load_config
-
     base_config = load_config(cfg.base)
     tuned_config = base_config if adapter is not None else load_config(cfg.tuned)
     if base_config.model_type != tuned_config.model_type:
@@ -131,8 +126,6 @@ def check_architectures(cfg, adapter: str | None):
 
 def compare_probe(cfg, objective: str, tokenizer, texts: list[str]):
     """The probe batches of a run with this objective; under ``none`` clm's batches with every label −100."""
-    from depthfast.batches import probe_batches
-
     batches = probe_batches("clm" if objective == "none" else objective, tokenizer, texts, None,
                             cfg.probe_batch_size, cfg.max_length, cfg.mlm_probability, cfg.seed)
     if objective == "none":
@@ -143,8 +136,6 @@ def compare_probe(cfg, objective: str, tokenizer, texts: list[str]):
 
 def check_tokenizer(cfg, batches: list[dict], texts: list[str]) -> None:
     """TUNED's own tokenizer, if it ships one, must give the token ids of BASE's ``batches``."""
-    from depthfast.models import load_tokenizer
-
     try:
         tuned_tokenizer = load_tokenizer(cfg.tuned, "clm")
     except DepthfastError:
@@ -166,8 +157,6 @@ def head_missing(missing: list[str], prefix: str) -> tuple[list[str], list[str]]
 
 def load_side(name: str, architecture: str, adapter: str | None, base_name: str):
     """(model as the LM class, missing keys): the checkpoint ``name``, or BASE with the adapter merged."""
-    from depthfast.adapters import load_adapter, saved_keys
-
     model, missing = from_pretrained(name, architecture)
     if adapter is None:
         return model, missing
@@ -214,8 +203,6 @@ def resolve_objective(cfg, architecture: str, tokenizer, heads: dict[str, list[s
 
 
 def layers_or_error(model, which: str, name: str):
-    from depthfast.layers import discover_layers, prepare_for_measurement
-
     prepare_for_measurement(model)
     try:
         return discover_layers(model)

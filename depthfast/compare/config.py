@@ -7,6 +7,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from depthfast.constants import ESTIMATORS, POOLINGS
 from depthfast.config import DEFAULT_MODEL, PRECISIONS, TIED_EMBEDDINGS, TypedConfig, measurement_checks, raise_first
 
 COMPARE_OBJECTIVES = ("auto", "none", "mlm", "clm")
@@ -88,8 +89,6 @@ CHOICES = {"offload": OFFLOAD, "precision": PRECISIONS,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from depthfast.cka import ESTIMATORS, POOLINGS
-
     choices = {**CHOICES, "pooling": POOLINGS, "estimator": ESTIMATORS}
     parser = argparse.ArgumentParser(
         prog="depthfast compare", description="The depth profile between two existing checkpoints, no training: "

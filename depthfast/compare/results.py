@@ -1,5 +1,5 @@
 """What ``depthfast compare`` writes and prints: config.json, profile.csv, profile.png and results.json
-(last; each atomically, depthfast.results), the refusal to overwrite a run's results, and the terminal
+(last; each atomically, depthfast.artifacts), the refusal to overwrite a run's results, and the terminal
 table."""
 
 from __future__ import annotations
@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import sys
 
+import depthfast
+from depthfast.adapters import adapter_config
+from depthfast.artifacts import atomic_write_json, read_json
 from depthfast.compare.config import CompareConfig
 from depthfast.errors import DepthfastError
-from depthfast.results import (atomic_write_json, group_entries, locality_line, model_entries, print_profile_rows,
-                               probe_entry, profile_rows, read_json, write_profile)
+from depthfast.results import group_entries, model_entries, probe_entry, profile_rows, write_profile
+from depthfast.rundir import publish_results
+from depthfast.terminal import locality_line, print_profile_rows
 
 
 def check_out(out: str) -> None:
@@ -30,9 +34,6 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
                           adapter: str | None, wall_seconds: float, torch_version: str,
                           all_pairs: dict | None = None) -> dict:
     """config.json, profile.csv, profile.png, then results.json, each atomically; returns the results."""
-    import depthfast
-    from depthfast.adapters import adapter_config
-
     depths = layers.normalized_depths
     rows = profile_rows(layers.layer_names, depths, measured.change)
     for row in rows:
@@ -72,8 +73,6 @@ def write_compare_results(cfg: CompareConfig, layers, task, measured, group_chan
     out = cfg.out
     atomic_write_json(os.path.join(out, "config.json"), cfg.to_dict())
     write_profile(out, rows, f"{cfg.base} → {cfg.tuned} · {cfg.objective} · compare", slope)
-    from depthfast.rundir import publish_results
-
     return publish_results(out, results)  # last, with the manifest of every artifact
 
 

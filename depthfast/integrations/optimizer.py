@@ -23,7 +23,10 @@ import dataclasses
 
 import torch
 
+from depthfast.config import RunConfig
+from depthfast.layers import discover_layers, prepare_for_measurement
 from depthfast.optim import EqualStep
+from depthfast.train import build_control, build_optimizer
 
 
 class EqualStepOptimizer(torch.optim.Optimizer):
@@ -136,10 +139,6 @@ def equal_step_optimizer(model: torch.nn.Module, args=None, *, control: str = "e
     scheduler over the returned optimizer. ``control="none"`` only records the update ratios and
     steps exactly as the plain AdamW would.
     """
-    from depthfast.config import RunConfig
-    from depthfast.layers import discover_layers, prepare_for_measurement
-    from depthfast.train import build_control, build_optimizer
-
     if args is not None and getattr(args, "place_model_on_device", True) and not getattr(model, "hf_device_map", None):
         model.to(args.device)  # as Trainer.__init__ would (it leaves a model dispatched over devices where it is)
     if lr is None:

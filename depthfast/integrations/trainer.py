@@ -38,17 +38,27 @@ from types import SimpleNamespace
 
 import torch
 from transformers import TrainerCallback
+from transformers.models.auto import modeling_auto as auto
 
+import depthfast
+from depthfast.artifacts import atomic_write_csv, atomic_write_json
+from depthfast.batches import probe_batches
+from depthfast.constants import ESTIMATORS, POOLINGS
+from depthfast.distributed import is_sharded, offload_to_host
 from depthfast.errors import DepthfastError
 from depthfast.integrations.optimizer import find_equal_step
+from depthfast.layers import check_tied_policy, discover_layers, prepare_for_measurement
+from depthfast.metrics import locality_gradient
+from depthfast.probe import measure_probe, weight_changes
+from depthfast.results import group_entries, model_entries, probe_entry, profile_rows, write_profile, write_train_log
+from depthfast.rundir import RunDir, publish_results
+from depthfast.run_metrics import run_metrics
 
 OBJECTIVES = ("cls", "mlm", "clm")
 
 
 def objective_of(model: torch.nn.Module) -> str | None:
     """"clm", "mlm" or "cls" from the model's class (transformers' auto mappings), None if unknown."""
-    from transformers.models.auto import modeling_auto as auto
-
     name = type(model).__name__
     mappings = (("clm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), ("mlm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
                 ("cls", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"))
@@ -100,9 +110,6 @@ class DepthProfileCallback(TrainerCallback):
                  offload: bool = False, *, probe_labels: list[int] | None = None, objective: str | None = None,
                  tokenizer=None, max_length: int = 128, batch_size: int = 32, mlm_probability: float = 0.15,
                  seed: int = 0, tied_embeddings: str = "head", progress: bool = False, overwrite: bool = False) -> None:
-        from depthfast.cka import ESTIMATORS, POOLINGS
-        from depthfast.layers import check_tied_policy
-
         if pooling not in POOLINGS:
             raise DepthfastError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
         if estimator not in ESTIMATORS:
@@ -159,8 +166,6 @@ class DepthProfileCallback(TrainerCallback):
         return sum(int(b["input_ids"].shape[0]) for b in self.batches)
 
     def _probe_batches(self, objective: str, tokenizer) -> list[dict]:
-        from depthfast.batches import probe_batches
-
         if self.batches is not None:
             return self.batches
         if tokenizer is None or not callable(tokenizer):
@@ -183,9 +188,6 @@ class DepthProfileCallback(TrainerCallback):
             self._snapshot(model)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
-        from depthfast.distributed import is_sharded
-        from depthfast.layers import discover_layers, prepare_for_measurement
-
         self.trajectory, self.results, self._ratios, self._lrs, self._unused = [], None, [], [], None
         self._cka = None
         if not state.is_world_process_zero:
@@ -202,8 +204,6 @@ class DepthProfileCallback(TrainerCallback):
         self._batches = self._probe_batches(objective, self.tokenizer or processing_class)
         self._device = next(model.parameters()).device
         self._out = self.out or os.path.join(args.output_dir, "depthfast")
-        from depthfast.rundir import RunDir
-
         if self._rundir is not None:  # a train() of this callback that raised: its lock is this process's
             self._rundir.close()
         self._rundir = RunDir(self._out, overwrite=self.overwrite, what="DepthProfileCallback out").open()
@@ -218,9 +218,6 @@ class DepthProfileCallback(TrainerCallback):
 
     def _snapshot(self, model: torch.nn.Module) -> None:
         """θ₀: a frozen copy of ``model`` (requires_grad as the model's, so its role groups match)."""
-        from depthfast.distributed import is_sharded, offload_to_host
-        from depthfast.layers import discover_layers, prepare_for_measurement
-
         if any(is_sharded(p) for p in model.parameters()):
             return  # refused at train begin
         prepare_for_measurement(model)
@@ -251,8 +248,6 @@ class DepthProfileCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self._base is None:
             return
-        from depthfast.probe import weight_changes
-
         again = bool(self.trajectory) and self.trajectory[-1]["step"] == state.global_step  # stopped early at a step of `steps`
         final = self._measure(state.global_step, args, model, keep=True, record=bool(self.steps) and not again)
         groups = weight_changes(self._base_groups, [(n, [p.detach() for p in ps])
@@ -268,10 +263,6 @@ class DepthProfileCallback(TrainerCallback):
     # ---- measuring and writing -------------------------------------------------------------------
 
     def _measure(self, step: int, args, model, keep: bool = False, record: bool = True) -> dict:
-        from depthfast.probe import measure_probe
-        from depthfast.metrics import locality_gradient
-        from depthfast.results import profile_rows
-
         was_training = model.training
         fp16, bf16 = bool(getattr(args, "fp16", False)), bool(getattr(args, "bf16", False))
         # The precision the model trains in, as depthfast.run measures (bf16 autocast under --precision bf16).
@@ -292,19 +283,12 @@ class DepthProfileCallback(TrainerCallback):
         return entry
 
     def _write_trajectory(self) -> None:
-        from depthfast.results import atomic_write_csv
-
         rows = [[e["step"], r["layer"], r["depth"], r["cka"], r["change"], e["locality_gradient"], e["probe_loss"]]
                 for e in self.trajectory for r in e["layers"]]
         atomic_write_csv(os.path.join(self._out, "trajectory.csv"),
                          ["step", "layer", "depth", "cka", "change", "locality_gradient", "probe_loss"], rows)
 
     def _write(self, args, state, model, optimizer, train_dataloader, final: dict, groups: dict) -> dict:
-        import depthfast
-        from depthfast.results import (atomic_write_json, group_entries, model_entries, probe_entry, write_profile,
-                                       write_train_log)
-        from depthfast.run import run_metrics
-
         layers, out = self._layers, self._out
         measured = final["_result"]
         depths = layers.normalized_depths
@@ -372,6 +356,4 @@ class DepthProfileCallback(TrainerCallback):
                                          + before[i] + after[i] for i in range(len(before))])
         write_profile(out, rows, f"{results['model']} · {self._objective} · Trainer · control {control} · {steps} steps",
                       final["locality_gradient"])
-        from depthfast.rundir import publish_results
-
         return publish_results(out, results)  # last, with the manifest of every artifact

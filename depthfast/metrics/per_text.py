@@ -14,14 +14,15 @@ from typing import Sequence
 
 import torch
 
+from depthfast.artifacts import finite_or_none
+from depthfast.cka import ieee_fp32_matmul
 from depthfast.cka_change import hsic_triples_from_moments, moments_from_hsic_triples, one_minus_cka_from_moments
-from depthfast.results import finite_or_none
+# PER_TEXT_GRAM_BYTES: budget for one chunk of per-text Grams and operands (texts × (seq² + seq·d) entries,
+# a few tensors of that size at once): long sequences take fewer texts per chunk instead of gigabytes.
+from depthfast.constants import PER_TEXT_GRAM_BYTES
 
 # What results["metrics"]["slope_per_text"] is (stored as metrics["slope_per_text_estimator"]).
 PER_TEXT_ESTIMATOR = "token HSIC₁ per text"
-# Budget for one chunk of per-text Grams and operands (texts × (seq² + seq·d) entries, a few tensors of
-# that size at once): long sequences take fewer texts per chunk instead of gigabytes of workspace.
-_PER_TEXT_GRAM_BYTES = 256 * 2**20
 FORMS = ("hsic", "change")  # what a per-text tensor's last axis holds: triples, or the change moments
 
 
@@ -94,8 +95,6 @@ def per_text_change_batch(base_acts: Sequence[torch.Tensor], tuned_acts: Sequenc
     comes from the spread between texts, orders of magnitude wider; and no float64 n×n Gram is formed
     (consumer GPUs run float64 at 1/32–1/64 of the fp32 rate).
     """
-    from depthfast.cka import ieee_fp32_matmul
-
     if len(base_acts) != len(tuned_acts):
         raise ValueError(f"base and tuned have different numbers of layers: {len(base_acts)} vs {len(tuned_acts)}")
     if not base_acts:
@@ -118,7 +117,7 @@ def per_text_change_batch(base_acts: Sequence[torch.Tensor], tuned_acts: Sequenc
                                      f"got {tuple(t.shape)}")
             width = max(x.shape[-1], y.shape[-1])
             # per text: three Grams at once and the float64 rows (X̃, D̃) with their two width-2d operands
-            chunk = max(1, _PER_TEXT_GRAM_BYTES // max(1, 3 * seq * seq * size + seq * width * (16 + 4 * size)))
+            chunk = max(1, PER_TEXT_GRAM_BYTES // max(1, 3 * seq * seq * size + seq * width * (16 + 4 * size)))
             for a in range(0, b, chunk):
                 sl = slice(a, a + chunk)
                 if x.shape[-1] == y.shape[-1]:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from depthfast.results import finite_or_none
+from depthfast.artifacts import finite_or_none
 from depthfast.metrics.per_text import bootstrap_slope_ci
 
 # Relative floor of the steepness ratio: 1 % of the profile's largest change (see ``steepness``).

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from depthfast.errors import DepthfastError
-from depthfast.results import finite_or_none
+from depthfast.artifacts import finite_or_none
 
 
 def pearson_ci(x: Sequence[float], y: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,

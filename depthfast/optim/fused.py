@@ -71,7 +71,7 @@ class FusedEqualStep:
     SGD = False  # the kernel's algorithm flag
 
     def __init__(self, optimizer, groups, target, control, mode, state_dtype, allowed):
-        from depthfast.kernels import optim as kernels
+        from depthfast.kernels import optim as kernels  # Triton (optional): only on the fused GPU path
 
         self.k = kernels
         self.optimizer = optimizer

@@ -51,11 +51,11 @@ def fused_unsupported_reason(optimizer, groups, forced: bool = False) -> str | N
         if os.environ.get("TRITON_INTERPRET") != "1":
             return f"parameters are on {device}: set TRITON_INTERPRET=1 (before importing depthfast) to run the kernels on a CPU"
     try:
-        import triton
+        import triton  # optional: no Triton, no fused path
     except ImportError:
         return "triton is not installed"
     if device.type != "cuda":
-        from depthfast.kernels import optim as kernels
+        from depthfast.kernels import optim as kernels  # Triton (optional), after the interpreter flag
 
         if not kernels.interpreter_runs_loops():
             import numpy

@@ -45,8 +45,8 @@ from depthfast.report.records import (RunRecord, collect, estimator_of, find_run
                                       per_text_point, tied_of)
 from depthfast.report.tables import (PER_TEXT_COLUMN, control_comparison, control_tables, group_table, group_tables,
                                      row_of, run_tables, table, width_tables, write_table)
-from depthfast.results import atomic_write_bytes
-from depthfast.tables import format_table
+from depthfast.artifacts import atomic_write_bytes
+from depthfast.terminal import format_table
 
 __all__ = ["Comparison", "PER_TEXT_COLUMN", "RunRecord", "SeedGroup", "collect", "comparisons", "control_comparison",
            "control_tables", "correlations", "estimator_of", "find_run_dirs", "group_table", "group_tables",

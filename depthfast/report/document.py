@@ -9,7 +9,7 @@ from depthfast.metrics import PER_TEXT_ESTIMATOR, PERSISTENCE_RULE
 from depthfast.report.records import RunRecord, estimator_of, tied_of
 from depthfast.report.tables import (control_comparison, control_tables, group_table, group_tables, run_tables,
                                      width_tables)
-from depthfast.tables import markdown_table, fmt_cell
+from depthfast.terminal import markdown_table, fmt_cell
 
 
 def _sections(title: str, tables: dict[str, tuple[list[str], list[list]]], note: str = "") -> list[str]:

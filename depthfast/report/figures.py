@@ -10,7 +10,7 @@ from depthfast.metrics import PER_TEXT_ESTIMATOR
 from depthfast.plotting import pyplot, save_figure
 from depthfast.report.groups import SEED_CI, by_estimator, seed_groups
 from depthfast.report.records import RunRecord, estimator_of, headline_slope, per_text_point, tied_of
-from depthfast.tables import fmt_cell
+from depthfast.terminal import fmt_cell
 
 
 CONTROL_COLORS = {"none": "tab:blue", "equal-step": "tab:red"}

@@ -12,7 +12,7 @@ from depthfast.config import RunConfig
 from depthfast.metrics import Verdict, pearson_ci, seed_summary, verdict
 from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
 from depthfast.report.records import RunRecord, estimator_of, headline_slope, source_of, tied_of
-from depthfast.tables import fmt_cell
+from depthfast.terminal import fmt_cell
 
 
 # Config fields that do not change what a run measures: runs differing only in these (and the seed)

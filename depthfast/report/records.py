@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from depthfast.errors import DepthfastError
 from depthfast.metrics import profile_metrics, slope_estimator_label
 from depthfast.objective_distance import OBJECTIVE_DISTANCE_KEYS
-from depthfast.results import finite_or_none, read_json
+from depthfast.artifacts import finite_or_none, read_json
 from depthfast.rundir import verify_manifest
 
 

@@ -13,8 +13,8 @@ from depthfast.metrics import PER_TEXT_ESTIMATOR
 from depthfast.report.groups import SEED_CI, by_estimator, comparisons, mean_of, sd_of, seed_groups
 from depthfast.report.records import (METRIC_KEYS, RunRecord, estimator_of, headline_slope, per_text_point, source_of,
                                      tied_of)
-from depthfast.results import atomic_write_bytes, atomic_write_csv, finite_or_none
-from depthfast.tables import fmt_ci, fmt_cell
+from depthfast.artifacts import atomic_write_bytes, atomic_write_csv, finite_or_none
+from depthfast.terminal import fmt_ci, fmt_cell
 
 
 CONFIG_KEYS = [f.name for f in fields(RunConfig) if f.name != "out"]
@@ -61,7 +61,7 @@ def write_table(out: str, header: list[str], rows: list[dict]) -> list[str]:
     written = [os.path.join(out, "runs.csv")]
     atomic_write_csv(written[0], header, [["" if r.get(k) is None else r.get(k) for k in header] for r in rows])
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # optional: parquet output only
         import pyarrow.parquet as pq
     except ImportError:
         return written

@@ -57,14 +57,15 @@ from __future__ import annotations
 
 import os
 
+from depthfast.artifacts import atomic_write_csv
 from depthfast.errors import DepthfastError
-from depthfast.results import atomic_write_csv
-from depthfast.sweep.fit import GPUS, Fit, estimate_memory, fit_of, fit_summary, meta_model
+from depthfast.memory import human_bytes
+from depthfast.sweep.fit import Fit, GPUS, estimate_memory, fit_of, fit_summary, meta_model
 from depthfast.sweep.grid import Grid, expand, load_grid, parse_grid
 from depthfast.sweep.pool import Pool, slots_for, visible_gpus
 from depthfast.sweep.runs import Run, build_runs, command, model_short_name, plan, prepare, run_name
 from depthfast.sweep.slurm import write_slurm
-from depthfast.tables import format_table
+from depthfast.terminal import format_table
 
 __all__ = ["Fit", "Grid", "Run", "build_runs", "command", "estimate_memory", "expand", "fit_of", "load_grid",
            "meta_model", "model_short_name", "parse_grid", "plan", "prepare", "run_name", "summary", "sweep",
@@ -92,8 +93,6 @@ def sweep(grid_path: str, out: str | None = None, workers: int | None = None, dr
     runs = plan(build_runs(grid, out))
     pending = [r for r in runs if r.action == "run"]
     if dry_run:
-        from depthfast.memory import human_bytes
-
         fits = [fit_of(r.config) for r in runs]
         gpus = list(GPUS)
         echo(format_table(["run", "action", "reason", "resume", "memory (1 GPU)", *[f"fits {g}" for g in gpus],

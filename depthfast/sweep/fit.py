@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass
 
 from depthfast.config import RunConfig
+from depthfast.layers import discover_layers, family_of
+from depthfast.memory import estimate_run_memory, human_bytes
+from depthfast.models import SequenceClassifier
+from depthfast.registry import lookup
 from depthfast.sweep.runs import Run
 
 
@@ -33,8 +37,6 @@ _META_MODELS: dict[tuple[str, str], tuple] = {}
 def _model_config(model: str):
     """The transformers config of a registry model or a local directory; None otherwise (a hub id
     outside the registry would need a download)."""
-    from depthfast.registry import lookup
-
     spec = lookup(model)
     if spec is not None:
         return spec.config(), spec.num_layers
@@ -54,11 +56,8 @@ def meta_model(model: str, objective: str):
     """
     key = (model, objective)
     if key not in _META_MODELS:
-        import torch
+        import torch  # here, with transformers: only a memory fit builds a meta model
         import transformers
-
-        from depthfast.layers import discover_layers, family_of
-        from depthfast.models import SequenceClassifier
 
         config, blocks = _model_config(model)
         if config is None:
@@ -80,8 +79,6 @@ def meta_model(model: str, objective: str):
 def estimate_memory(cfg: RunConfig, num_processes: int = 1, shards: int = 1, theta0_on_device: bool | None = None):
     """``depthfast.memory.estimate_run_memory`` of a run, from a meta-device model; None when the model's
     config is not available offline. The control is assumed fused (a GPU with Triton: no weight snapshot)."""
-    from depthfast.memory import estimate_run_memory
-
     model, blocks = meta_model(cfg.model, cfg.objective)
     if model is None:
         return None
@@ -94,8 +91,6 @@ def fit_of(cfg: RunConfig) -> Fit:
     """One GPU of each kind in ``GPUS`` (fits when the estimate ≤ HEADROOM × its memory); else the
     smallest FSDP size in ``FSDP_SIZES`` at which a process fits an H100 (then an H200). Under FSDP θ₀
     is sharded on the device (--theta0-offload is refused there)."""
-    from depthfast.memory import human_bytes
-
     try:
         estimate = estimate_memory(cfg)
     except Exception as exc:  # an architecture the meta device cannot build: say so, never stop the listing

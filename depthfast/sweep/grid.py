@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, fields
 
-from depthfast.config import RunConfig, read_data_file
+from depthfast.config import OBJECTIVES, RunConfig, read_data_file
 from depthfast.errors import DepthfastError
+from depthfast.models import check_objective
+from depthfast.registry import lookup
 
 
 TOP_LEVEL_KEYS = ("out", "base", "grid", "models", "per_objective")
@@ -61,8 +63,6 @@ def parse_grid(data, source: str = "grid") -> Grid:
 
 
 def _parse_per_objective(data, grid: dict, known: list[str], source: str) -> dict:
-    from depthfast.config import OBJECTIVES
-
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -83,8 +83,6 @@ def _parse_per_objective(data, grid: dict, known: list[str], source: str) -> dic
 
 
 def _parse_models(data, base: dict, grid: dict, known: list[str], source: str) -> list[dict]:
-    from depthfast.config import OBJECTIVES
-
     if not isinstance(data, list) or not data:
         raise DepthfastError(f"{source}: 'models' must be a non-empty list of {{model: ID, objectives: [...], ...}}")
     for where, mapping in (("base", base), ("grid", grid)):
@@ -131,9 +129,6 @@ def _check_fields(mapping: dict, known: list[str], where: str, source: str, forb
 
 def _check_admits(model: str, objectives: list[str], where: str, source: str) -> None:
     """A registry model's objectives are checked from its config (no download); others at run time."""
-    from depthfast.models import check_objective
-    from depthfast.registry import lookup
-
     spec = lookup(model)
     if spec is None:
         return

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 
-from depthfast.results import read_json
+from depthfast.artifacts import read_json
 from depthfast.sweep.runs import Run, command, prepare
 
 
@@ -20,7 +20,7 @@ def visible_gpus() -> list[str]:
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     try:
-        import torch
+        import torch  # here: counting GPUs is the pool's only use of torch
 
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from depthfast.config import RunConfig
 from depthfast.errors import DepthfastError
-from depthfast.results import atomic_write_json, read_json
+from depthfast.artifacts import atomic_write_json, read_json
 from depthfast.sweep.grid import Grid, expand
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from depthfast.results import atomic_write_bytes
+from depthfast.artifacts import atomic_write_bytes
 from depthfast.sweep.runs import Run, command, prepare
 
 
