@@ -278,6 +278,18 @@ class DepthProfileCallback(TrainerCallback):
         atomic_write_csv(os.path.join(self._out, "trajectory.csv"),
                          ["step", "layer", "depth", "cka", "change", "locality_gradient", "probe_loss"], rows)
 
+    def _config(self, args, state, results: dict) -> dict:
+        """config.json: RunConfig's names for what a run's config.json says (depthfast report groups runs by
+        them), then the Trainer's own arguments whole."""
+        world, accumulation = int(getattr(args, "world_size", 1)), int(getattr(args, "gradient_accumulation_steps", 1))
+        return {"source": "trainer", "model": results["model"], "objective": self._objective,
+                "control": results["control"], "optimizer": results["optimizer"].lower(), **self.settings(),
+                "steps": state.max_steps, "lr": getattr(args, "learning_rate", None),
+                "weight_decay": getattr(args, "weight_decay", None), "warmup_steps": getattr(args, "warmup_steps", None),
+                "batch_size": getattr(args, "per_device_train_batch_size", 0) * accumulation * world,
+                "grad_accum": accumulation, "seed": getattr(args, "seed", None),
+                "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
+
     def _write(self, args, state, model, optimizer, train_dataloader, final: dict, measured, groups: dict) -> dict:
         import depthfast
         from depthfast.results import (atomic_write_json, group_entries, model_entries, probe_entry, write_profile,
@@ -332,17 +344,7 @@ class DepthProfileCallback(TrainerCallback):
             "num_processes": int(getattr(args, "world_size", 1)),
             "wall_seconds": seconds,
         }
-        # RunConfig's names for what a run's config.json says (depthfast report groups runs by them), then
-        # the Trainer's own arguments whole.
-        world, accumulation = int(getattr(args, "world_size", 1)), int(getattr(args, "gradient_accumulation_steps", 1))
-        config = {"source": "trainer", "model": results["model"], "objective": self._objective, "control": control,
-                  "optimizer": results["optimizer"].lower(), **self.settings(),
-                  "steps": state.max_steps, "lr": getattr(args, "learning_rate", None),
-                  "weight_decay": getattr(args, "weight_decay", None), "warmup_steps": getattr(args, "warmup_steps", None),
-                  "batch_size": getattr(args, "per_device_train_batch_size", 0) * accumulation * world,
-                  "grad_accum": accumulation, "seed": getattr(args, "seed", None),
-                  "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
-        atomic_write_json(os.path.join(out, "config.json"), config)
+        atomic_write_json(os.path.join(out, "config.json"), self._config(args, state, results))
         if before:
             # The run's columns; loss where the Trainer logged it (every logging_steps), else empty.
             logged = {e.get("step"): e["loss"] for e in state.log_history if "loss" in e}
