@@ -13,6 +13,8 @@ import importlib.util
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 if __name__ == "__main__":  # before the heavy imports: Ctrl-C from the first moment is one line, exit 130
     from depthfast.rundir import interrupt_exits_130
@@ -24,6 +26,9 @@ from depthfast.config import CONTROLS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISI
 from depthfast.errors import DepthfastError, exit_status
 from depthfast.run_metrics import run_metrics  # also depthfast.run.run_metrics, as before
 from depthfast.train import seed_everything  # also depthfast.run.seed_everything, as before
+
+if TYPE_CHECKING:
+    from depthfast.measure import ProbeSession
 
 HELP = {
     "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
@@ -102,29 +107,74 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         rundir.close()
 
 
-def _run(cfg: RunConfig, rundir, progress: bool, resume: bool) -> dict:
-    import torch
+@dataclass
+class Setup:
+    """What a run prepares before θ₀ is copied: the checked model config, tokenizer, task and probe, and
+    the model (LoRA applied, prepared for measurement) with its layers; ``mesh`` under fsdp/hsdp."""
 
-    from depthfast.checkpoint import config_fingerprint, remove_checkpoints, weights_fingerprint
-    from depthfast.objective_distance import (backbone_of, distance_is_trivial, gradient_alignment_at_init,
-                                              pretraining_head_parameters, pretraining_objective)
-    from depthfast.distributed import offload_to_host, reshard, shard_mesh, shard_model
-    from depthfast.layers import discover_layers, prepare_for_measurement
-    from depthfast.probe import measure_probe, weight_changes
-    from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
-    from depthfast.metrics import locality_gradient
-    from depthfast.models import check_objective, check_positions, load_config, load_model, load_tokenizer
-    from depthfast.results import profile_rows, write_results
-    from depthfast.terminal import print_table
-    from depthfast.train import autocast, finetune, make_accelerator
+    model_config: object
+    tokenizer: object
+    task: object
+    probe: list
+    model: object
+    layers: object
+    lora: dict | None
+    sharded: bool
+    mesh: object
+
+
+def _run(cfg: RunConfig, rundir, progress: bool, resume: bool) -> dict:
+    from depthfast.checkpoint import config_fingerprint, weights_fingerprint
+    from depthfast.objective_distance import gradient_alignment_at_init
+    from depthfast.train import finetune, make_accelerator
 
     started = time.perf_counter()
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
+    setup = prepare(cfg, rundir, accelerator)
+    model = setup.model
+    with_distance = main and not cfg.no_objective_distance
+    check_memory(cfg, setup, accelerator, with_distance, show=main and progress)
+    # θ₀ for host memory is copied before the model moves: never two device copies at once.
+    theta0_host = copy.deepcopy(model) if cfg.theta0_offload and main else None
+    model.to(device)
+    alignment = None
+    if with_distance:  # before any step and before θ₀'s device copy, on the unsharded model
+        alignment = gradient_alignment_at_init(model, cfg, setup.task, setup.tokenizer, device)
+    fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
+    session = probe_session(cfg, setup, accelerator, theta0_host)
+    # finetune measures on the measuring process(es) only; the others wait at the same steps
+    measure = session.measure if session is not None else None
+    log = finetune(model, setup.layers, setup.task, setup.tokenizer, cfg, accelerator, progress, out=cfg.out,
+                   resume=resume, fingerprint=fingerprint, measure=measure or (lambda step: None))
+    results = final = groups = pairs = None
+    if session is not None:  # under FSDP2 both are collective: every process takes part
+        if cfg.all_pairs and main:  # skips a batch of ≤ 3 samples like the profile's estimator does
+            from depthfast.all_pairs import AllPairsCKA
+
+            pairs = AllPairsCKA(session.theta0.layers.num_blocks + 1, setup.layers.num_blocks + 1, cfg.pooling,
+                                small_batches="skip")
+        final = session.final(cfg.steps, all_pairs=pairs, show=progress and main)
+        groups = session.weight_changes()  # of the merged weights under LoRA
+    if main:
+        results = write_run(cfg, setup, accelerator, log, session, final, groups, pairs, alignment, started)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def prepare(cfg: RunConfig, rundir, accelerator) -> Setup:
+    """Check the model config, the disk and the flags, build the probe and load the model (seeded), LoRA
+    applied; every refusal comes before any model is loaded."""
+    import torch
+
+    from depthfast.distributed import shard_mesh
+    from depthfast.layers import discover_layers, prepare_for_measurement
+    from depthfast.models import check_objective, check_positions, load_config, load_model, load_tokenizer
+
     model_config = load_config(cfg.model)
     check_objective(model_config, cfg.objective)  # fail before any data is read
     check_positions(model_config, cfg.max_length, cfg.model)
-    if main:
+    if accelerator.is_main_process:
         from depthfast.rundir import disk_need, weights_bytes_of
 
         weights = weights_bytes_of(model_config, cfg.objective)
@@ -155,98 +205,83 @@ def _run(cfg: RunConfig, rundir, progress: bool, resume: bool) -> dict:
 
         lora = apply_lora(model, cfg)
     layers = discover_layers(model)
-    # The memory check comes first, from the model still on the host: nothing model-sized is on the
-    # device yet (no θ₀ copy, no pretraining head for the objective distance).
-    mesh = shard_mesh(cfg.parallel, cfg.shard_size, accelerator.num_processes, device) if sharded else None
+    mesh = shard_mesh(cfg.parallel, cfg.shard_size, accelerator.num_processes, accelerator.device) if sharded else None
+    return Setup(model_config, tokenizer, task, probe, model, layers, lora, sharded, mesh)
+
+
+def check_memory(cfg: RunConfig, setup: Setup, accelerator, with_distance: bool, show: bool) -> None:
+    """The memory estimate per process, checked against the device (unless --no-memory-check). It comes
+    first, from the model still on the host: nothing model-sized is on the device yet (no θ₀ copy, no
+    pretraining head for the objective distance)."""
+    from depthfast.memory import add_objective_distance, check_fits, estimate_run_memory, objective_distance_peak
+    from depthfast.objective_distance import (backbone_of, distance_is_trivial, pretraining_head_parameters,
+                                              pretraining_objective)
+
+    device, model, blocks = accelerator.device, setup.model, setup.layers.num_blocks
     fused = device.type == "cuda" and importlib.util.find_spec("triton") is not None  # EqualStep's own choice
-    estimate = estimate_run_memory(model, cfg, layers.num_blocks, accelerator.num_processes,
-                                   fused_control=fused, shards=mesh.size(-1) if sharded else 1,
+    estimate = estimate_run_memory(model, cfg, blocks, accelerator.num_processes, fused_control=fused,
+                                   shards=setup.mesh.size(-1) if setup.sharded else 1,
                                    theta0_on_device=not cfg.theta0_offload)
-    with_distance = main and not cfg.no_objective_distance
-    if with_distance and not distance_is_trivial(model_config, cfg, tokenizer):
-        head = pretraining_head_parameters(model_config, pretraining_objective(model_config))
-        add_objective_distance(estimate, objective_distance_peak(model, backbone_of(model), cfg,
-                                                                 layers.num_blocks, head))
-    if main and progress:
+    if with_distance and not distance_is_trivial(setup.model_config, cfg, setup.tokenizer):
+        head = pretraining_head_parameters(setup.model_config, pretraining_objective(setup.model_config))
+        add_objective_distance(estimate, objective_distance_peak(model, backbone_of(model), cfg, blocks, head))
+    if show:
         print(f"estimated memory per process on {device}:\n{estimate.table()}", file=sys.stderr)
     if not cfg.no_memory_check:
         check_fits(estimate, device)
-    # θ₀ for host memory is copied before the model moves: never two device copies at once.
-    theta0_host = copy.deepcopy(model).eval() if cfg.theta0_offload and main else None
-    model.to(device)
-    alignment = None
-    if with_distance:  # before any step and before θ₀'s device copy, on the unsharded model
-        alignment = gradient_alignment_at_init(model, cfg, task, tokenizer, device)
-    fingerprint = f"{config_fingerprint(cfg.to_dict())}-{weights_fingerprint(model)}"
-    base = base_layers = base_groups = None
-    if main or sharded:  # θ₀ (fresh head included, so step 0 compares identical models) on the measuring
-        # process(es): the main one, or under FSDP2 all of them, each holding a shard of both models
-        base = theta0_host if theta0_host is not None else copy.deepcopy(model).eval()
-        base_layers = discover_layers(base)
-        if sharded:
-            shard_model(base, base_layers.blocks, mesh)
-            shard_model(model, layers.blocks, mesh)
-        base_groups = [(name, [p.detach() for p in ps]) for name, ps in base_layers.param_groups(cfg.tied_embeddings)]
-        if theta0_host is not None:
-            offload_to_host(base, device)  # base_groups keep the host tensors
-    depths = layers.normalized_depths
 
-    reuse = {}  # the CKA accumulator of the first measurement: θ₀'s statistics are computed once
 
-    def measure(step: int, show: bool = False, all_pairs=None) -> dict:
-        with autocast(cfg, device):  # the precision the model trains in (bf16 GEMMs under --precision bf16)
-            result = measure_probe(base, model, base_layers, layers, probe, device, cfg.pooling, cfg.estimator,
-                                   show, cka=reuse.get("cka"), all_pairs=all_pairs)
-        reuse["cka"] = result.accumulator
-        reshard(base, model)
-        changes = result.change
-        return {"step": step, "layers": profile_rows(layers.layer_names, depths, changes),
-                "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned,
-                "_result": result}
+def probe_session(cfg: RunConfig, setup: Setup, accelerator, theta0_host) -> ProbeSession | None:
+    """θ₀ (fresh head included, so step 0 compares identical models) and the probe session on the
+    measuring process(es): the main one, or under FSDP2 all of them, each holding a shard of both models.
+    None on the other processes. ``theta0_host``: θ₀ already copied in host memory (--theta0-offload)."""
+    from depthfast.distributed import shard_model
+    from depthfast.measure import ProbeSession, Theta0
+    from depthfast.train import autocast
 
-    log = finetune(model, layers, task, tokenizer, cfg, accelerator, progress, out=cfg.out, resume=resume,
-                   fingerprint=fingerprint, measure=lambda step: _public(measure(step)))
-    results = None
-    if main or sharded:  # under FSDP2 both are collective: every process takes part
-        pairs = None
-        if cfg.all_pairs and main:  # skips a batch of ≤ 3 samples like the profile's estimator does
-            from depthfast.all_pairs import AllPairsCKA
+    if not (accelerator.is_main_process or setup.sharded):
+        return None
+    device = accelerator.device
+    theta0 = Theta0(theta0_host if theta0_host is not None else copy.deepcopy(setup.model), cfg.tied_embeddings,
+                    mesh=setup.mesh, offload_to=device if theta0_host is not None else None)
+    if setup.sharded:
+        shard_model(setup.model, setup.layers.blocks, setup.mesh)
+    # the precision the model trains in (bf16 GEMMs under --precision bf16)
+    return ProbeSession(theta0, setup.model, setup.layers, setup.probe, device, cfg.pooling, cfg.estimator,
+                        precision=lambda: autocast(cfg, device), lora=setup.lora is not None)
 
-            pairs = AllPairsCKA(base_layers.num_blocks + 1, layers.num_blocks + 1, cfg.pooling, small_batches="skip")
-        final = measure(cfg.steps, show=progress and main, all_pairs=pairs)
-        if lora is not None:  # of the merged weights W₀ + (α/r)·B·A, per role group of the model's own weights
-            from depthfast.lora import lora_weight_changes
 
-            groups_change = lora_weight_changes(base, model, cfg.tied_embeddings)
-        else:
-            groups_change = weight_changes(base_groups, [(n, [p.detach() for p in ps])
-                                           for n, ps in layers.param_groups(cfg.tied_embeddings)])
-    if main:
-        measured = final.pop("_result")
-        changes = measured.change
-        slope = locality_gradient(depths[1:], changes[1:])
-        if cfg.measure_steps():
-            log.trajectory.append(final)
-        metrics = run_metrics(cfg, task, model, measured, depths, changes, alignment)
-        if cfg.save_model:  # before results.json: a reader that finds it finds the model too
-            save_model(model, tokenizer, cfg.objective, os.path.join(cfg.out, "model"))
-        # all_pairs.csv/.png before results.json, which names them: a reader that finds it finds them
-        pairs_entry = None
-        if pairs is not None:
-            from depthfast.all_pairs import record_all_pairs
+def write_run(cfg: RunConfig, setup: Setup, accelerator, log, session: ProbeSession, final, groups: dict,
+              pairs, alignment, started: float) -> dict:
+    """The main process's writes, in order: the model, all_pairs.*, then results.json (a reader that
+    finds it finds the files it names); then the checkpoints go and the table is printed."""
+    import torch
 
-            title = f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling"
-            pairs_entry = record_all_pairs(cfg.out, pairs, base_layers.layer_names, layers.layer_names, title,
-                                           cfg.pooling, cfg.estimator)
-        results = write_results(cfg, layers, task, log, measured, groups_change, slope, metrics,
-                                wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
-                                num_processes=accelerator.num_processes,
-                                extra={"lora": lora, "all_pairs": pairs_entry})
-        if not cfg.keep_checkpoints:
-            remove_checkpoints(cfg.out)
-        print_table(results)
-        print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, train_log.csv, config.json)")
-    accelerator.wait_for_everyone()
+    from depthfast.checkpoint import remove_checkpoints
+    from depthfast.results import print_table, write_results
+
+    entry, measured = final
+    if cfg.measure_steps():
+        log.trajectory.append(entry)
+    depths = setup.layers.normalized_depths
+    metrics = run_metrics(cfg, setup.task, setup.model, measured, depths, measured.change, alignment)
+    if cfg.save_model:  # before results.json: a reader that finds it finds the model too
+        save_model(setup.model, setup.tokenizer, cfg.objective, os.path.join(cfg.out, "model"))
+    pairs_entry = None
+    if pairs is not None:
+        from depthfast.all_pairs import record_all_pairs
+
+        title = f"{os.path.basename(cfg.model.rstrip('/'))} · θ₀ vs θ_T after {cfg.steps} steps · {cfg.pooling} pooling"
+        pairs_entry = record_all_pairs(cfg.out, pairs, session.theta0.layers.layer_names, setup.layers.layer_names,
+                                       title, cfg.pooling, cfg.estimator)
+    results = write_results(cfg, setup.layers, setup.task, log, measured, groups, entry["locality_gradient"], metrics,
+                            wall_seconds=time.perf_counter() - started, torch_version=torch.__version__,
+                            num_processes=accelerator.num_processes,
+                            extra={"lora": setup.lora, "all_pairs": pairs_entry})
+    if not cfg.keep_checkpoints:
+        remove_checkpoints(cfg.out)
+    print_table(results)
+    print(f"results: {os.path.abspath(cfg.out)}/ (results.json, profile.csv, profile.png, train_log.csv, config.json)")
     return results
 
 
@@ -290,8 +325,6 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     rundir.after_write(path)
 
 
-def _public(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if not k.startswith("_")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -281,13 +281,9 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     # EqualStep wraps the torch optimizer itself (not accelerate's wrapper), so on a GPU it can pick
     # its fused Triton path. Nothing is lost: micro-steps are handled here, and bf16 needs no scaler.
     control = build_control(optimizer, named_groups, cfg, model=model)
-    log = TrainLog(group_names=[name for name, _ in named_groups])
-    start_step = 0
+    log, start_step = TrainLog(group_names=[name for name, _ in named_groups]), 0
     if resume and out and read_pointer(out):
-        start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank,
-                                            sharded=sharded, config=cfg.to_dict())
-        log = TrainLog(**state)
-        log.resumed_from = start_step
+        start_step, log = resume_from(out, model, optimizer, scheduler, fingerprint, rank, sharded, cfg)
     first_step = True  # of this process: unused parameters are read off its gradients
     measure_steps = cfg.measure_steps()
     main = accelerator.is_main_process
@@ -310,17 +306,7 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
                unit="step", initial=start_step, total=cfg.steps)
     for step in bar:
         batch = next(batches)
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for micro in range(cfg.grad_accum):
-            piece = move(shard(batch, rank, world, micro, cfg.grad_accum), accelerator.device)
-            last = micro == cfg.grad_accum - 1
-            if sharded:
-                model.set_requires_gradient_sync(last)
-            with accelerator.no_sync(model_p) if not (last or sharded) else contextlib.nullcontext():
-                with autocast(cfg, accelerator.device):
-                    loss = model_p(**piece).loss / cfg.grad_accum
-                accelerator.backward(loss)
-            step_loss += loss.detach().double()
+        step_loss = accumulate_gradients(model, model_p, batch, cfg, accelerator, sharded)
         if first_step:
             log.unused_parameters = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
             first_step = False
@@ -350,6 +336,35 @@ def finetune(model: torch.nn.Module, layers: ModelLayers, task: Task, tokenizer,
     if writer is not None:
         writer.close()
     return log
+
+
+def resume_from(out: str, model, optimizer, scheduler, fingerprint: str, rank: int, sharded: bool,
+                cfg: RunConfig) -> tuple[int, TrainLog]:
+    """The step and log of the checkpoint in ``out``, its weights and optimizer state loaded in place."""
+    start_step, state = load_checkpoint(out, model, optimizer, scheduler, fingerprint, rank=rank,
+                                        sharded=sharded, config=cfg.to_dict())
+    log = TrainLog(**state)
+    log.resumed_from = start_step
+    return start_step, log
+
+
+def accumulate_gradients(model: torch.nn.Module, model_p: torch.nn.Module, batch: dict, cfg: RunConfig,
+                         accelerator, sharded: bool) -> torch.Tensor:
+    """Forward and backward this process's share of one global batch, in cfg.grad_accum micro-steps; the
+    gradients are synchronised on the last one only. Returns the step's loss (float64, on the device)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for micro in range(cfg.grad_accum):
+        piece = move(shard(batch, rank, world, micro, cfg.grad_accum), accelerator.device)
+        last = micro == cfg.grad_accum - 1
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        with accelerator.no_sync(model_p) if not (last or sharded) else contextlib.nullcontext():
+            with autocast(cfg, accelerator.device):
+                loss = model_p(**piece).loss / cfg.grad_accum
+            accelerator.backward(loss)
+        step_loss += loss.detach().double()
+    return step_loss
 
 
 def flush(pending: list, log: TrainLog, writer, cfg: RunConfig) -> None:

@@ -34,7 +34,7 @@ RUNNER = ("depthfast.run", "depthfast.run_metrics", "depthfast.config", "depthfa
           "depthfast.models", "depthfast.registry", "depthfast.hub", "depthfast.data", "depthfast.batches",
           "depthfast.train", "depthfast.probe", "depthfast.results", "depthfast.plotting",
           "depthfast.objective_distance", "depthfast.memory", "depthfast.checkpoint", "depthfast.lora",
-          "depthfast.adapters", "depthfast.rundir")
+          "depthfast.adapters", "depthfast.rundir", "depthfast.measure")
 LAYER_OF.update({name: "runner" for name in RUNNER})
 # The runner's recipes: each puts the steps together; no step imports one, nor does one recipe another.
 RECIPES = ("depthfast.run", "depthfast.compare", "depthfast.integrations")

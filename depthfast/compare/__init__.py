@@ -48,7 +48,7 @@ from depthfast.distributed import offload_to_host
 from depthfast.errors import exit_status
 from depthfast.metrics import locality_gradient
 from depthfast.models import check_objective, check_positions, load_tokenizer, quiet_libraries
-from depthfast.probe import measure_probe, weight_changes
+from depthfast.measure import ProbeSession, Theta0
 from depthfast.rundir import RunDir
 from depthfast.run_metrics import run_metrics
 from depthfast.train import autocast, resolve_device, seed_everything
@@ -99,13 +99,15 @@ def _compare(cfg: CompareConfig, adapter, started: float, progress: bool) -> dic
     base_layers, tuned_layers = discover_both(cfg, base, tuned)
     batches = check_batches if objective in ("clm",) else compare_probe(cfg, objective, tokenizer, task.probe_texts)
 
+    # θ₀ is BASE; its groups are taken here, on the host, before either side moves or is offloaded.
+    session = ProbeSession(Theta0(base, cfg.tied_embeddings, layers=base_layers), tuned, tuned_layers, batches,
+                           device, cfg.pooling, cfg.estimator, precision=lambda: autocast(cfg, device),
+                           progress=progress)
     # Weight change on the host, before anything moves: both state dicts must match name for name.
     base_shapes, tuned_shapes = param_shapes(base), param_shapes(tuned)
     note = None
     if base_shapes == tuned_shapes:
-        group_changes = weight_changes(
-            [(n, [p.detach() for p in ps]) for n, ps in base_layers.param_groups(cfg.tied_embeddings)],
-            [(n, [p.detach() for p in ps]) for n, ps in tuned_layers.param_groups(cfg.tied_embeddings)])
+        group_changes = session.weight_changes()
     else:
         group_changes = None
         note = mismatch_note(base_shapes, tuned_shapes)
@@ -118,9 +120,7 @@ def _compare(cfg: CompareConfig, adapter, started: float, progress: bool) -> dic
     pairs = None
     if cfg.all_pairs:  # skips a batch of ≤ 3 samples like the profile's estimator does
         pairs = AllPairsCKA(base_layers.num_blocks + 1, tuned_layers.num_blocks + 1, cfg.pooling, small_batches="skip")
-    with autocast(cfg, device):
-        measured = measure_probe(base, tuned, base_layers, tuned_layers, batches, device, cfg.pooling, cfg.estimator,
-                                 progress, all_pairs=pairs)
+    measured = session.probe(all_pairs=pairs)
     pairs_entry = None
     if pairs is not None:  # before results.json, which names the files
         title = f"{os.path.basename(cfg.base.rstrip('/'))} vs {os.path.basename(cfg.tuned.rstrip('/'))} · {cfg.pooling} pooling"

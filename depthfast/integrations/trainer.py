@@ -14,7 +14,7 @@ steps in ``steps`` (0 = before the first update) and at train end it measures, o
     change_ℓ        = 1 − CKA(H_ℓ(θ₀), H_ℓ(θ_t))            ℓ = 0 (embedding output) … L (block L)
     weight_change_g = ‖W_g(θ_t) − W_g(θ₀)‖_F / ‖W_g(θ₀)‖_F   per role group (train end)
 
-with depthfast's own measure_probe and weight_changes (depthfast.probe), as ``python -m depthfast.run``
+with depthfast's own probe session (depthfast.measure.ProbeSession), as ``python -m depthfast.run``
 does; θ₀'s probe statistics (its XᵀX) are computed once and reused by every later measurement. It
 writes a run's artifacts into ``out`` (default ``args.output_dir/depthfast``), each file atomically,
 results.json last, on the main process only: results.json (the run's schema where it applies, plus
@@ -44,15 +44,14 @@ import depthfast
 from depthfast.artifacts import atomic_write_csv, atomic_write_json
 from depthfast.batches import probe_batches
 from depthfast.constants import ESTIMATORS, POOLINGS
-from depthfast.distributed import is_sharded, offload_to_host
+from depthfast.distributed import is_sharded
 from depthfast.errors import DepthfastError
 from depthfast.integrations.optimizer import find_equal_step
 from depthfast.layers import check_tied_policy, discover_layers, prepare_for_measurement
-from depthfast.metrics import locality_gradient
-from depthfast.probe import measure_probe, weight_changes
-from depthfast.results import group_entries, model_entries, probe_entry, profile_rows, write_profile, write_train_log
+from depthfast.results import group_entries, model_entries, probe_entry, write_profile, write_train_log
 from depthfast.rundir import RunDir, publish_results
 from depthfast.run_metrics import run_metrics
+from depthfast.measure import ProbeSession, Theta0, host_copy
 
 OBJECTIVES = ("cls", "mlm", "clm")
 
@@ -68,17 +67,6 @@ def objective_of(model: torch.nn.Module) -> str | None:
     if name == "SequenceClassifier":  # depthfast.models' classifier (a backbone and a fresh head)
         return "cls"
     return None
-
-
-def _host_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``model`` with every parameter and buffer in host memory, never a second device copy
-    (deepcopy's memo is filled with host clones first)."""
-    memo = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
-    return copy.deepcopy(model, memo)
 
 
 def _innermost(optimizer):
@@ -135,21 +123,22 @@ class DepthProfileCallback(TrainerCallback):
         self.mlm_probability, self.seed, self.tied_embeddings, self.progress = mlm_probability, seed, tied_embeddings, progress
         self.trajectory: list[dict] = []
         self.results: dict | None = None  # results.json's contents after train end (main process)
-        self._base, self._base_groups, self._cka, self._ratios, self._lrs, self._unused = None, None, None, [], [], None
-        self._theta0_of = None
+        self._theta0: Theta0 | None = None  # from Trainer construction (or train begin) to train end
+        self._session: ProbeSession | None = None  # θ₀ against the Trainer's model, from train begin
+        self._ratios, self._lrs, self._unused, self._theta0_of = [], [], None, None
         self.overwrite, self._rundir = overwrite, None
 
     @property
     def theta0(self) -> torch.nn.Module | None:
         """The frozen θ₀ copy, from Trainer construction (or train begin) to train end; None otherwise and off
         the main process."""
-        return self._base
+        return self._theta0.module if self._theta0 is not None else None
 
     @property
     def theta0_groups(self) -> list[tuple[str, list[torch.Tensor]]] | None:
         """θ₀'s weights by role group, [(name, tensors)] (with ``offload`` the host tensors; the copy's own
         parameters are then meta tensors), while the callback holds θ₀; None otherwise."""
-        return self._base_groups if self._base is not None else None
+        return self._theta0.groups if self._theta0 is not None else None
 
     def settings(self) -> dict:
         """What this callback was told, under RunConfig's names where they mean the same
@@ -189,11 +178,11 @@ class DepthProfileCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         self.trajectory, self.results, self._ratios, self._lrs, self._unused = [], None, [], [], None
-        self._cka = None
+        self._session = None
         if not state.is_world_process_zero:
             return
         if any(is_sharded(p) or hasattr(p, "ds_id") for p in model.parameters()):  # FSDP2 DTensor, ZeRO-3
-            self._base = self._base_groups = None
+            self._theta0 = None
             raise DepthfastError("DepthProfileCallback measures unsharded models (one process or DDP); "
                                  "FSDP and DeepSpeed ZeRO-3 shard the parameters")
         objective = self.objective or objective_of(model)
@@ -211,76 +200,70 @@ class DepthProfileCallback(TrainerCallback):
         self._first_step = state.global_step
         prepare_for_measurement(model)
         self._layers = discover_layers(model)
-        if self._base is None or self._theta0_of is not model:  # added after init, or a model_init's new model
+        if self._theta0 is None or self._theta0_of is not model:  # added after init, or a model_init's new model
             self._snapshot(model)
+        fp16, bf16 = bool(getattr(args, "fp16", False)), bool(getattr(args, "bf16", False))
+        # The precision the model trains in, as depthfast.run measures (bf16 autocast under --precision bf16).
+        precision = lambda: torch.autocast(self._device.type, dtype=torch.bfloat16 if bf16 else torch.float16,  # noqa: E731
+                                           enabled=fp16 or bf16)
+        self._session = ProbeSession(self._theta0, model, self._layers, self._batches, self._device, self.pooling,
+                                     self.estimator, precision=precision, progress=self.progress)
         if 0 in self.steps and state.global_step == 0:
-            self._measure(0, args, model)
+            self._measure(0)
 
     def _snapshot(self, model: torch.nn.Module) -> None:
         """θ₀: a frozen copy of ``model`` (requires_grad as the model's, so its role groups match)."""
         if any(is_sharded(p) for p in model.parameters()):
             return  # refused at train begin
         prepare_for_measurement(model)
-        base = _host_copy(model) if self.offload else copy.deepcopy(model)
-        base.eval()
-        self._base_layers = discover_layers(base)
-        self._base_groups = [(n, [p.detach() for p in ps]) for n, ps in self._base_layers.param_groups(self.tied_embeddings)]
-        if self.offload:
-            offload_to_host(base, next(model.parameters()).device)  # _base_groups keep the host tensors
-        self._base, self._theta0_of, self._cka = base, model, None
+        base = host_copy(model) if self.offload else copy.deepcopy(model)
+        offload_to = next(model.parameters()).device if self.offload else None  # the groups keep the host tensors
+        self._theta0 = Theta0(base, self.tied_embeddings, offload_to=offload_to)
+        self._theta0_of, self._session = model, None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self._base is not None and self._unused is None:  # as depthfast.run: no gradient at the first step
+        if self._theta0 is not None and self._unused is None:  # as depthfast.run: no gradient at the first step
             self._unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
     def on_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         found = find_equal_step(optimizer)
-        if self._base is None or found is None:
+        if self._theta0 is None or found is None:
             return
         # Kept on their device until written: no host synchronisation per step.
         self._ratios.append((found.ratios_before.detach().clone(), found.ratios_after.detach().clone()))
         self._lrs.append(lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._base is not None and state.global_step in self.steps and state.global_step < state.max_steps:
-            self._measure(state.global_step, args, model)
+        if self._session is not None and state.global_step in self.steps and state.global_step < state.max_steps:
+            self._measure(state.global_step)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        if self._base is None:
+        if self._session is None:
             return
         again = bool(self.trajectory) and self.trajectory[-1]["step"] == state.global_step  # stopped early at a step of `steps`
-        final = self._measure(state.global_step, args, model, keep=True, record=bool(self.steps) and not again)
-        groups = weight_changes(self._base_groups, [(n, [p.detach() for p in ps])
-                                for n, ps in self._layers.param_groups(self.tied_embeddings)])
+        final, measured = self._session.final(state.global_step)
+        if self.steps and not again:
+            self._record(final)
+        groups = self._session.weight_changes()
         try:
-            self.results = self._write(args, state, model, optimizer, train_dataloader, final, groups)
+            self.results = self._write(args, state, model, optimizer, train_dataloader, final, measured, groups)
         finally:
             if self._rundir is not None:
                 self._rundir.close()
                 self._rundir = None
-        self._base = self._base_groups = self._cka = self._theta0_of = None  # θ₀ and its statistics: no longer needed
+        self._theta0 = self._session = self._theta0_of = None  # θ₀ and its statistics: no longer needed
 
     # ---- measuring and writing -------------------------------------------------------------------
 
-    def _measure(self, step: int, args, model, keep: bool = False, record: bool = True) -> dict:
-        was_training = model.training
-        fp16, bf16 = bool(getattr(args, "fp16", False)), bool(getattr(args, "bf16", False))
-        # The precision the model trains in, as depthfast.run measures (bf16 autocast under --precision bf16).
-        with torch.autocast(self._device.type, dtype=torch.bfloat16 if bf16 else torch.float16, enabled=fp16 or bf16):
-            result = measure_probe(self._base, model, self._base_layers, self._layers, self._batches, self._device,
-                                   self.pooling, self.estimator, self.progress, cka=self._cka)
-        model.train(was_training)
-        self._cka = result.accumulator
-        depths = self._layers.normalized_depths
-        changes = result.change
-        entry = {"step": step, "layers": profile_rows(self._layers.layer_names, depths, changes),
-                 "locality_gradient": locality_gradient(depths[1:], changes[1:]), "probe_loss": result.loss_tuned}
-        if record:
-            self.trajectory.append(entry)
-            self._write_trajectory()
-        if keep:
-            entry = {**entry, "_result": result}
+    def _measure(self, step: int) -> dict:
+        """The profile now (the session leaves the model in its mode), recorded in the trajectory."""
+        entry = self._session.measure(step)
+        self._record(entry)
         return entry
+
+    def _record(self, entry: dict) -> None:
+        self.trajectory.append(entry)
+        self._write_trajectory()  # rewritten after every measurement: an interrupted run keeps what it measured
 
     def _write_trajectory(self) -> None:
         rows = [[e["step"], r["layer"], r["depth"], r["cka"], r["change"], e["locality_gradient"], e["probe_loss"]]
@@ -288,9 +271,20 @@ class DepthProfileCallback(TrainerCallback):
         atomic_write_csv(os.path.join(self._out, "trajectory.csv"),
                          ["step", "layer", "depth", "cka", "change", "locality_gradient", "probe_loss"], rows)
 
-    def _write(self, args, state, model, optimizer, train_dataloader, final: dict, groups: dict) -> dict:
+    def _config(self, args, state, results: dict) -> dict:
+        """config.json: RunConfig's names for what a run's config.json says (depthfast report groups runs by
+        them), then the Trainer's own arguments whole."""
+        world, accumulation = int(getattr(args, "world_size", 1)), int(getattr(args, "gradient_accumulation_steps", 1))
+        return {"source": "trainer", "model": results["model"], "objective": self._objective,
+                "control": results["control"], "optimizer": results["optimizer"].lower(), **self.settings(),
+                "steps": state.max_steps, "lr": getattr(args, "learning_rate", None),
+                "weight_decay": getattr(args, "weight_decay", None), "warmup_steps": getattr(args, "warmup_steps", None),
+                "batch_size": getattr(args, "per_device_train_batch_size", 0) * accumulation * world,
+                "grad_accum": accumulation, "seed": getattr(args, "seed", None),
+                "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
+
+    def _write(self, args, state, model, optimizer, train_dataloader, final: dict, measured, groups: dict) -> dict:
         layers, out = self._layers, self._out
-        measured = final["_result"]
         depths = layers.normalized_depths
         changes = measured.change
         rows = [{**row, "weight_change": groups.get(row["layer"])} for row in final["layers"]]
@@ -338,17 +332,7 @@ class DepthProfileCallback(TrainerCallback):
             "num_processes": int(getattr(args, "world_size", 1)),
             "wall_seconds": seconds,
         }
-        # RunConfig's names for what a run's config.json says (depthfast report groups runs by them), then
-        # the Trainer's own arguments whole.
-        world, accumulation = int(getattr(args, "world_size", 1)), int(getattr(args, "gradient_accumulation_steps", 1))
-        config = {"source": "trainer", "model": results["model"], "objective": self._objective, "control": control,
-                  "optimizer": results["optimizer"].lower(), **self.settings(),
-                  "steps": state.max_steps, "lr": getattr(args, "learning_rate", None),
-                  "weight_decay": getattr(args, "weight_decay", None), "warmup_steps": getattr(args, "warmup_steps", None),
-                  "batch_size": getattr(args, "per_device_train_batch_size", 0) * accumulation * world,
-                  "grad_accum": accumulation, "seed": getattr(args, "seed", None),
-                  "training_args": json.loads(args.to_json_string()) if hasattr(args, "to_json_string") else None}
-        atomic_write_json(os.path.join(out, "config.json"), config)
+        atomic_write_json(os.path.join(out, "config.json"), self._config(args, state, results))
         if before:
             # The run's columns; loss where the Trainer logged it (every logging_steps), else empty.
             logged = {e.get("step"): e["loss"] for e in state.log_history if "loss" in e}

@@ -274,6 +274,48 @@ def _fmt(x: float) -> str:
     return f"{x:+.2f}" if abs(x) < 100 else f"{x:+.2e}"
 
 
+def _check_verdict_args(none_slopes, equal_step_slopes, paired: bool, threshold: float, confidence: float,
+                        power: float) -> None:
+    """verdict's arguments, refused in one line each: a level outside (0, 1), a non-positive threshold,
+    paired lists of different lengths (not aligned by seed)."""
+    if not 0 < confidence < 1 or not 0 < power < 1:
+        raise DepthfastError(f"verdict needs 0 < confidence < 1 and 0 < power < 1; got {confidence}, {power}")
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise DepthfastError(f"verdict needs a positive threshold for R; got {threshold}")
+    if paired and not isinstance(none_slopes, Mapping) and not isinstance(equal_step_slopes, Mapping) \
+            and len(none_slopes) != len(equal_step_slopes):
+        raise DepthfastError(f"paired verdict needs slopes aligned by seed; got {len(none_slopes)} none and "
+                             f"{len(equal_step_slopes)} equal-step values (pass mappings seed → slope instead)")
+
+
+def _too_few_seeds(out: Verdict, none: dict, eq: dict) -> bool:
+    """Mark ``out`` n/a when a side has no runs, or fewer than the 2 seeds a CI needs; True if so."""
+    for side, name in ((none, "none"), (eq, "equal-step")):
+        if not side:
+            out.verdict, out.reason, out.missing = "n/a (no runs)", f"no {name} runs", f"{name} runs"
+            out.paired = False
+            return True
+    for side, name in ((none, "none"), (eq, "equal-step")):
+        if len(side) < 2:
+            out.verdict, out.reason = "n/a (1 seed)", f"{name} has {len(side)} seed(s); a CI needs ≥ 2"
+            out.missing, out.paired = f"≥ 2 seeds of {name}", False
+            return True
+    return False
+
+
+def _set_interval(out: Verdict, low: float, high: float, kind: int) -> None:
+    """R's Fieller interval into ``out``: bounded [low, high], exclusive (−∞, low] ∪ [high, +∞), or unbounded."""
+    out.ci_kind = ("bounded", "exclusive", "unbounded")[kind]
+    if kind == 0:
+        out.ci_low, out.ci_high = finite_or_none(low), finite_or_none(high)
+        out.ci_text = f"[{_fmt(low)}, {_fmt(high)}]"
+    elif kind == 1:
+        out.ci_gap = (finite_or_none(low), finite_or_none(high))
+        out.ci_text = f"(−∞, {_fmt(low)}] ∪ [{_fmt(high)}, +∞)"
+    else:
+        out.ci_text = "(−∞, +∞)"
+
+
 def verdict(none_slopes: Sequence[float | None] | Mapping, equal_step_slopes: Sequence[float | None] | Mapping,
             paired: bool = True, threshold: float = PERSISTENCE_THRESHOLD, confidence: float = 0.95,
             power: float = SEEDS_NEEDED_POWER, max_seeds: int = 10_000) -> Verdict:
@@ -291,14 +333,7 @@ def verdict(none_slopes: Sequence[float | None] | Mapping, equal_step_slopes: Se
     seeds_needed: ``_seeds_needed`` at the observed means and spread with probability ``power``.
     Returns a ``Verdict``.
     """
-    if not 0 < confidence < 1 or not 0 < power < 1:
-        raise DepthfastError(f"verdict needs 0 < confidence < 1 and 0 < power < 1; got {confidence}, {power}")
-    if not math.isfinite(threshold) or threshold <= 0:
-        raise DepthfastError(f"verdict needs a positive threshold for R; got {threshold}")
-    if paired and not isinstance(none_slopes, Mapping) and not isinstance(equal_step_slopes, Mapping) \
-            and len(none_slopes) != len(equal_step_slopes):
-        raise DepthfastError(f"paired verdict needs slopes aligned by seed; got {len(none_slopes)} none and "
-                             f"{len(equal_step_slopes)} equal-step values (pass mappings seed → slope instead)")
+    _check_verdict_args(none_slopes, equal_step_slopes, paired, threshold, confidence, power)
     none, eq = _clean(none_slopes), _clean(equal_step_slopes)
     out = Verdict("", "", confidence=float(confidence), threshold=float(threshold), paired=bool(paired),
                   n_none=len(none), n_equal_step=len(eq), power=float(power))
@@ -308,16 +343,8 @@ def verdict(none_slopes: Sequence[float | None] | Mapping, equal_step_slopes: Se
         out.equal_step_mean = sum(eq.values()) / len(eq)
     if out.none_mean is not None and out.equal_step_mean is not None and out.none_mean != 0:
         out.ratio = finite_or_none(out.equal_step_mean / out.none_mean)
-    for side, name in ((none, "none"), (eq, "equal-step")):
-        if not side:
-            out.verdict, out.reason, out.missing = "n/a (no runs)", f"no {name} runs", f"{name} runs"
-            out.paired = False
-            return out
-    for side, name in ((none, "none"), (eq, "equal-step")):
-        if len(side) < 2:
-            out.verdict, out.reason = "n/a (1 seed)", f"{name} has {len(side)} seed(s); a CI needs ≥ 2"
-            out.missing, out.paired = f"≥ 2 seeds of {name}", False
-            return out
+    if _too_few_seeds(out, none, eq):
+        return out
     common = [k for k in none if k in eq]
     note = ""
     if paired and len(common) < 2:
@@ -342,15 +369,7 @@ def verdict(none_slopes: Sequence[float | None] | Mapping, equal_step_slopes: Se
     out.none_t = finite_or_none(m_n / math.sqrt(v_nn)) if v_nn > 0 else None  # no spread: no t (JSON has no inf)
     low, high, kind = fieller_interval(m_e, m_n, v_ee, v_en, v_nn, t)
     low, high, kind = low.item(), high.item(), int(kind.item())
-    out.ci_kind = ("bounded", "exclusive", "unbounded")[kind]
-    if kind == 0:
-        out.ci_low, out.ci_high = finite_or_none(low), finite_or_none(high)
-        out.ci_text = f"[{_fmt(low)}, {_fmt(high)}]"
-    elif kind == 1:
-        out.ci_gap = (finite_or_none(low), finite_or_none(high))
-        out.ci_text = f"(−∞, {_fmt(low)}] ∪ [{_fmt(high)}, +∞)"
-    else:
-        out.ci_text = "(−∞, +∞)"
+    _set_interval(out, low, high, kind)
     n_now = out.n_pairs if paired else min(len(none), len(eq))
     out.seeds_needed = _seeds_needed(m_n, m_e, s_nn, s_en, s_ee, threshold, confidence, power,
                                      max_seeds)
