@@ -75,7 +75,10 @@ def _main(argv: list[str] | None = None) -> int:
 
     def work():
         if args.command == "sweep":
+            from depthfast.rundir import interrupts_raise
             from depthfast.sweep import sweep  # likewise
+
+            interrupts_raise()  # the sweep stops its runs and writes its summary on Ctrl-C
 
             if args.workers is not None and args.workers < 1:
                 raise DepthfastError(f"--workers must be ≥ 1; got {args.workers}")

@@ -12,11 +12,17 @@ class DepthfastError(Exception):
     """A problem with the user's input or environment, stated in words the user can act on."""
 
 
+# What the running command says when Ctrl-C stops it: set by exit_status, printed by the hard exit of
+# depthfast.rundir.interrupt_exits_130 as well as by the KeyboardInterrupt branch below.
+INTERRUPTED_LINE = {"text": "interrupted"}
+
+
 def exit_status(work: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run ``work`` (a subcommand's body) and return its exit status: its own (0 if None), 2 after one
     line for a DepthfastError or a write refused for want of space or permission (ENOSPC, EACCES,
     EROFS: os_error_line says what to do), 130 after one line for Ctrl-C
     (``interrupted`` says what survives)."""
+    INTERRUPTED_LINE["text"] = interrupted
     try:
         return work() or 0
     except DepthfastError as exc:

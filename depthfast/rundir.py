@@ -34,7 +34,7 @@ import time
 from depthfast.artifacts import (  # noqa: F401
     _ACTIVE, ARTIFACTS, FAULT_ENV, RESULTS, _fault_count, active, after_write, atomic_write_json, before_write,
     fault_point, file_mode)
-from depthfast.errors import DepthfastError, os_error_line  # noqa: F401  (os_error_line re-exported)
+from depthfast.errors import INTERRUPTED_LINE, DepthfastError, os_error_line  # noqa: F401  (os_error_line re-exported)
 
 LOCK = ".depthfast.lock"
 # Working state that is neither an artifact nor a result: never removed by publishing, never in a manifest.
@@ -289,16 +289,29 @@ def weights_bytes_of(model_config, objective: str = "cls") -> int | None:
         return None
 
 
+def _exit_130(signum, frame) -> None:
+    """Ctrl-C / SIGTERM: the command's one line, exit 130, now. Not a KeyboardInterrupt: raised in Python
+    code that C++ called (a pybind11 binding while torch imports, an autograd hook) it ends in
+    std::terminate, exit −6 (seen under load 0.6 s after start). Stopping here is as safe as kill -9,
+    which the run already survives (atomic artifacts, atomic checkpoints, a lock the kernel releases)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: the line below still goes to fd 2
+            pass
+    os.write(2, f"depthfast: {INTERRUPTED_LINE['text']}\n".encode())
+    os._exit(130)
+
+
 def interrupt_exits_130() -> None:
     """For a command's __main__: Ctrl-C (or SIGTERM from a sweep or a scheduler) at any moment, imports
-    included, ends with one line and exit status 130 instead of a traceback."""
+    included, ends with one line and exit status 130 instead of a traceback (``_exit_130``). A command
+    that stops its own workers on Ctrl-C (sweep) calls ``interrupts_raise`` once it starts."""
     import signal
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
     try:
-        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, _exit_130)
+        signal.signal(signal.SIGTERM, _exit_130)
     except ValueError:  # not the main thread
         pass
     previous = sys.excepthook
@@ -311,3 +324,22 @@ def interrupt_exits_130() -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def interrupts_raise() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt again (for the sweep, which stops its runs and writes
+    its summary when interrupted). Only where ``interrupt_exits_130`` installed the hard exit: a caller's
+    own handlers (a test, a notebook) stay as they are."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not _exit_130:
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass

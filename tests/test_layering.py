@@ -222,3 +222,29 @@ def test_the_architecture_names_every_top_level_module():
     for path in PACKAGE.glob("*.py"):
         if path.name not in ("__init__.py", "_ext.py"):
             assert f"`{path.name}`" in text or f"{path.name}," in text or f" {path.name}" in text, path.name
+
+
+MAX_FUNCTION_LINES = 80  # issue 20: orchestration reads as short recipes; a longer function is split
+
+
+def long_functions(root: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method under ``root`` longer than ``limit`` lines (decorators excluded), as
+    'path:line name (n lines)'."""
+    found = []
+    for path in sorted(Path(root).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_over_80_lines():
+    assert long_functions(str(PACKAGE)) == []
+
+
+def test_long_function_check_catches_a_planted_one(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def short():\n    return 1\n\n\ndef planted():\n{body}\n")
+    assert [f.split()[-3] for f in long_functions(str(tmp_path))] == ["planted"]
