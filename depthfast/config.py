@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from depthfast.constants import ESTIMATORS, POOLINGS, TIED_EMBEDDINGS
 from depthfast.errors import DepthfastError
@@ -36,6 +36,29 @@ def read_data_file(path: str, what: str, fmt: str = "json"):
         raise DepthfastError(f"{what} {path!r} is a directory, not a file") from None
     except ValueError as exc:  # json.JSONDecodeError is one
         raise DepthfastError(f"{what} {path!r} is not valid {fmt.upper()}: {exc}") from None
+
+
+def flag(default, help: str):
+    """A config field with its command-line help: the one place a flag is described (``--help``,
+    ``flag_reference`` → docs/cli.md). Metadata only: config.json and sweep hashes are unchanged."""
+    return field(default=default, metadata={"help": help})
+
+
+def _default_text(value) -> str:
+    if isinstance(value, bool):
+        return "off" if not value else "on"
+    return "none" if value == "" else f"`{value}`"
+
+
+def flag_reference(cls, skip: tuple = ()) -> str:
+    """The markdown table of ``cls``'s flags (flag | default | meaning), one row per field with help
+    metadata, in field order: docs/cli.md holds it verbatim (tests/test_cli.py checks)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        rows.append(f"| `--{f.name.replace('_', '-')}` | {_default_text(f.default)} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 class TypedConfig:
@@ -71,7 +94,8 @@ class TypedConfig:
         for f in fields(cls):
             if f.name in skip:
                 continue
-            flag, text = f"--{f.name.replace('_', '-')}", help.get(f.name, f"default: {f.default}")
+            text = help.get(f.name) or f.metadata.get("help") or "(no description)"
+            flag, text = f"--{f.name.replace('_', '-')}", f"{text} (default: {_default_text(f.default).strip('`')})"
             if isinstance(f.default, bool):
                 parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=text)
             else:
@@ -107,52 +131,90 @@ class RunConfig(TypedConfig):
     or "embeddings" (equalized with the profile's layers, counted in layer 0's weight change).
     """
 
-    model: str = DEFAULT_MODEL
-    objective: str = "cls"
-    control: str = "none"
-    dataset: str = "builtin:pydoc"
-    dataset_config: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    steps: int = 60
-    optimizer: str = "adamw"
-    lr: float = 5e-5
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_steps: int = 6
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    probe_size: int = 192
-    min_probe_size: int = 16
-    probe_batch_size: int = 32
-    pooling: str = "token"
-    estimator: str = "exact"
-    mlm_probability: float = 0.15
-    equal_step_target: str = "mean"
-    equal_step_head: bool = False
-    tied_embeddings: str = "head"
-    device: str = "auto"
-    precision: str = "fp32"
-    parallel: str = "ddp"
-    shard_size: int = 0
-    theta0_offload: bool = False
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    tensorboard: bool = False
-    no_memory_check: bool = False
-    no_objective_distance: bool = False
-    out: str = "runs/default"
-    checkpoint_every: int = 50
-    keep_checkpoints: bool = False
-    measure_at: str = ""
-    lora_r: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: str = ""
-    lora_dropout: float = 0.0
-    save_model: bool = False  # save_pretrained the fine-tuned model into OUT/model (for depthfast compare)
-    all_pairs: bool = False
-    overwrite: bool = False  # replace a finished run in --out whole (else refused: depthfast.rundir)
+    model: str = flag(DEFAULT_MODEL, "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)")
+    objective: str = flag("cls",
+                "cls: sequence classification (fresh head); mlm: masked LM (encoders); clm: causal LM (decoders)")
+    control: str = flag("none",
+                "none: the optimizer's own steps; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step")
+    dataset: str = flag("builtin:pydoc",
+                "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file")
+    dataset_config: str = flag("", "configuration name of a hub dataset that has several (e.g. sst2 of nyu-mll/glue)")
+    text_column: str = flag("text", "column holding the text in a local or hub dataset")
+    label_column: str = flag("label", "column holding the label (cls); class ids follow the sorted label names")
+    steps: int = flag(60, "optimizer steps of fine-tuning (linear warm-up, then linear decay to 0)")
+    optimizer: str = flag("adamw",
+                "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2, and usually "
+                "--weight-decay 0: with momentum, decay shrinks every weight by ~lr·wd/(1 − momentum) per step)")
+    lr: float = flag(5e-5, "peak learning rate")
+    momentum: float = flag(0.9, "SGD momentum (default 0.9; ignored by adamw)")
+    weight_decay: float = flag(0.01,
+                "decoupled weight decay, on matrices only (see Weight decay in docs/measurement.md)")
+    warmup_steps: int = flag(6, "steps of linear learning-rate warm-up")
+    batch_size: int = flag(16,
+                "texts per optimizer step: one global batch, split over the processes and --grad-accum micro-steps")
+    max_length: int = flag(128, "tokens per text at most (truncation); checked against the model's position limit")
+    seed: int = flag(0,
+                "seeds the split, the head, the batches and the masking: runs with one seed are paired across "
+                "controls")
+    probe_size: int = flag(192, "held-out probe texts the profile is measured on (at most half the data)")
+    min_probe_size: int = flag(16, "refuse a run whose probe set would be smaller than this")
+    probe_batch_size: int = flag(32, "probe texts per forward of the measurement")
+    pooling: str = flag("token", "token: every real token is a CKA sample; mean: one mean-pooled sample per text")
+    estimator: str = flag("exact",
+                "exact: feature-space CKA over the whole probe set; unbiased: minibatch CKA (HSIC₁)")
+    mlm_probability: float = flag(0.15, "share of tokens masked under --objective mlm")
+    equal_step_target: str = flag("mean",
+                "the ratio every group's ‖ΔW‖/‖W‖ is set to under equal-step: mean of the group ratios, or a fixed "
+                "number")
+    equal_step_head: bool = flag(False,
+                "also equalize the head group (task head, final norm, pooler); by default the control equalizes the "
+                "profile's layers (embeddings, blocks) and the head keeps the optimizer's update")
+    tied_embeddings: str = flag("head",
+                "group of a tied input/output matrix (GPT-2, OPT, Mamba, BERT's MLM decoder): head (default: the "
+                "output projection, free under the control like an untied LM head, not in layer 0's weight change) or"
+                " embeddings (equalized with the layers, counted in layer 0's weight change)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1 …")
+    precision: str = flag("fp32",
+                "fp32, or bf16: bf16 autocast over fp32 weights and optimizer states (measured in the same precision)")
+    parallel: str = flag("ddp",
+                "with several processes: ddp (replicated model), fsdp (FSDP2, parameters sharded by block over all "
+                "processes) or hsdp (sharded within groups of --shard-size processes, replicated across them)")
+    shard_size: int = flag(0,
+                "hsdp: processes per shard group (default 0: the processes of one node, LOCAL_WORLD_SIZE)")
+    theta0_offload: bool = flag(False,
+                "keep θ₀ (the pretrained copy measured against) in host memory: its weights stream to the device "
+                "module by module during each measurement, saving one model's worth of device memory (one process or "
+                "ddp)")
+    grad_accum: int = flag(1, "micro-steps per optimizer step (the batch is split; the control acts once per step)")
+    gradient_checkpointing: bool = flag(False,
+                "recompute block activations in the backward pass (less memory, more time)")
+    tensorboard: bool = flag(False,
+                "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)")
+    no_memory_check: bool = flag(False, "start even when the memory estimate exceeds the device's memory")
+    no_objective_distance: bool = flag(False,
+                "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)")
+    out: str = flag("runs/default",
+                "results directory (written atomically; locked while the run lasts; a finished run in it is refused "
+                "unless --overwrite)")
+    checkpoint_every: int = flag(50,
+                "save a resumable checkpoint every N steps into --out (0: never; removed after success)")
+    keep_checkpoints: bool = flag(False, "keep the last checkpoint after a successful run")
+    measure_at: str = flag("", "comma-separated steps at which to measure the profile during training (0 = before)")
+    lora_r: int = flag(0,
+                "LoRA rank: train rank-r adapters (peft) on the blocks' linear layers, base weights frozen (0: full "
+                "fine-tuning); update ratios and --control equal-step act on the merged weights")
+    lora_alpha: float = flag(0.0, "LoRA α; the merged update is (α/r)·B·A (default 0: α = r, scale 1)")
+    lora_targets: str = flag("", "comma-separated names of the blocks' linear layers to adapt (default: all of them)")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input (default 0)")
+    save_model: bool = flag(False,
+                "save the fine-tuned model (save_pretrained, with its tokenizer) into OUT/model, e.g. for depthfast "
+                "compare; under --objective cls only the backbone (the fresh classifier head is not saved)")
+    all_pairs: bool = flag(False,
+                "also write all_pairs.csv/.png: CKA of every θ₀ layer against every θ_T layer at the final "
+                "measurement (unbiased minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)")
+    overwrite: bool = flag(False,
+                "replace a finished run in --out whole (its results, profile, model/, all_pairs.* …); without it a "
+                "directory holding results.json is refused")
 
     def measure_steps(self) -> set[int]:
         """Steps (after k optimizer steps; 0 = before training) at which the trajectory is measured."""

@@ -8,6 +8,7 @@ Python's documentation by topic, and writes runs/default/. Every flag mirrors a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import importlib.util
 import os
@@ -30,46 +31,8 @@ from depthfast.train import seed_everything  # also depthfast.run.seed_everythin
 if TYPE_CHECKING:
     from depthfast.measure import ProbeSession
 
-HELP = {
-    "model": "HF hub id or local directory (default: the shipped all-MiniLM-L6-v2)",
-    "objective": "cls: sequence classification (fresh head); mlm: masked LM (encoders); clm: causal LM (decoders)",
-    "control": "none: the optimizer's own steps; equal-step: every group's ‖ΔW‖/‖W‖ made equal after each step",
-    "optimizer": "adamw (default), or sgd with --momentum (SGD needs a far larger --lr, e.g. 1e-2, and usually "
-                 "--weight-decay 0: with momentum, decay shrinks every weight by ~lr·wd/(1 − momentum) per step)",
-    "momentum": "SGD momentum (default 0.9; ignored by adamw)",
-    "dataset_config": "configuration name of a hub dataset that has several (e.g. sst2 of nyu-mll/glue)",
-    "dataset": "builtin:pydoc (offline), a hub dataset name, or a local .txt/.json/.jsonl/.csv/.parquet file",
-    "out": "results directory (written atomically; locked while the run lasts; a finished run in it is refused "
-           "unless --overwrite)",
-    "overwrite": "replace a finished run in --out whole (its results, profile, model/, all_pairs.* …); without it "
-                 "a directory holding results.json is refused",
-    "checkpoint_every": "save a resumable checkpoint every N steps into --out (0: never; removed after success)",
-    "keep_checkpoints": "keep the last checkpoint after a successful run",
-    "parallel": "with several processes: ddp (replicated model), fsdp (FSDP2, parameters sharded by block over "
-                "all processes) or hsdp (sharded within groups of --shard-size processes, replicated across them)",
-    "shard_size": "hsdp: processes per shard group (default 0: the processes of one node, LOCAL_WORLD_SIZE)",
-    "theta0_offload": "keep θ₀ (the pretrained copy measured against) in host memory: its weights stream to the "
-                      "device module by module during each measurement, saving one model's worth of device memory "
-                      "(one process or ddp)",
-    "no_objective_distance": "skip the gradient-alignment distance at θ₀ (it loads the pretraining-style head)",
-    "no_memory_check": "start even when the memory estimate exceeds the device's memory",
-    "tensorboard": "also log loss, lr and update ratios to OUT/tensorboard (needs the tensorboard package)",
-    "save_model": "save the fine-tuned model (save_pretrained, with its tokenizer) into OUT/model, e.g. for "
-                  "depthfast compare; under --objective cls only the backbone (the fresh classifier head is not saved)",
-    "all_pairs": "also write all_pairs.csv/.png: CKA of every θ₀ layer against every θ_T layer at the final "
-                 "measurement (unbiased minibatch HSIC₁; its diagonal is the profile under --estimator unbiased)",
-    "measure_at": "comma-separated steps at which to measure the profile during training (0 = before)",
-    "equal_step_head": "also equalize the head group (task head, final norm, pooler); by default the control "
-                       "equalizes the profile's layers (embeddings, blocks) and the head keeps the optimizer's update",
-    "lora_r": "LoRA rank: train rank-r adapters (peft) on the blocks' linear layers, base weights frozen "
-              "(0: full fine-tuning); update ratios and --control equal-step act on the merged weights",
-    "lora_alpha": "LoRA α; the merged update is (α/r)·B·A (default 0: α = r, scale 1)",
-    "lora_targets": "comma-separated names of the blocks' linear layers to adapt (default: all of them)",
-    "lora_dropout": "dropout on the LoRA branch's input (default 0)",
-    "tied_embeddings": "group of a tied input/output matrix (GPT-2, OPT, Mamba, BERT's MLM decoder): head (default: "
-                       "the output projection, free under the control like an untied LM head, not in layer 0's weight "
-                       "change) or embeddings (equalized with the layers, counted in layer 0's weight change)",
-}
+# Each flag's help lives in its RunConfig field (config.flag); this view is kept for importers.
+HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig) if "help" in f.metadata}
 CHOICES = {"objective": OBJECTIVES, "control": CONTROLS, "pooling": POOLINGS, "estimator": ESTIMATORS,
            "parallel": PARALLEL, "precision": PRECISIONS, "optimizer": OPTIMIZERS,
            "tied_embeddings": TIED_EMBEDDINGS}
