@@ -92,6 +92,17 @@ def row(name, ms, base_ms, flops, err, extra=""):
     print(f"  {name:<20} {ms:10.2f} ms   ×{base_ms / ms:6.2f}   {tf:8.3f} TFLOP/s   err {err:9.2e}  {extra}")
 
 
+def engine_error(x, y, truth, change: bool) -> float:
+    """Max |CKA − truth| over layers of StreamingCKA on the extension, old (X, Y) or change (X, D) statistics."""
+    cka_stats._CHANGE_FORM = change
+    try:
+        fresh = cka.StreamingCKA(x.shape[0], backend="extension")
+        fresh.update(list(x), list(y))
+        return (fresh.compute() - truth).abs().max().item()
+    finally:
+        cka_stats._CHANGE_FORM = True
+
+
 def bench_exact(layers, n, d, dtype, device, reps, with_reference):
     x, y = make_acts(layers, n, d, dtype, device)
     truth = torch.stack([cka.linear_cka(x[i], y[i]) for i in range(layers)])
@@ -131,15 +142,14 @@ def bench_exact(layers, n, d, dtype, device, reps, with_reference):
         for name, syrk in variants:  # DEPTHFAST_CKA_SYRK is read at each call
             os.environ["DEPTHFAST_CKA_SYRK"] = syrk
             ms = timer(device, lambda: ext.exact_update(*args), reps, warmup=1)
-            fresh = cka.StreamingCKA(layers, backend="extension")
-            fresh.update(list(x), list(y))
-            err = (fresh.compute() - truth).abs().max().item()
+            err = engine_error(x, y, truth, change=False)  # the statistics this row timed: X and Y
             how = "one-launch WMMA SYRK" if syrk == "1" else f"BLAS upper blocks of {g._layers[0].upper_block}"
             row(name, ms, base_ms, flops, err, f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; {how})")
         os.environ.pop("DEPTHFAST_CKA_SYRK", None)
         if x.shape[2] == y.shape[2]:  # one width: what a run measures, X and the change D = Y − X
             ms = timer(device, lambda: ext.exact_update(*args, True), reps, warmup=1)
-            row("engine_change", ms, base_ms, flops, float("nan"), f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; "
+            err = engine_error(x, y, truth, change=True)
+            row("engine_change", ms, base_ms, flops, err, f"(×{shifted_ms / ms:.2f} vs torch_bmm_shifted; "
                 "statistics of X and D, staged in one pass)")
             record("cka_exact", shifted_ms / ms, f"L={layers} n={n} d={d} {str(dtype).replace('torch.', '')}")
     else:
@@ -214,8 +224,13 @@ def bench_unbiased(layers, n, d, dtype, device, reps):
         row(f"engine_{space}", ms, base_ms, flops, err)
         if x.shape[2] == y.shape[2]:  # one width: the change form a run uses
             acc = torch.zeros(layers, 3, dtype=torch.float64, device=device)
-            ms = timer(device, lambda: ext.unbiased_update(list(x), list(y), None, acc, n, False, space, True), reps)
-            row(f"engine_{space}_change", ms, base_ms, flops, float("nan"), "(HSIC₁ of K and the change M)")
+            run = lambda: ext.unbiased_update(list(x), list(y), None, acc, n, False, space, True)  # noqa: E731
+            ms = timer(device, run, reps)
+            acc.zero_()
+            run()
+            km, kk, mm = acc.cpu().unbind(1)  # change form: HSIC₁(K,M), HSIC₁(K,K), HSIC₁(M,M), L = K + M
+            err = ((kk + km) / torch.sqrt(kk * (kk + 2 * km + mm)) - to_cka(truth)).abs().max().item()
+            row(f"engine_{space}_change", ms, base_ms, flops, err, "(HSIC₁ of K and the change M)")
             record("cka_unbiased", base_ms / ms, f"{space} space, L={layers} n={n} d={d} "
                    f"{str(dtype).replace('torch.', '')}")
 

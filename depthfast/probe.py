@@ -105,6 +105,7 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
                 correct["tuned"] += int((out_tuned.logits.argmax(-1) == batch["labels"]).sum())
                 counted += batch["labels"].shape[0]
     mean = lambda pairs: sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else math.nan  # noqa: E731
+    per_text_change = torch.cat(hsic) if hsic else None
     return ProbeResult(
         change=cka.compute_change().tolist(),
         num_samples=cka.num_samples,
@@ -112,8 +113,8 @@ def measure_probe(base: torch.nn.Module, tuned: torch.nn.Module, base_layers: Mo
         loss_tuned=mean(losses["tuned"]),
         accuracy_base=correct["base"] / counted if counted else None,
         accuracy_tuned=correct["tuned"] / counted if counted else None,
-        per_text_hsic=hsic_triples_from_moments(torch.cat(hsic)) if hsic else None,
-        per_text_change=torch.cat(hsic) if hsic else None,
+        per_text_hsic=hsic_triples_from_moments(per_text_change) if per_text_change is not None else None,
+        per_text_change=per_text_change,
         base_features=torch.cat(features) if features else None,
         labels=torch.cat(labels) if labels else None,
         accumulator=cka,

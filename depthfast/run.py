@@ -269,11 +269,11 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     import shutil
     import tempfile
 
-    from depthfast import rundir
+    from depthfast import artifacts, rundir
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    rundir.before_write(path)  # an artifact: publishing starts (the older run retracted)
+    artifacts.before_write(path)  # an artifact: publishing starts (the older run retracted)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".model.")
     try:
         (model.backbone if objective == "cls" else model).save_pretrained(tmp)
@@ -285,7 +285,7 @@ def save_model(model, tokenizer, objective: str, path: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rundir.after_write(path)
+    artifacts.after_write(path)
 
 
 

@@ -30,11 +30,9 @@ import socket
 import sys
 import time
 
-# the publishing hooks live with the atomic writers (depthfast.artifacts, a leaf); re-exported here
-from depthfast.artifacts import (  # noqa: F401
-    _ACTIVE, ARTIFACTS, FAULT_ENV, RESULTS, _fault_count, active, after_write, atomic_write_json, before_write,
-    fault_point, file_mode)
-from depthfast.errors import INTERRUPTED_LINE, DepthfastError, os_error_line  # noqa: F401  (os_error_line re-exported)
+# the publishing hooks live with the atomic writers (depthfast.artifacts, a leaf)
+from depthfast.artifacts import _ACTIVE, ARTIFACTS, RESULTS, atomic_write_json, fault_point, file_mode
+from depthfast.errors import INTERRUPTED_LINE, DepthfastError, os_error_line
 
 LOCK = ".depthfast.lock"
 # Working state that is neither an artifact nor a result: never removed by publishing, never in a manifest.

@@ -18,7 +18,9 @@ from depthfast.terminal import locality_line, print_profile_rows
 
 
 def check_out(out: str) -> None:
-    """Refuse to overwrite a run's results with a compare's (a compare may replace an earlier compare)."""
+    """Refuse, naming what is there, an --out holding a run's results (not a compare's): the clearer line for
+    the commonest mix-up. Any finished results, a compare's too, are then refused by depthfast.rundir unless
+    --overwrite, which replaces either whole."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
         return
