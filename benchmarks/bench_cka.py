@@ -342,6 +342,38 @@ def bench_accuracy(device: str, widths=(64, 256), batch: int = 4096, checkpoints
     return results
 
 
+# (n, d) of the update-speed comparison on the CPU: the unbiased estimator works in feature space for
+# n ≥ 2d and in sample space below (one 256-row tile, then several), the exact one always in features.
+UPDATE_SHAPES_CPU = ((2048, 256), (4096, 384), (512, 256), (256, 512), (1024, 768))
+
+
+def bench_update_speed(device: str, n: int, d: int, dtype=torch.float32, reps: int = 3, layers: int = 4) -> None:
+    """``StreamingCKA.update`` time with the change-relative statistics (new) over the old X, Y ones,
+    per estimator, in this process: both accumulators are built first, then timed in alternation
+    (order swapped every round) so that machine load falls on both alike; the ratio is the median of
+    the paired ratios, and each side's median time is printed beside it."""
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, d, generator=g).to(device, dtype) for _ in range(layers)]
+    ys = [x + 0.01 * torch.randn(x.shape, generator=g).to(device, dtype) for x in xs]
+    rounds = max(9, 5 * reps)
+    for est in ("exact", "unbiased"):
+        acc = {}
+        for change in (False, True):  # the form is fixed at an accumulator's first update
+            cka_stats._CHANGE_FORM = change
+            acc[change] = cka.StreamingCKA(layers, estimator=est)
+            acc[change].update(xs, ys)  # allocation, shifts
+        cka_stats._CHANGE_FORM = True
+        ms = {False: [], True: []}
+        for r in range(rounds):
+            for change in ((False, True) if r % 2 == 0 else (True, False)):
+                ms[change].append(timer(device, lambda: acc[change].update(xs, ys), 1, warmup=0))
+        ratio = statistics.median(a / b for a, b in zip(ms[True], ms[False]))
+        space = "features" if est == "exact" or 2 * d <= n else f"samples, {-(-n // 256)} tile rows"
+        print(f"  update {est:8s} {layers} layers n {n} d {d} ({space}): old {statistics.median(ms[False]):.2f} ms, "
+              f"new {statistics.median(ms[True]):.2f} ms, new/old {ratio:.3f} (median of {rounds} paired rounds)")
+        record("change_update", ratio, f"{est}, n {n} d {d}, {space}, {str(dtype).replace('torch.', '')}")
+
+
 def bench_change(device: str, n: int = 2048, d: int = 256, updates: int = 4, reps: int = 3,
                  dtype=torch.float32, emulate_tensor_cores: bool = False) -> None:
     """Old (XᵀX, YᵀX, YᵀY: ``stats._CHANGE_FORM = False``) vs new (X and the change D = Y − X)
@@ -375,20 +407,10 @@ def bench_change(device: str, n: int = 2048, d: int = 256, updates: int = 4, rep
                   f"new exact {errs[2]:.1e} unbiased {errs[3]:.1e}")
             key = "accuracy_fp32" if dtype == torch.float32 else "accuracy_16bit"
             record(key, max(errs[2:]), f"{label}, 1 − CKA {truth['exact']:.0e}, offsets 1e4, n {n} d {d}")
-        g = torch.Generator().manual_seed(2)
-        xs = [torch.randn(n, d, generator=g).to(device, dtype) for _ in range(4)]
-        ys = [x + 0.01 * torch.randn(x.shape, generator=g).to(device, dtype) for x in xs]
-        for est in ("exact", "unbiased"):
-            ms = {}
-            for _ in range(2):  # interleaved, so machine load affects both alike
-                for change in (False, True):
-                    cka_stats._CHANGE_FORM = change
-                    m = cka.StreamingCKA(4, estimator=est)
-                    m.update(xs, ys)  # allocation, shifts
-                    t = timer(device, lambda: m.update(xs, ys), reps)
-                    ms[change] = min(ms.get(change, t), t)
-            print(f"  update {est:8s} 4 layers: old {ms[False]:.2f} ms, new {ms[True]:.2f} ms, "
-                  f"new/old {ms[True] / ms[False]:.3f}")
+        if not emulate_tensor_cores:
+            shapes = ((8192, 1024), (4096, 2048), (2048, 2048)) if device == "cuda" else UPDATE_SHAPES_CPU
+            for n_, d_ in shapes:
+                bench_update_speed(device, n_, d_, dtype, reps)
     finally:
         cka_stats._CHANGE_FORM = True
         if emulate_tensor_cores and ext is not None:

@@ -38,6 +38,8 @@ TARGETS = (
     Target("measure_share", "CKA statistics' cost over the two forwards with hooks (fraction)", 0.10, True),
     Target("train_tokens", "training tokens/s with the equal-step control / plain AdamW", 0.95, False),
     Target("accuracy_fp32", "relative error of 1 − CKA vs the float64 change truth, fp32 (1e-1 … 1e-8)", 1e-4, True),
+    Target("change_update", "StreamingCKA.update time, change-relative statistics / the old X, Y statistics",
+           1.05, True),
     Target("accuracy_16bit", "relative error of 1 − CKA vs the float64 change truth, bf16/fp16 operands", 2e-2, True),
 )
 _BY_KEY = {t.key: t for t in TARGETS}

@@ -10,10 +10,13 @@ namespace depthfast {
 
 // One group of G layers with equal widths, prepared for the products: op = (x − c)·m in the compute
 // dtype (G, n, d); k = row norms ‖op_i‖² (G, n) float64; colsum = Σ_i op_i (G, d) float64.
+// cross (G, n) float64: x'_i·d'_i, when a change operand was staged on the CPU beside the base's
+// prepared x' (fused into that pass); undefined otherwise (then formed from the operands).
 struct Prepared {
   at::Tensor op;
   at::Tensor k;
   at::Tensor colsum;
+  at::Tensor cross;
 };
 
 #ifdef DEPTHFAST_WITH_CUDA
