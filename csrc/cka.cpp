@@ -95,40 +95,45 @@ std::vector<at::Tensor> unit_column_stride(const std::vector<at::Tensor>& xs) {
   return out;
 }
 
+// Rows 0..n−1 of one CPU layer in chunks over the threads, row(r, partial) adding row r into its chunk's
+// `width` float64 column partials (threads never share a cache line of sums); the partials are added
+// into sums (width,) in chunk order.
+template <typename RowFn>
+void rows_with_column_partials(int64_t n, int64_t width, double* sums, const RowFn& row) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
+  std::vector<double> partial(chunks * width, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    for (int64_t ch = ch0; ch < ch1; ++ch)
+      for (int64_t r = ch * n / chunks; r < (ch + 1) * n / chunks; ++r) row(r, partial.data() + ch * width);
+  });
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t j = 0; j < width; ++j) sums[j] += partial[ch * width + j];
+}
+
 // CPU: one pass per layer over the input — shift, mask, fp32 operand, row norms and column sums
-// (float64 accumulators; per-chunk column partials, so threads never share a cache line of sums).
-// A change (D = y − x) is staged on the CPU by prepare_change_cpu_layer, together with X.
+// (float64 accumulators). A change (D = y − x) is staged by prepare_change_cpu_layer, together with X.
 template <typename T>
 void prepare_cpu_layer(const at::Tensor& x, const float* c, const float* mask, float* out,
                        double* k, double* colsum) {
   const int64_t n = x.size(0), d = x.size(1), ld = x.stride(0);
   const T* xp = x.data_ptr<T>();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
-  std::vector<double> partial(chunks * d, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
-    for (int64_t ch = ch0; ch < ch1; ++ch) {
-      double* cs = partial.data() + ch * d;
-      for (int64_t r = ch * n / chunks; r < (ch + 1) * n / chunks; ++r) {
-        float* o = out + r * d;
-        if (mask != nullptr && mask[r] == 0.f) {  // padding may hold inf/NaN: never read into sums
-          std::fill(o, o + d, 0.f);
-          k[r] = 0.0;
-          continue;
-        }
-        const T* xr = xp + r * ld;
-        double acc = 0.0;
-        for (int64_t j = 0; j < d; ++j) {
-          const float v = static_cast<float>(xr[j]) - c[j];  // exact for massive channels (Sterbenz)
-          o[j] = v;
-          acc += static_cast<double>(v) * v;
-          cs[j] += v;
-        }
-        k[r] = acc;
-      }
+  rows_with_column_partials(n, d, colsum, [&](int64_t r, double* cs) {
+    float* o = out + r * d;
+    if (mask != nullptr && mask[r] == 0.f) {  // padding may hold inf/NaN: never read into sums
+      std::fill(o, o + d, 0.f);
+      k[r] = 0.0;
+      return;
     }
+    const T* xr = xp + r * ld;
+    double acc = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = static_cast<float>(xr[j]) - c[j];  // exact for massive channels (Sterbenz)
+      o[j] = v;
+      acc += static_cast<double>(v) * v;
+      cs[j] += v;
+    }
+    k[r] = acc;
   });
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t j = 0; j < d; ++j) colsum[j] += partial[ch * d + j];
 }
 
 // Whether prepare() stages a group with the CPU loops here (else the CUDA kernels or the generic ATen
@@ -138,9 +143,8 @@ bool cpu_staging(const at::Tensor& x) {
 }
 
 // Column sums over the real rows of one CPU layer, one read of the inputs and no temporary (float64
-// sums; per-chunk partials as in prepare_cpu_layer): sum_x (d,) += Σ_i x_i·mask_i where given, and with
-// y, sum_change (d,) += Σ_i (y_i − x_i)·mask_i, the difference formed as the operand forms it (fp32;
-// float64 for float64 inputs).
+// sums): sum_x (d,) += Σ_i x_i·mask_i where given, and with y, sum_change (d,) += Σ_i (y_i − x_i)·mask_i,
+// the difference formed as the operand forms it (fp32; float64 for float64 inputs).
 template <typename T>
 void column_sums_cpu(const at::Tensor& x, const at::Tensor* y, const float* mask, double* sum_x, double* sum_change) {
   using W = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
@@ -148,32 +152,25 @@ void column_sums_cpu(const at::Tensor& x, const at::Tensor* y, const float* mask
   const T* xp = x.data_ptr<T>();
   const T* yp = y != nullptr ? y->data_ptr<T>() : nullptr;
   const int64_t ldy = y != nullptr ? y->stride(0) : 0;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
-  std::vector<double> partial(chunks * 2 * d, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
-    for (int64_t ch = ch0; ch < ch1; ++ch) {
-      double* csx = partial.data() + ch * 2 * d;
-      double* csd = csx + d;
-      for (int64_t r = ch * n / chunks; r < (ch + 1) * n / chunks; ++r) {
-        if (mask != nullptr && mask[r] == 0.f) continue;  // padding may hold inf/NaN
-        const T* xr = xp + r * ld;
-        if (yp == nullptr) {
-          for (int64_t j = 0; j < d; ++j) csx[j] += static_cast<double>(xr[j]);
-          continue;
-        }
-        const T* yr = yp + r * ldy;
-        for (int64_t j = 0; j < d; ++j) {
-          csx[j] += static_cast<double>(xr[j]);
-          csd[j] += static_cast<W>(yr[j]) - static_cast<W>(xr[j]);
-        }
-      }
+  const int64_t width = yp != nullptr ? 2 * d : d;
+  std::vector<double> sums(width, 0.0);  // [Σx | Σ(y − x)]
+  rows_with_column_partials(n, width, sums.data(), [&](int64_t r, double* cs) {
+    if (mask != nullptr && mask[r] == 0.f) return;  // padding may hold inf/NaN
+    const T* xr = xp + r * ld;
+    if (yp == nullptr) {
+      for (int64_t j = 0; j < d; ++j) cs[j] += static_cast<double>(xr[j]);
+      return;
+    }
+    const T* yr = yp + r * ldy;
+    for (int64_t j = 0; j < d; ++j) {
+      cs[j] += static_cast<double>(xr[j]);
+      cs[d + j] += static_cast<W>(yr[j]) - static_cast<W>(xr[j]);
     }
   });
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t j = 0; j < d; ++j) {
-      if (sum_x != nullptr) sum_x[j] += partial[ch * 2 * d + j];
-      if (sum_change != nullptr) sum_change[j] += partial[ch * 2 * d + d + j];
-    }
+  for (int64_t j = 0; j < d; ++j) {
+    if (sum_x != nullptr) sum_x[j] += sums[j];
+    if (sum_change != nullptr && yp != nullptr) sum_change[j] += sums[d + j];
+  }
 }
 
 // CPU change mode, one pass per layer over both inputs: x' = (x − c_x)·mask and d' = ((y − x) − c_d)·mask
@@ -186,47 +183,40 @@ void prepare_change_cpu_layer(const at::Tensor& x, const at::Tensor& y, const fl
   const int64_t n = x.size(0), d = x.size(1), ldx = x.stride(0), ldy = y.stride(0);
   const T* xp = x.data_ptr<T>();
   const T* yp = y.data_ptr<T>();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), (n + 63) / 64));
-  std::vector<double> partial(chunks * 2 * d, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
-    for (int64_t ch = ch0; ch < ch1; ++ch) {
-      double* csx = partial.data() + ch * 2 * d;
-      double* csd = csx + d;
-      for (int64_t r = ch * n / chunks; r < (ch + 1) * n / chunks; ++r) {
-        float* xo = ox + r * d;
-        float* dout = od + r * d;
-        if (mask != nullptr && mask[r] == 0.f) {  // padding may hold inf/NaN: never read into sums
-          std::fill(xo, xo + d, 0.f);
-          std::fill(dout, dout + d, 0.f);
-          kx[r] = kd[r] = cross[r] = 0.0;
-          continue;
-        }
-        const T* xr = xp + r * ldx;
-        const T* yr = yp + r * ldy;
-        double ax = 0.0, ad = 0.0, axd = 0.0;  // three independent chains: no slower than one
-        for (int64_t j = 0; j < d; ++j) {
-          const float xf = static_cast<float>(xr[j]);
-          const float u = xf - cx[j];  // exact for massive channels (Sterbenz)
-          const float v = (static_cast<float>(yr[j]) - xf) - cd[j];  // the change first, then its shift
-          xo[j] = u;
-          dout[j] = v;
-          ax += static_cast<double>(u) * u;
-          ad += static_cast<double>(v) * v;
-          axd += static_cast<double>(u) * v;
-          csx[j] += u;
-          csd[j] += v;
-        }
-        kx[r] = ax;
-        kd[r] = ad;
-        cross[r] = axd;
-      }
+  std::vector<double> sums(2 * d, 0.0);  // [Σx' | Σd']
+  rows_with_column_partials(n, 2 * d, sums.data(), [&](int64_t r, double* csx) {
+    double* csd = csx + d;
+    float* xo = ox + r * d;
+    float* dout = od + r * d;
+    if (mask != nullptr && mask[r] == 0.f) {  // padding may hold inf/NaN: never read into sums
+      std::fill(xo, xo + d, 0.f);
+      std::fill(dout, dout + d, 0.f);
+      kx[r] = kd[r] = cross[r] = 0.0;
+      return;
     }
-  });
-  for (int64_t ch = 0; ch < chunks; ++ch)
+    const T* xr = xp + r * ldx;
+    const T* yr = yp + r * ldy;
+    double ax = 0.0, ad = 0.0, axd = 0.0;  // three independent chains: no slower than one
     for (int64_t j = 0; j < d; ++j) {
-      colx[j] += partial[ch * 2 * d + j];
-      cold[j] += partial[ch * 2 * d + d + j];
+      const float xf = static_cast<float>(xr[j]);
+      const float u = xf - cx[j];  // exact for massive channels (Sterbenz)
+      const float v = (static_cast<float>(yr[j]) - xf) - cd[j];  // the change first, then its shift
+      xo[j] = u;
+      dout[j] = v;
+      ax += static_cast<double>(u) * u;
+      ad += static_cast<double>(v) * v;
+      axd += static_cast<double>(u) * v;
+      csx[j] += u;
+      csd[j] += v;
     }
+    kx[r] = ax;
+    kd[r] = ad;
+    cross[r] = axd;
+  });
+  for (int64_t j = 0; j < d; ++j) {
+    colx[j] += sums[j];
+    cold[j] += sums[d + j];
+  }
 }
 
 // op = (x − base − shift)·mask per layer (base: the base model's activations in change mode, else none).
