@@ -85,6 +85,7 @@ bool use_tensor_cores(const at::Tensor& x) {
          (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
+#ifdef DEPTHFAST_WITH_CUDA
 // The CUDA kernels read rows through their own stride but need unit column stride: a 2-D input that
 // is transposed or column-sliced is copied here (the CPU path does the same), so both devices accept
 // every strided layout.
@@ -94,6 +95,7 @@ std::vector<at::Tensor> unit_column_stride(const std::vector<at::Tensor>& xs) {
   for (const auto& t : xs) out.push_back(t.stride(1) == 1 || t.size(1) == 1 ? t : t.contiguous());
   return out;
 }
+#endif
 
 // Rows 0..n−1 of one CPU layer in chunks over the threads, row(r, partial) adding row r into its chunk's
 // `width` float64 column partials (threads never share a cache line of sums); the partials are added
@@ -393,12 +395,70 @@ at::Tensor frob_dot(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// Fixed-tile float64 reductions over a group of (rows × cols) fp32 matrices (G, rows, cols), the CPU
+// form of the d × d and tile × tile moments below: at::sum(u * v, kDouble) would allocate the product
+// and a float64 copy per moment, which at these sizes costs as much as the GEMMs they follow.
+// A unit is one layer's strip of kStrip rows, walked in kStrip × kStrip blocks (a transposed block is
+// read within L1); each block row is copied into kStrip-wide fp32 buffers, zero-padded (a zero adds
+// exactly nothing), and each of the S sums is accumulated in kLanes float64 lanes (j mod kLanes), so
+// the compiler vectorizes the loop without reassociating it. Lanes are added in a fixed tree, strips in
+// strip order: the sums do not depend on the thread count.
+constexpr int64_t kStrip = 32;
+constexpr int kLanes = 8;
+
+template <int S, typename StripFn>
+at::Tensor strip_sums(int64_t g, int64_t rows, const at::TensorOptions& options, const StripFn& strip) {
+  const int64_t strips = (rows + kStrip - 1) / kStrip;
+  std::vector<double> partial(g * strips * S, 0.0);
+  at::parallel_for(0, g * strips, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t gi = u / strips, i0 = (u % strips) * kStrip;
+      double lanes[S][kLanes] = {};
+      strip(gi, i0, std::min(rows, i0 + kStrip), lanes);
+      for (int s = 0; s < S; ++s) {
+        const double* l = lanes[s];
+        partial[u * S + s] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+      }
+    }
+  });
+  at::Tensor out = at::zeros({g, S}, options.dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t k = 0; k < strips; ++k)
+      for (int s = 0; s < S; ++s) o[gi * S + s] += partial[(gi * strips + k) * S + s];
+  return out;
+}
+
+// lanes[l] += Σ_{j ≡ l mod kLanes} u_j v_j over two kStrip-wide buffers, in float64.
+inline void lane_dot(const float* u, const float* v, double* lanes) {
+  for (int64_t j = 0; j < kStrip; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(u[j + l]) * static_cast<double>(v[j + l]);
+}
+
+// tb[r][c] = p[(j0 + c) · cols + i0 + r] for r < nr, c < nc, and 0 for nc ≤ c < kStrip: the transposed
+// block, row r of which is column i0 + r of p's block rows j0 …, zero-padded as strip_row pads.
+inline void load_transposed(const float* p, int64_t cols, int64_t i0, int64_t nr, int64_t j0, int64_t nc,
+                            float (*tb)[kStrip]) {
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t r = 0; r < nr; ++r) tb[r][c] = p[(j0 + c) * cols + i0 + r];
+  for (int64_t r = 0; r < nr; ++r) std::fill(tb[r] + nc, tb[r] + kStrip, 0.f);
+}
+
+// Copies w ≤ kStrip floats into a kStrip-wide buffer, zero-padded; returns the buffer.
+inline float* load_row(const float* p, int64_t w, float* buf) {
+  std::copy(p, p + w, buf);
+  std::fill(buf + w, buf + kStrip, 0.f);
+  return buf;
+}
+
+// A kStrip-wide row: p itself in a full block (w = kStrip), else load_row's padded copy (a copy costs
+// L1 traffic that the full blocks, nearly all of them, do without).
+inline const float* strip_row(const float* p, int64_t w, float* buf) { return w == kStrip ? p : load_row(p, w, buf); }
+
 // The Frobenius moments of one block pair of A = X̃ᵀX̃, B = D̃ᵀX̃, C = D̃ᵀD̃ (G, 7) float64:
 //   [Σa², Σab, Σb², Σac, Σg², Σa·bt, Σbt²],  g = b + bᵀ + c (square diagonal blocks, bt undefined: the
-//   last two are 0) or g = b + bt + c (an off-diagonal pair, bt = X̃_Iᵀ D̃_J, all of one orientation).
-// On the CPU for fp32 it is one pass over the blocks in 32 × 32 tiles (bᵀ read within a tile that stays
-// in L1; fixed tiles, so the thread count does not change the sums); the ATen form allocates a product
-// and a float64 copy per moment, which at small widths cost as much as the block's GEMMs.
+//   last two are 0) or g = b + bt + c (an off-diagonal pair, bt = X̃_Iᵀ D̃_J, all of one orientation);
+//   g is summed in fp32, as the ATen form does. CPU fp32: strip_sums (bᵀ from a transposed block).
 at::Tensor change_block_moments(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& bt) {
   const bool fused = !a.is_cuda() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
                      c.scalar_type() == at::kFloat && (!bt.defined() || bt.scalar_type() == at::kFloat);
@@ -413,52 +473,42 @@ at::Tensor change_block_moments(const at::Tensor& a, const at::Tensor& b, const 
   }
   const auto ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
   const auto btc = bt.defined() ? bt.contiguous() : at::Tensor();
-  const int64_t g = ac.size(0), rows = ac.size(1), cols = ac.size(2), len = rows * cols;
-  constexpr int64_t t = 32;
-  const int64_t ti = (rows + t - 1) / t, tj = (cols + t - 1) / t;
-  std::vector<double> partial(g * ti * 7, 0.0);
-  at::parallel_for(0, g * ti, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t gi = u / ti, i0 = (u % ti) * t, i1 = std::min(rows, i0 + t);
-      const float* ap = ac.data_ptr<float>() + gi * len;
-      const float* bp = bc.data_ptr<float>() + gi * len;
-      const float* cp = cc.data_ptr<float>() + gi * len;
-      const float* tp = btc.defined() ? btc.data_ptr<float>() + gi * len : nullptr;
-      double m[7] = {0, 0, 0, 0, 0, 0, 0};
-      for (int64_t jb = 0; jb < tj; ++jb) {
-        const int64_t j0 = jb * t, j1 = std::min(cols, j0 + t);
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const double av = ap[i * cols + j], bv = bp[i * cols + j], cv = cp[i * cols + j];
-            const float other = tp != nullptr ? tp[i * cols + j] : bp[j * cols + i];
-            const float gv = (bp[i * cols + j] + other) + cp[i * cols + j];  // fp32, as the ATen form sums
-            m[0] += av * av;
-            m[1] += av * bv;
-            m[2] += bv * bv;
-            m[3] += av * cv;
-            m[4] += static_cast<double>(gv) * gv;
-            if (tp != nullptr) {
-              m[5] += av * other;
-              m[6] += static_cast<double>(other) * other;
-            }
-          }
+  const int64_t rows = ac.size(1), cols = ac.size(2), len = rows * cols;
+  TORCH_CHECK(btc.defined() || rows == cols, "change_block_moments: a diagonal block must be square");
+  return strip_sums<7>(ac.size(0), rows, ac.options(), [&](int64_t gi, int64_t i0, int64_t i1, double (*lanes)[kLanes]) {
+    const float* ap = ac.data_ptr<float>() + gi * len;
+    const float* bp = bc.data_ptr<float>() + gi * len;
+    const float* cp = cc.data_ptr<float>() + gi * len;
+    const float* tp = btc.defined() ? btc.data_ptr<float>() + gi * len : nullptr;
+    float tb[kStrip][kStrip];
+    float abuf[kStrip], bbuf[kStrip], cbuf[kStrip], obuf[kStrip], gv[kStrip];
+    for (int64_t j0 = 0; j0 < cols; j0 += kStrip) {
+      const int64_t w = std::min(kStrip, cols - j0);
+      if (tp == nullptr) load_transposed(bp, cols, i0, i1 - i0, j0, w, tb);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* av = strip_row(ap + i * cols + j0, w, abuf);
+        const float* bv = strip_row(bp + i * cols + j0, w, bbuf);
+        const float* cv = strip_row(cp + i * cols + j0, w, cbuf);
+        const float* ov = tp != nullptr ? strip_row(tp + i * cols + j0, w, obuf) : tb[i - i0];
+        for (int64_t j = 0; j < kStrip; ++j) gv[j] = (bv[j] + ov[j]) + cv[j];
+        lane_dot(av, av, lanes[0]);
+        lane_dot(av, bv, lanes[1]);
+        lane_dot(bv, bv, lanes[2]);
+        lane_dot(av, cv, lanes[3]);
+        lane_dot(gv, gv, lanes[4]);
+        if (tp != nullptr) {
+          lane_dot(av, ov, lanes[5]);
+          lane_dot(ov, ov, lanes[6]);
         }
       }
-      std::copy(m, m + 7, partial.begin() + u * 7);
     }
   });
-  at::Tensor out = at::zeros({g, 7}, ac.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int64_t gi = 0; gi < g; ++gi)
-    for (int64_t k = 0; k < ti; ++k)
-      for (int l = 0; l < 7; ++l) o[gi * 7 + l] += partial[(gi * ti + k) * 7 + l];
-  return out;
 }
 
 // Σ [k∘m, k∘k, m∘m] (G, 3) float64 over one tile pair of the sample-space Grams, m' = m + mᵀ when
-// symmetrize (a diagonal tile of the change, m = E_I D_Iᵀ) and m otherwise, over i ≠ j when diagonal
-// (the Grams' diagonal is not part of K̃, M̃). On the CPU for fp32 one pass in 32 × 32 tiles, with no
-// masked copies or products; elsewhere ATen.
+// symmetrize (a diagonal tile of the change, m = E_I D_Iᵀ; summed in fp32) and m otherwise, over i ≠ j
+// when diagonal (the Grams' diagonal is not part of K̃, M̃: its entries are zeroed in the row buffers).
+// CPU fp32: strip_sums, no masked copies or products; elsewhere ATen.
 at::Tensor tile_moments(const at::Tensor& k, const at::Tensor& m, bool symmetrize, bool diagonal) {
   if (k.is_cuda() || k.scalar_type() != at::kFloat || m.scalar_type() != at::kFloat) {
     at::Tensor kk = k, mm = symmetrize ? m + m.transpose(1, 2) : m;
@@ -470,40 +520,37 @@ at::Tensor tile_moments(const at::Tensor& k, const at::Tensor& m, bool symmetriz
     return at::stack({frob_dot(kk, mm), frob_dot(kk, kk), frob_dot(mm, mm)}, 1);
   }
   const auto kc = k.contiguous(), mc = m.contiguous();
-  const int64_t g = kc.size(0), rows = kc.size(1), cols = kc.size(2), len = rows * cols;
-  constexpr int64_t t = 32;
-  const int64_t ti = (rows + t - 1) / t, tj = (cols + t - 1) / t;
-  std::vector<double> partial(g * ti * 3, 0.0);
-  at::parallel_for(0, g * ti, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t gi = u / ti, i0 = (u % ti) * t, i1 = std::min(rows, i0 + t);
-      const float* kp = kc.data_ptr<float>() + gi * len;
-      const float* mp = mc.data_ptr<float>() + gi * len;
-      double km = 0.0, kk = 0.0, mm = 0.0;
-      for (int64_t jb = 0; jb < tj; ++jb) {
-        const int64_t j0 = jb * t, j1 = std::min(cols, j0 + t);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < j1; ++j) {
-            if (diagonal && i == j) continue;
-            const double kv = kp[i * cols + j];
-            const float mf = symmetrize ? mp[i * cols + j] + mp[j * cols + i] : mp[i * cols + j];
-            const double mv = mf;
-            km += kv * mv;
-            kk += kv * kv;
-            mm += mv * mv;
-          }
+  const int64_t rows = kc.size(1), cols = kc.size(2), len = rows * cols;
+  TORCH_CHECK(!(symmetrize || diagonal) || rows == cols, "tile_moments: a diagonal tile must be square");
+  return strip_sums<3>(kc.size(0), rows, kc.options(), [&](int64_t gi, int64_t i0, int64_t i1, double (*lanes)[kLanes]) {
+    const float* kp = kc.data_ptr<float>() + gi * len;
+    const float* mp = mc.data_ptr<float>() + gi * len;
+    float tb[kStrip][kStrip];
+    float kbuf[kStrip], mbuf[kStrip];
+    for (int64_t j0 = 0; j0 < cols; j0 += kStrip) {
+      const int64_t w = std::min(kStrip, cols - j0);
+      if (symmetrize) load_transposed(mp, cols, i0, i1 - i0, j0, w, tb);
+      for (int64_t i = i0; i < i1; ++i) {
+        const bool on_diagonal = diagonal && i >= j0 && i < j0 + w;
+        const float* kv;
+        const float* mv;
+        if (symmetrize || on_diagonal) {  // a row to modify: in the buffers
+          float* kb = load_row(kp + i * cols + j0, w, kbuf);
+          float* mb = load_row(mp + i * cols + j0, w, mbuf);
+          if (symmetrize)
+            for (int64_t j = 0; j < kStrip; ++j) mb[j] += tb[i - i0][j];
+          if (on_diagonal) kb[i - j0] = mb[i - j0] = 0.f;
+          kv = kb, mv = mb;
+        } else {
+          kv = strip_row(kp + i * cols + j0, w, kbuf);
+          mv = strip_row(mp + i * cols + j0, w, mbuf);
+        }
+        lane_dot(kv, mv, lanes[0]);
+        lane_dot(kv, kv, lanes[1]);
+        lane_dot(mv, mv, lanes[2]);
       }
-      partial[u * 3] = km;
-      partial[u * 3 + 1] = kk;
-      partial[u * 3 + 2] = mm;
     }
   });
-  at::Tensor out = at::zeros({g, 3}, kc.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int64_t gi = 0; gi < g; ++gi)
-    for (int64_t q = 0; q < ti; ++q)
-      for (int l = 0; l < 3; ++l) o[gi * 3 + l] += partial[(gi * ti + q) * 3 + l];
-  return out;
 }
 
 // A (G, m, n)-by-(G, n, p) product with a float32 result: cuBLAS tensor cores take 16-bit operands
@@ -638,7 +685,7 @@ at::Tensor change_diagonal(const Prepared& px, const Prepared& pd) {
 at::Tensor offdiag_sums_change_tiled(const at::Tensor& x, const at::Tensor& d, int64_t tile) {
   TORCH_CHECK(x.dim() == 3 && x.sizes() == d.sizes(), "offdiag_sums_change_tiled: x_op and d_op must be (G, n, d) of one shape");
   TORCH_CHECK(tile >= 1, "offdiag_sums_change_tiled: tile must be ≥ 1; got ", tile);
-  const int64_t n = x.size(1), w = x.size(2);
+  const int64_t n = x.size(1);
   at::Tensor out = at::zeros({x.size(0), 3}, x.options().dtype(at::kDouble));
   const auto xf = x.to(at::kFloat), df = d.to(at::kFloat);  // no copy for fp32 operands
   // E by row tiles: each a (G, t, d) block, small enough for the allocator to reuse (a whole-group copy

@@ -1084,3 +1084,77 @@ def test_change_relative_cpu_kernels_match_float64():
         want = torch.stack([(a * a).sum(), (a * b).sum(), (b * b).sum(), (a * c).sum(), (gs * gs).sum()])
         got = _C.gram_moments_change(x.float(), d.float(), 8)[j]
         assert torch.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def _tiles_like_the_engine(x, d, tile):
+    """The fp32 tile products of offdiag_sums_change_tiled, formed by the same ATen calls (same views,
+    same order): [(K_IJ, M_IJ, diagonal)] with M_II = P + Pᵀ already summed in fp32."""
+    n = x.shape[1]
+    starts = list(range(0, n, tile))
+    e = [torch.add(x[:, i:i + tile], d[:, i:i + tile], alpha=0.5) for i in starts]
+    for it, i0 in enumerate(starts):
+        xi, di = x[:, i0:i0 + tile], d[:, i0:i0 + tile]
+        for jt in range(it, len(starts)):
+            j0 = starts[jt]
+            k = torch.bmm(xi, x[:, j0:j0 + tile].transpose(1, 2))
+            if it == jt:
+                p = torch.bmm(e[it], di.transpose(1, 2))
+                yield k, p + p.transpose(1, 2), True
+            else:
+                yield k, torch.bmm(e[it], d[:, j0:j0 + tile].transpose(1, 2)).baddbmm_(di, e[jt].transpose(1, 2)), False
+
+
+def test_change_tile_reductions_are_float64_sums_of_the_fp32_tiles():
+    """The CPU reduction of the sample-space moments (32-row strips, zero-padded 8-lane float64 rows,
+    the diagonal zeroed) against float64 sums of the very fp32 tiles it reduces: rows and widths that
+    are not multiples of 32 or 8, a single row of tiles, one layer and several. The products are the
+    same ATen calls as the engine's, so only the reduction differs: 1e-12 relative (float64 rounding
+    of up to ~1e5 terms; a dropped or doubled entry is ~1e-5)."""
+    from depthfast import _C
+
+    g = torch.Generator().manual_seed(12)
+    for layers, n, w, tile in ((1, 5, 3, 256), (3, 70, 45, 45), (2, 97, 33, 64), (1, 300, 9, 256)):
+        x = torch.randn(layers, n, w, generator=g)
+        d = 1e-3 * torch.randn(layers, n, w, generator=g)
+        want = torch.zeros(layers, 3, dtype=torch.float64)
+        for k, m, diagonal in _tiles_like_the_engine(x, d, tile):
+            k, m = k.double(), m.double()
+            if diagonal:
+                off = ~torch.eye(k.shape[1], dtype=torch.bool)
+                k, m = k * off, m * off
+            sums = torch.stack([(k * m).sum((1, 2)), (k * k).sum((1, 2)), (m * m).sum((1, 2))], 1)
+            want += sums if diagonal else 2.0 * sums
+        got = _C.offdiag_sums_change_tiled(x, d, tile)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (layers, n, w, tile, got, want)
+
+
+def test_change_block_reductions_are_float64_sums_of_the_fp32_blocks():
+    """The feature-space moments (a, p, q, r, s) of gram_moments_change against float64 sums of the
+    very fp32 block products it reduces (same ATen calls), for widths that are not multiples of 32 or
+    8 and blocks that split them unevenly: 1e-12 relative, so only the reduction is tested."""
+    from depthfast import _C
+
+    def dot(u, v):
+        return (u.double() * v.double()).sum((1, 2))
+
+    g = torch.Generator().manual_seed(13)
+    for layers, n, w, block in ((1, 6, 5, 0), (2, 40, 77, 32), (3, 19, 70, 50), (1, 8, 33, 33)):
+        x = torch.randn(layers, n, w, generator=g)
+        d = 1e-3 * torch.randn(layers, n, w, generator=g)
+        step = w if block <= 0 else block
+        want = torch.zeros(layers, 5, dtype=torch.float64)
+        for i0 in range(0, w, step):
+            xi, di = x[:, :, i0:i0 + step], d[:, :, i0:i0 + step]
+            for j0 in range(i0, w, step):
+                xj, dj = x[:, :, j0:j0 + step], d[:, :, j0:j0 + step]
+                a, b, c = (torch.bmm(u.transpose(1, 2), v) for u, v in ((xi, xj), (di, xj), (di, dj)))
+                if i0 == j0:
+                    gs = (b + b.transpose(1, 2)) + c
+                    want += torch.stack([dot(a, a), dot(a, b), dot(b, b), dot(a, c), dot(gs, gs)], 1)
+                else:
+                    bt = torch.bmm(xi.transpose(1, 2), dj)
+                    gs = (b + bt) + c
+                    want += torch.stack([2 * dot(a, a), dot(a, b) + dot(a, bt), dot(b, b) + dot(bt, bt),
+                                         2 * dot(a, c), 2 * dot(gs, gs)], 1)
+        got = _C.gram_moments_change(x, d, block)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (layers, n, w, block, got, want)
