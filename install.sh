@@ -13,6 +13,7 @@
 #   DEPTHFAST_TORCH   a torch requirement to install first, alone (e.g. torch==2.14.1 for a CUDA 13 build);
 #                     the environment then counts as one that has torch
 #   TORCH_CUDA_ARCH_LIST, CUDA_HOME, DEPTHFAST_CUDA=0|1   see csrc/cuda_toolchain.py (README "Set-up")
+#   DEPTHFAST_DEBUG_INFO=1  build the extension with debug info (-g; default -g0, see setup.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${DEPTHFAST_VENV:-.venv}"
@@ -40,7 +41,7 @@ if [ -f "$venv/.depthfast-cpu" ] || ! grep -q '^torch==' <<<"$pins"; then mode=c
 
 stamp="$venv/.depthfast-installed"
 inputs=$(cat requirements*.txt setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
-inputs="$inputs-$mode-$(tr '\n' ' ' <<<"$pins")-${TORCH_CUDA_ARCH_LIST-unset}-${CUDA_HOME:-}-${DEPTHFAST_CUDA:-}"
+inputs="$inputs-$mode-$(tr '\n' ' ' <<<"$pins")-${TORCH_CUDA_ARCH_LIST-unset}-${CUDA_HOME:-}-${DEPTHFAST_CUDA:-}-${DEPTHFAST_DEBUG_INFO:-}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && "$py" -c "import torch, depthfast._C" 2>/dev/null; then  # torch first: _C links its libc10
   exit 0
 fi
