@@ -358,6 +358,14 @@ void batch_means(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
   }
 }
 
+// float64 partial sums are kept in kLanes lanes (independent accumulators: vectorized, and in a fixed
+// order), added in one fixed tree.
+constexpr int kLanes = 8;
+static_assert(kLanes == 8, "lane_total adds eight lanes");
+inline double lane_total(const double* l) {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 // Σ a∘b over all but the leading dim (G,) float64 of two equal-shape tensors. On the CPU for fp32 it is
 // one fused pass (float64 lanes, fixed chunks, so the result does not depend on the thread count):
 // at::sum(a * b, kDouble) there would allocate the product and a float64 copy of it, which for the
@@ -377,12 +385,12 @@ at::Tensor frob_dot(const at::Tensor& a, const at::Tensor& b) {
       const int64_t gi = t / chunks, c0 = (t % chunks) * chunk, c1 = std::min(len, c0 + chunk);
       const float* x = ap + gi * len;
       const float* y = bp + gi * len;
-      double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      double lane[kLanes] = {};
       int64_t i = c0;
-      for (; i + 8 <= c1; i += 8)
-        for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(x[i + l]) * y[i + l];
+      for (; i + kLanes <= c1; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(x[i + l]) * y[i + l];
       for (; i < c1; ++i) lane[0] += static_cast<double>(x[i]) * y[i];
-      partial[t] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+      partial[t] = lane_total(lane);
     }
   });
   at::Tensor out = at::empty({g}, ac.options().dtype(at::kDouble));
@@ -399,12 +407,12 @@ at::Tensor frob_dot(const at::Tensor& a, const at::Tensor& b) {
 // form of the d × d and tile × tile moments below: at::sum(u * v, kDouble) would allocate the product
 // and a float64 copy per moment, which at these sizes costs as much as the GEMMs they follow.
 // A unit is one layer's strip of kStrip rows, walked in kStrip × kStrip blocks (a transposed block is
-// read within L1); each block row is copied into kStrip-wide fp32 buffers, zero-padded (a zero adds
-// exactly nothing), and each of the S sums is accumulated in kLanes float64 lanes (j mod kLanes), so
-// the compiler vectorizes the loop without reassociating it. Lanes are added in a fixed tree, strips in
-// strip order: the sums do not depend on the thread count.
+// read within L1); a block row is read in place (strip_row), or copied into a kStrip-wide fp32 buffer,
+// zero-padded (a zero adds exactly nothing), where the block is partial or the row is modified, and each
+// of the S sums is accumulated in kLanes float64 lanes (j mod kLanes), so the compiler vectorizes the
+// loop without reassociating it. Lanes are added by lane_total, strips in strip order: the sums do not
+// depend on the thread count.
 constexpr int64_t kStrip = 32;
-constexpr int kLanes = 8;
 
 template <int S, typename StripFn>
 at::Tensor strip_sums(int64_t g, int64_t rows, const at::TensorOptions& options, const StripFn& strip) {
@@ -417,7 +425,7 @@ at::Tensor strip_sums(int64_t g, int64_t rows, const at::TensorOptions& options,
       strip(gi, i0, std::min(rows, i0 + kStrip), lanes);
       for (int s = 0; s < S; ++s) {
         const double* l = lanes[s];
-        partial[u * S + s] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        partial[u * S + s] = lane_total(l);
       }
     }
   });
