@@ -13,6 +13,7 @@ See ARCHITECTURE.md for the flow from the CLI to the kernels.
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -21,19 +22,23 @@ __version__ = "0.1.0"
 
 
 class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
-    """Serves ``depthfast.kernels`` from the top-level kernels/ folder of an uninstalled source checkout.
+    """Serves ``depthfast.kernels`` from the top-level kernels/ folder of a source checkout.
 
-    Installed (editable or not), setup.py's package_dir maps it and this finder, consulted last, is
-    never reached; run from a bare checkout (PYTHONPATH=.), it makes the same import work.
+    kernels/ has no ``__init__.py`` (a regular package there would shadow Hugging Face's ``kernels``
+    whenever Python runs from the repository root; see kernels/README.md), so setuptools' editable
+    finder, which looks for one, passes it on and this finder, consulted last, answers with a namespace
+    spec over the folder. A non-editable install copies the folder to depthfast/kernels, where the
+    normal path search finds it first; a bare checkout (PYTHONPATH=.) is served here too.
     """
 
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
     def find_spec(self, name, path, target=None):
-        init = os.path.join(self.folder, "__init__.py")
-        if name != "depthfast.kernels" or not os.path.exists(init):
+        if name != "depthfast.kernels" or not os.path.isdir(self.folder):
             return None
-        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[self.folder])
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [self.folder]
+        return spec
 
 
 if not any(isinstance(f, _SourceCheckoutKernels) for f in sys.meta_path):

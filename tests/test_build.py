@@ -4,11 +4,13 @@ A fake toolkit is a directory with bin/nvcc (a shell script answering --version 
 --list-gpu-arch like the real one), include/cuda_runtime.h and lib64/libcudart.so. The cases are
 the ones that broke builds: an nvcc on PATH that is a wrapper script (torch's own guess then
 takes the wrapper's prefix and linking fails), no nvcc, an nvcc of another CUDA major version than
-torch's, and empty, unknown or too old TORCH_CUDA_ARCH_LIST entries.
+torch's, and empty, unknown or too old TORCH_CUDA_ARCH_LIST entries. Also how the package is laid
+out for import: setup.py's refusal of build isolation, and kernels/ never shadowing a ``kernels`` package.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -118,3 +120,35 @@ def test_setup_py_without_torch_says_no_build_isolation(tmp_path):
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("depthfast: error:") and "--no-build-isolation" in lines[-1], res.stderr
+
+
+def test_the_kernels_folder_never_shadows_a_kernels_package(tmp_path):
+    """Run from the repository root ('' first on sys.path, as under ``python -m pytest``), a regular
+    package named ``kernels`` further down the path (Hugging Face's, which transformers ≥ 5.25 imports
+    with every model module) must be the one ``import kernels`` gives, and ``depthfast.kernels`` must
+    still be this repository's kernels/ folder. With no such package, transformers must see none: a
+    kernels/__init__.py here once made it import this folder as Hugging Face's and fail (CI, stop 26)."""
+    _exe(str(tmp_path / "kernels" / "__init__.py"), "__version__ = '0.19.1'\nCUDAProperties = object\n")
+    code = ("import os, sys; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import kernels, depthfast.kernels.optim as K\n"
+            "assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__\n"
+            "assert K.__file__ == os.path.join(sys.argv[2], 'kernels', 'optim.py'), K.__file__\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path), REPO], cwd=REPO, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    # This environment's own answer: Hugging Face's kernels where installed (a GPU image with a recent
+    # transformers), none otherwise (the CPU pins), never this folder.
+    try:
+        expected = ["True", importlib.metadata.version("kernels")]
+    except importlib.metadata.PackageNotFoundError:
+        expected = ["False", "N/A"]
+    code = ("import sys, os\n"
+            "from transformers.utils import import_utils as u\n"
+            "exists, version = u._is_package_available('kernels', return_version=True)\n"
+            "where = getattr(sys.modules.get('kernels'), '__file__', None) or ''\n"
+            "assert not where.startswith(os.path.join(sys.argv[1], 'kernels')), where\n"
+            "print(exists, version)\n")
+    res = subprocess.run([sys.executable, "-c", code, REPO], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == expected, (res.stdout, res.stderr[-2000:])
