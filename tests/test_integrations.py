@@ -349,6 +349,11 @@ DDP_SCRIPT = textwrap.dedent("""
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world": args.world_size, "wrote": depth.results is not None, "steps": opt.steps,
                    "ratios_after": opt.ratios_after.tolist(), "head": opt.group_names.index("head")}, f)
+    # The Trainer's process group, ended as a torchrun script should: left to interpreter teardown,
+    # gloo's native threads were destroyed while joinable now and then (rank 1 aborted, "terminate
+    # called without an active exception", in a CI-like run of the whole suite after the files above
+    # were written; see depthfast.train.end_process_group for the same in the runner).
+    torch.distributed.destroy_process_group()
 """)
 
 
